@@ -1,0 +1,42 @@
+# lit_unlearn — every target does its own set-up on a fresh machine.
+# Override TORCH_SPEC for a GPU build, e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url <cuda index>"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv test demo target bench lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv: torch first, then the project with its test extras
+
+test: $(STAMP)  ## run the whole test suite (unit + integration) on CPU
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)  ## the main job: build/reuse the synthetic target, unlearn with naive/PCGrad/SAGO, print the table
+	$(BIN)/python scripts/demo.py
+
+target: $(STAMP)  ## build (or reuse) the cached synthetic target model
+	$(BIN)/lit-unlearn-target
+
+bench: $(STAMP)  ## synthesis and step benchmarks (tables + JSON under bench_results/)
+	$(BIN)/python scripts/bench_synthesis.py
+	$(BIN)/python scripts/bench_step.py
+
+lint:  $(STAMP) ## ruff + mypy
+	$(BIN)/python -m pip install --quiet ruff mypy
+	$(BIN)/ruff check lit_unlearn tests scripts
+	$(BIN)/mypy lit_unlearn
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,30 @@
+"""Gradient-synthesis rules: combine the forget and retain gradients into one update.
+
+>>> from lit_unlearn.synthesis import SAGO
+>>> rule = SAGO(forget_weight=1.0, retain_weight=0.5)   # γ, α of the paper
+"""
+
+from lit_unlearn.synthesis.base import AllReduceSum, Granularity, Reducer, Synthesizer, local_sum
+from lit_unlearn.synthesis.diagnostics import GEOMETRY_KEYS, GeometryAccumulator, synthesis_diagnostics
+from lit_unlearn.synthesis.gating import SAGO, SAGOPreferRetain
+from lit_unlearn.synthesis.projection import PCGrad, PCGradGlobal
+from lit_unlearn.synthesis.weighted import WeightedSum
+
+__all__ = [
+    "AllReduceSum",
+    "GEOMETRY_KEYS",
+    "GeometryAccumulator",
+    "Granularity",
+    "PCGrad",
+    "PCGradGlobal",
+    "Reducer",
+    "SAGO",
+    "SAGOPreferRetain",
+    "Synthesizer",
+    "WeightedSum",
+    "local_sum",
+    "synthesis_diagnostics",
+]
+
+RULES: tuple[type[Synthesizer], ...] = (WeightedSum, PCGrad, PCGradGlobal, SAGO, SAGOPreferRetain)
+"""Every exported rule, in the order tables print them."""
