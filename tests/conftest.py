@@ -16,3 +16,49 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+SMOKE_PEOPLE = 20
+SMOKE_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def smoke_target(tmp_path_factory) -> str:
+    """The smoke-scale synthetic target (20 people, 150 steps, ~5 s), built once per session."""
+    from lit_unlearn.target import build_target
+
+    out = tmp_path_factory.mktemp("target") / "smoke"
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    build_target(str(out), num_people=SMOKE_PEOPLE, steps=SMOKE_STEPS, progress=False)
+    torch.set_num_threads(threads)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def synthetic_tokenizer_dir(tmp_path_factory) -> str:
+    """The word-level tokenizer of the 20-person corpus, saved offline."""
+    from lit_unlearn.data.synthetic import build_tokenizer, generate_corpus
+
+    out = tmp_path_factory.mktemp("tok") / "synthetic"
+    build_tokenizer(generate_corpus(SMOKE_PEOPLE)).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> str:
+    """A byte-level BPE tokenizer trained on the fly, with BOS/EOS but *no pad token*."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["the quick brown fox jumps over the lazy dog", "pathogens and viruses are studied in labs",
+            "the capital of france is paris", "question answer pairs for unlearning"] * 20
+    core.train_from_iterator(text, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    out = tmp_path_factory.mktemp("tok") / "bpe"
+    tok.save_pretrained(out)
+    return str(out)

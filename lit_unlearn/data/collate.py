@@ -1,0 +1,58 @@
+"""Padding examples into batches (right padding; labels -100 on padding)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lit_unlearn.data.sources import IGNORE_INDEX, Example
+
+
+def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
+    """Stack examples into ``input_ids``, ``attention_mask`` and ``labels``, padded on the right."""
+    length = max(ex["input_ids"].numel() for ex in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((batch, length), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = ex["input_ids"].numel()
+        input_ids[i, :n] = ex["input_ids"]
+        labels[i, :n] = ex["labels"]
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class PairedBatches(torch.utils.data.Dataset):
+    """Indexed by ``(forget_indices, retain_indices)``; returns ``{"forget": batch, "retain": batch}``."""
+
+    def __init__(self, forget: Sequence[Example], retain: Sequence[Example], pad_id: int) -> None:
+        self.forget, self.retain, self.pad_id = forget, retain, pad_id
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, index: tuple[list[int], list[int]]) -> dict[str, dict[str, Tensor]]:
+        f_idx, r_idx = index
+        return {
+            "forget": pad_examples([self.forget[i] for i in f_idx], self.pad_id),
+            "retain": pad_examples([self.retain[i] for i in r_idx], self.pad_id),
+        }
+
+
+class PaddedExamples(torch.utils.data.Dataset):
+    """A plain list of examples (evaluation); collate with :meth:`collate`."""
+
+    def __init__(self, examples: Sequence[Example], pad_id: int) -> None:
+        self.examples, self.pad_id = examples, pad_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, Tensor]:
+        return pad_examples(examples, self.pad_id)

@@ -1,0 +1,177 @@
+"""The LightningDataModule that feeds every step one forget batch and one retain batch.
+
+Batches look like ``{"forget": {input_ids, attention_mask, labels}, "retain": {...}}``, with
+``labels = -100`` on tokens that carry no loss. Pairing is decided by
+:class:`~lit_unlearn.data.sampling.PairedBatchSampler` (seeded from the run seed and the epoch,
+rank-aware), so results do not depend on ``num_workers`` and resuming continues the sequence.
+Use ``Trainer(use_distributed_sampler=False)``: the sampler already shards by rank (the
+``lit-unlearn`` CLI sets this).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lit_unlearn.data.collate import PaddedExamples, PairedBatches
+from lit_unlearn.data.sampling import PairedBatchSampler
+from lit_unlearn.data.sources import DataSource, Example
+from lit_unlearn.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _as_list(sources: DataSource | list[DataSource] | None) -> list[DataSource]:
+    if sources is None:
+        return []
+    return list(sources) if isinstance(sources, (list, tuple)) else [sources]
+
+
+class UnlearningDataModule(L.LightningDataModule):
+    """Interleaves forget and retain batches for two-task unlearning.
+
+    Args:
+        tokenizer: hub id or local path of the tokenizer (usually the model's).
+        forget: one or more forget sources (e.g. ``TextCorpus``, ``QAPairs``, ``SyntheticKnowledge``).
+        retain: one or more retain sources.
+        max_length: longest sequence in tokens (corpora are cut into chunks of this size; the
+            paper uses 512). Must not exceed the model's context.
+        forget_batch_size: forget sequences per device per micro-batch.
+        retain_batch_size: retain sequences per device per micro-batch (default: as forget).
+        val_forget: optional held-out forget sources for validation losses.
+        val_retain: optional held-out retain sources for validation losses.
+        eval_batch_size: batch size of the validation loaders.
+        num_workers: DataLoader worker processes (results do not depend on it).
+        seed: pairing seed (the CLI links it to ``seed_everything``).
+        shuffle: shuffle the forget epoch and the retain stream.
+        trust_remote_code: allow custom tokenizer code (off by default).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        forget: DataSource | list[DataSource],
+        retain: DataSource | list[DataSource],
+        max_length: int = 512,
+        forget_batch_size: int = 4,
+        retain_batch_size: int | None = None,
+        val_forget: DataSource | list[DataSource] | None = None,
+        val_retain: DataSource | list[DataSource] | None = None,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"--data.max_length must be >= 2, got {max_length}")
+        if forget_batch_size < 1 or (retain_batch_size is not None and retain_batch_size < 1):
+            raise ValueError("--data.forget_batch_size and --data.retain_batch_size must be >= 1")
+        self.tokenizer_name = tokenizer
+        self.forget_sources, self.retain_sources = _as_list(forget), _as_list(retain)
+        if not self.forget_sources or not self.retain_sources:
+            raise ValueError("--data.forget and --data.retain each need at least one source")
+        self.val_forget_sources, self.val_retain_sources = _as_list(val_forget), _as_list(val_retain)
+        self.max_length = max_length
+        self.forget_batch_size = forget_batch_size
+        self.retain_batch_size = retain_batch_size or forget_batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle = shuffle
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer: Any = None
+        self.forget_examples: list[Example] = []
+        self.retain_examples: list[Example] = []
+        self.val_examples: dict[str, list[Example]] = {}
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
+        self.sampler: PairedBatchSampler | None = None
+
+    # ------------------------------------------------------------------ building
+    def _build(self, sources: list[DataSource]) -> list[Example]:
+        return [ex for src in sources for ex in src.checked_build(self.tokenizer, self.max_length)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+        if not self.forget_examples:
+            self.forget_examples = self._build(self.forget_sources)
+            self.retain_examples = self._build(self.retain_sources)
+            for name, sources in (("forget", self.val_forget_sources), ("retain", self.val_retain_sources)):
+                if sources:
+                    self.val_examples[name] = self._build(sources)
+            log.info("data: %d forget and %d retain examples", len(self.forget_examples), len(self.retain_examples))
+
+    # ------------------------------------------------------------------ loaders
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "_trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def make_sampler(self, rank: int | None = None, world_size: int | None = None) -> PairedBatchSampler:
+        """The pairing sampler for ``rank`` of ``world_size`` (default: from the trainer)."""
+        default_rank, default_world = self._rank_world()
+        return PairedBatchSampler(
+            len(self.forget_examples),
+            len(self.retain_examples),
+            self.forget_batch_size,
+            self.retain_batch_size,
+            seed=self.seed,
+            rank=default_rank if rank is None else rank,
+            world_size=default_world if world_size is None else world_size,
+            shuffle=self.shuffle,
+        )
+
+    def train_dataloader(self, rank: int | None = None, world_size: int | None = None) -> DataLoader:
+        self.setup("fit")
+        sampler = self.make_sampler(rank, world_size)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+        if self._resume is not None:
+            epoch, consumed = self._resume
+            sampler.set_epoch(epoch)
+            sampler.skip(consumed)
+            self._resume = None
+        self.sampler = sampler
+        dataset = PairedBatches(self.forget_examples, self.retain_examples, self.tokenizer.pad_token_id)
+        return DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=None,  # the sampler yields whole batches of indices
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        self.setup("validate")
+        loaders = []
+        for name in ("forget", "retain"):
+            if name in self.val_examples:
+                ds = PaddedExamples(self.val_examples[name], self.tokenizer.pad_token_id)
+                loaders.append(DataLoader(ds, batch_size=self.eval_batch_size, collate_fn=ds.collate, num_workers=self.num_workers))
+        return loaders
+
+    @property
+    def val_names(self) -> list[str]:
+        """Names of the validation loaders, in order (``forget``, ``retain``)."""
+        pairs = (("forget", self.val_forget_sources), ("retain", self.val_retain_sources))
+        return [name for name, sources in pairs if sources]
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return {}
+        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": trainer.current_epoch, "batches_consumed": consumed, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if state_dict.get("seed", self.seed) != self.seed:
+            log.warning("resuming with data seed %s, checkpoint used %s", self.seed, state_dict["seed"])
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))

@@ -1,0 +1,322 @@
+"""Data sources: where forget and retain text come from, and how it becomes training examples.
+
+Each source is a small class chosen in YAML by ``class_path`` and turned into examples by
+``build(tokenizer, max_length)``. An example is a dict of two 1-D ``LongTensor`` s of equal length:
+``input_ids`` and ``labels`` (``-100`` where no loss is taken). Padding happens at collation.
+
+Formats:
+- :class:`TextCorpus`: JSONL with a text field (WMDP ``bio-forget-corpus.jsonl``, RWKU passages),
+  JSON arrays, or ``.txt``; documents are concatenated with a separator and cut into
+  ``max_length``-token chunks with loss on every token (the paper uses 512-token chunks).
+- :class:`QAPairs`: prompt/answer records; loss only on answer tokens; optional chat template.
+- :class:`HFDataset`: a Hugging Face dataset by name/config/split (needs hub access, or a local
+  builder such as ``json`` with ``data_files``), as text or as QA pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+Example = dict[str, Tensor]
+IGNORE_INDEX = -100
+
+
+class DataSourceError(ValueError):
+    """Bad input data: the message names the file, the line and what was expected."""
+
+
+def _as_paths(path: str | Sequence[str]) -> list[str]:
+    return [path] if isinstance(path, str) else list(path)
+
+
+def read_records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """Read ``.jsonl`` / ``.json`` / ``.txt`` into records that carry every name in ``fields``.
+
+    ``.txt`` yields one record ``{fields[0]: <whole file>}``. A JSON array may hold strings
+    (taken as ``fields[0]``) or objects.
+    """
+    if not os.path.exists(path):
+        raise DataSourceError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise DataSourceError(f"{path}: expected a file, got a directory")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if not text.strip():
+        raise DataSourceError(f"{path}: file is empty")
+    records: list[tuple[str, Any]] = []  # (location, record)
+    if ext == ".txt":
+        return [{fields[0]: text}]
+    if ext == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataSourceError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
+    elif ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataSourceError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        if not isinstance(data, list):
+            raise DataSourceError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+        records = [(f"{path}[{i}]", item) for i, item in enumerate(data)]
+    else:
+        raise DataSourceError(f"{path}: unsupported extension {ext!r}; expected .jsonl, .json or .txt")
+    out = []
+    for where, record in records:
+        if isinstance(record, str) and len(fields) == 1:
+            record = {fields[0]: record}
+        if not isinstance(record, dict):
+            raise DataSourceError(f"{where}: expected an object with field(s) {list(fields)}, got {type(record).__name__}")
+        for field in fields:
+            if field not in record:
+                raise DataSourceError(f"{where}: missing field {field!r} (found {sorted(record)})")
+            if not isinstance(record[field], str):
+                raise DataSourceError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        out.append(record)
+    if not out:
+        raise DataSourceError(f"{path}: no records")
+    return out
+
+
+def chunk_token_stream(ids: Sequence[int], max_length: int, bos_id: int | None = None) -> list[list[int]]:
+    """Cut a token stream into chunks of exactly ``max_length`` tokens (the last may be shorter).
+
+    With ``bos_id`` every chunk starts with BOS and holds ``max_length - 1`` stream tokens.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    body = max_length - 1 if bos_id is not None else max_length
+    chunks = []
+    for start in range(0, len(ids), body):
+        piece = list(ids[start : start + body])
+        chunks.append(([bos_id] if bos_id is not None else []) + piece)
+    return chunks
+
+
+def texts_to_chunks(
+    texts: Iterable[str], tokenizer: Any, max_length: int, separator: str = "\n\n", add_bos: bool = True
+) -> list[Example]:
+    """Concatenate documents with ``separator``, tokenize, chunk; loss on every token."""
+    sep_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
+    if separator and not sep_ids and tokenizer.eos_token_id is not None:
+        sep_ids = [tokenizer.eos_token_id]
+    texts = list(texts)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    stream: list[int] = []
+    for i, ids in enumerate(encoded):
+        if i:
+            stream.extend(sep_ids)
+        stream.extend(ids)
+    bos = tokenizer.bos_token_id if add_bos else None
+    return [
+        {"input_ids": torch.tensor(c, dtype=torch.long), "labels": torch.tensor(c, dtype=torch.long)}
+        for c in chunk_token_stream(stream, max_length, bos)
+        if len(c) > (1 if bos is not None else 0)
+    ]
+
+
+def encode_qa(
+    prompt: str, answer: str, tokenizer: Any, max_length: int, chat_template: bool = False, add_eos: bool = True
+) -> tuple[Example, bool]:
+    """Encode one prompt/answer pair with loss on the answer only; returns (example, truncated).
+
+    Too-long pairs lose prompt tokens from the left first (the answer is what is trained), then
+    answer tokens from the right; nothing is dropped silently (the caller counts truncations).
+    """
+    if chat_template:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataSourceError("chat_template=True but the tokenizer has no chat template")
+        # Render to text, then tokenize without adding specials: the template already has them.
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    truncated = False
+    overflow = len(prompt_ids) + len(answer_ids) - max_length
+    if overflow > 0:
+        truncated = True
+        keep_prompt = max(1, len(prompt_ids) - overflow)
+        prompt_ids = prompt_ids[-keep_prompt:]
+        answer_ids = answer_ids[: max_length - len(prompt_ids)]
+    ids = prompt_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}, truncated
+
+
+def qa_examples(records: Iterable[tuple[str, str]], tokenizer: Any, max_length: int, chat_template: bool, origin: str) -> list[Example]:
+    examples, truncated = [], 0
+    for prompt, answer in records:
+        example, cut = encode_qa(prompt, answer, tokenizer, max_length, chat_template)
+        truncated += cut
+        if (example["labels"] != IGNORE_INDEX).any():
+            examples.append(example)
+    if truncated:
+        log.warning("%s: %d pair(s) longer than max_length=%d were truncated", origin, truncated, max_length)
+    return examples
+
+
+class DataSource(ABC):
+    """A forget or retain source: turns raw data into training examples."""
+
+    @abstractmethod
+    def build(self, tokenizer: Any, max_length: int) -> list[Example]:
+        """Return the tokenized examples (each at most ``max_length`` tokens)."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def checked_build(self, tokenizer: Any, max_length: int) -> list[Example]:
+        """``build`` plus the guarantee that the source is not empty."""
+        examples = self.build(tokenizer, max_length)
+        if not examples:
+            raise DataSourceError(f"{self.describe()}: the source yields zero examples/chunks")
+        return examples
+
+
+class TextCorpus(DataSource):
+    """Plain text corpus: concatenated, chunked, loss on every token.
+
+    Args:
+        path: one file or a list of files (``.jsonl``, ``.json`` or ``.txt``).
+        text_field: the JSON field that holds the document text (WMDP and RWKU use ``text``).
+        separator: inserted between documents before chunking (EOS when it tokenizes to nothing).
+        add_bos: start every chunk with the tokenizer's BOS token (when it has one).
+        max_documents: keep only the first N documents (``None`` = all).
+    """
+
+    def __init__(
+        self,
+        path: str | list[str],
+        text_field: str = "text",
+        separator: str = "\n\n",
+        add_bos: bool = True,
+        max_documents: int | None = None,
+    ) -> None:
+        self.paths = _as_paths(path)
+        self.text_field = text_field
+        self.separator = separator
+        self.add_bos = add_bos
+        self.max_documents = max_documents
+
+    def describe(self) -> str:
+        return f"TextCorpus({', '.join(self.paths)})"
+
+    def texts(self) -> list[str]:
+        texts = [r[self.text_field] for p in self.paths for r in read_records(p, [self.text_field])]
+        return texts[: self.max_documents] if self.max_documents else texts
+
+    def build(self, tokenizer: Any, max_length: int) -> list[Example]:
+        return texts_to_chunks(self.texts(), tokenizer, max_length, self.separator, self.add_bos)
+
+
+class QAPairs(DataSource):
+    """Question/answer (instruction/response) pairs with loss on the answer tokens only.
+
+    Args:
+        path: one file or a list of files (``.jsonl`` or ``.json``).
+        prompt_field: the field holding the prompt.
+        answer_field: the field holding the answer.
+        chat_template: wrap the prompt with the tokenizer's chat template (instruction models).
+    """
+
+    def __init__(
+        self,
+        path: str | list[str],
+        prompt_field: str = "question",
+        answer_field: str = "answer",
+        chat_template: bool = False,
+    ) -> None:
+        self.paths = _as_paths(path)
+        self.prompt_field = prompt_field
+        self.answer_field = answer_field
+        self.chat_template = chat_template
+
+    def describe(self) -> str:
+        return f"QAPairs({', '.join(self.paths)})"
+
+    def build(self, tokenizer: Any, max_length: int) -> list[Example]:
+        fields = [self.prompt_field, self.answer_field]
+        pairs = [(r[fields[0]], r[fields[1]]) for p in self.paths for r in read_records(p, fields)]
+        return qa_examples(pairs, tokenizer, max_length, self.chat_template, self.describe())
+
+
+class HFDataset(DataSource):
+    """A Hugging Face dataset, as a text corpus or (with both QA fields) as QA pairs.
+
+    Needs hub access for hub names; local builders work offline, e.g.
+    ``HFDataset(name="json", data_files="data/bio-forget.jsonl")``.
+
+    Args:
+        name: dataset name on the hub (``cais/wmdp-corpora``) or a builder (``json``).
+        config: dataset configuration (``bio-forget-corpus``), if any.
+        split: which split to read.
+        text_field: field holding the text (text-corpus mode).
+        prompt_field: with ``answer_field``, switches to QA mode.
+        answer_field: the answer field (QA mode).
+        data_files: files for local builders.
+        separator: document separator in text mode.
+        chat_template: apply the tokenizer's chat template in QA mode.
+        revision: dataset revision to pin.
+        max_documents: keep only the first N rows.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: str | None = None,
+        split: str = "train",
+        text_field: str = "text",
+        prompt_field: str | None = None,
+        answer_field: str | None = None,
+        data_files: str | list[str] | None = None,
+        separator: str = "\n\n",
+        chat_template: bool = False,
+        revision: str | None = None,
+        max_documents: int | None = None,
+    ) -> None:
+        self.name, self.config, self.split = name, config, split
+        self.text_field, self.prompt_field, self.answer_field = text_field, prompt_field, answer_field
+        self.data_files, self.separator, self.chat_template = data_files, separator, chat_template
+        self.revision, self.max_documents = revision, max_documents
+
+    def describe(self) -> str:
+        return f"HFDataset({self.name}{'/' + self.config if self.config else ''}:{self.split})"
+
+    def build(self, tokenizer: Any, max_length: int) -> list[Example]:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(self.name, self.config, split=self.split, data_files=self.data_files, revision=self.revision)
+        except Exception as err:  # network, missing config, ... : one clear line
+            raise DataSourceError(f"{self.describe()}: could not load ({type(err).__name__}: {err})") from None
+        if self.max_documents:
+            ds = ds.select(range(min(self.max_documents, len(ds))))
+        qa = self.prompt_field is not None and self.answer_field is not None
+        needed = [self.prompt_field, self.answer_field] if qa else [self.text_field]
+        missing = [f for f in needed if f not in ds.column_names]
+        if missing:
+            raise DataSourceError(f"{self.describe()}: missing column(s) {missing} (found {ds.column_names})")
+        if qa:
+            return qa_examples(zip(ds[self.prompt_field], ds[self.answer_field]), tokenizer, max_length, self.chat_template, self.describe())
+        return texts_to_chunks(ds[self.text_field], tokenizer, max_length, self.separator)

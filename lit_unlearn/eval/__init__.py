@@ -1,0 +1,1 @@
+"""Evaluation: probe metrics, likelihood metrics, lm-eval bridge, RWKU, callbacks and reports."""

@@ -1,0 +1,103 @@
+"""Loading causal language models and tokenizers (hub id or local path), and frozen copies.
+
+Safe by default: ``trust_remote_code`` is off unless the caller opts in, and weights load from
+safetensors when the checkpoint has them (transformers' default preference).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
+    """Load a tokenizer and make sure it can pad.
+
+    A tokenizer without a pad token gets its EOS token as pad (with a warning), which is safe
+    because padded positions are masked out of attention and loss.
+
+    Args:
+        name_or_path: hub id or local directory.
+        trust_remote_code: allow custom tokenizer code from the checkpoint (off by default).
+        padding_side: ``right`` for training and likelihoods, ``left`` for generation.
+    """
+    from transformers import AutoTokenizer
+
+    if os.path.sep in name_or_path and not os.path.exists(name_or_path):
+        raise FileNotFoundError(f"tokenizer: local path {name_or_path!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad token nor an EOS token to pad with")
+        log.warning("tokenizer %s has no pad token; using its EOS token %r for padding", name_or_path, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load an ``AutoModelForCausalLM`` from a hub id or a local directory.
+
+    Args:
+        name_or_path: hub id (e.g. ``HuggingFaceH4/zephyr-7b-beta``) or local directory.
+        dtype: weight dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
+        attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; ``None`` = default.
+        trust_remote_code: allow custom modelling code from the checkpoint (off by default).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if os.path.sep in name_or_path and not os.path.exists(name_or_path):
+        raise FileNotFoundError(
+            f"model: local path {name_or_path!r} does not exist (build the synthetic target with "
+            "`lit-unlearn-target`, or pass a hub id)"
+        )
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A detached, ``eval()``-mode copy with ``requires_grad=False`` everywhere (the reference π_ref)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def tiny_llama(vocab_size: int, hidden: int = 64, intermediate: int = 192, layers: int = 2, heads: int = 4,
+               max_positions: int = 64, pad_token_id: int | None = None, bos_token_id: int | None = None,
+               eos_token_id: int | None = None) -> nn.Module:
+    """A small ``LlamaForCausalLM`` built from a config (untied embeddings), for the synthetic benchmark."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+    return LlamaForCausalLM(config)
