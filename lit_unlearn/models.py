@@ -26,12 +26,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     because padded positions are masked out of attention and loss.
 
     Args:
-        name_or_path: hub id or local directory.
+        name_or_path: hub id, local directory, or ``synthetic://default`` / ``synthetic://smoke``
+            (built on first use, then cached).
         trust_remote_code: allow custom tokenizer code from the checkpoint (off by default).
         padding_side: ``right`` for training and likelihoods, ``left`` for generation.
     """
     from transformers import AutoTokenizer
 
+    from lit_unlearn.target import resolve_synthetic
+
+    name_or_path = resolve_synthetic(name_or_path)
     if os.path.sep in name_or_path and not os.path.exists(name_or_path):
         raise FileNotFoundError(f"tokenizer: local path {name_or_path!r} does not exist")
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -53,13 +57,17 @@ def load_causal_lm(
     """Load an ``AutoModelForCausalLM`` from a hub id or a local directory.
 
     Args:
-        name_or_path: hub id (e.g. ``HuggingFaceH4/zephyr-7b-beta``) or local directory.
+        name_or_path: hub id (e.g. ``HuggingFaceH4/zephyr-7b-beta``), local directory, or
+            ``synthetic://default`` / ``synthetic://smoke`` (built on first use, then cached).
         dtype: weight dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; ``None`` = default.
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
     """
     from transformers import AutoModelForCausalLM
 
+    from lit_unlearn.target import resolve_synthetic
+
+    name_or_path = resolve_synthetic(name_or_path)
     if dtype not in DTYPES:
         raise ValueError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if os.path.sep in name_or_path and not os.path.exists(name_or_path):
@@ -70,7 +78,8 @@ def load_causal_lm(
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    return model.train()  # from_pretrained returns eval mode; unlearning trains it
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

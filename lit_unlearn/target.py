@@ -33,6 +33,11 @@ from lit_unlearn.data.synthetic import SyntheticCorpus, build_tokenizer, encode_
 from lit_unlearn.models import tiny_llama
 
 DEFAULT_DIR = os.path.join(".cache", "lit_unlearn", "synthetic-target")
+SCHEME = "synthetic://"
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"output_dir": DEFAULT_DIR},
+    "smoke": {"output_dir": os.path.join(".cache", "lit_unlearn", "synthetic-smoke"), "num_people": 20, "steps": 150},
+}
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,20 @@ def build_target(
     tmp.rename(out)
     print(f"target: saved to {out}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return metrics
+
+
+def resolve_synthetic(name_or_path: str) -> str:
+    """Map ``synthetic://default`` / ``synthetic://smoke`` to a built (or cached) target directory.
+
+    Any other string is returned unchanged (a hub id or a local path).
+    """
+    if not name_or_path.startswith(SCHEME):
+        return name_or_path
+    preset = name_or_path[len(SCHEME) :]
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic target {name_or_path!r}; expected one of {[SCHEME + p for p in PRESETS]}")
+    build_target(**PRESETS[preset], threads=None)
+    return str(PRESETS[preset]["output_dir"])
 
 
 def main(args: list[str] | None = None) -> None:

@@ -36,10 +36,12 @@ class PairedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, index: tuple[list[int], list[int]]) -> dict[str, dict[str, Tensor]]:
         f_idx, r_idx = index
-        return {
-            "forget": pad_examples([self.forget[i] for i in f_idx], self.pad_id),
-            "retain": pad_examples([self.retain[i] for i in r_idx], self.pad_id),
-        }
+        forget = pad_examples([self.forget[i] for i in f_idx], self.pad_id)
+        retain = pad_examples([self.retain[i] for i in r_idx], self.pad_id)
+        # dataset positions travel with the batch (e.g. NPO's precomputed reference table)
+        forget["index"] = torch.tensor(f_idx, dtype=torch.long)
+        retain["index"] = torch.tensor(r_idx, dtype=torch.long)
+        return {"forget": forget, "retain": retain}
 
 
 class PaddedExamples(torch.utils.data.Dataset):

@@ -1,0 +1,74 @@
+"""A run manifest written next to the resolved config: what ran, where, with which versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from typing import Any
+
+import lightning as L
+import torch
+
+PACKAGES = ("lit_unlearn", "torch", "lightning", "transformers", "datasets", "torchmetrics", "lm_eval", "jsonargparse")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision(cwd: str | None = None) -> str | None:
+    """The current commit (with ``-dirty`` when the tree has changes), or ``None`` outside git."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_manifest(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+    """Library versions, world size, per-device and effective batch sizes, seed, git revision."""
+    dm = getattr(trainer, "datamodule", None)
+    accumulate = getattr(module, "accumulate_grad_batches", 1)
+    batch: dict[str, Any] = {}
+    for task in ("forget", "retain"):
+        per_device = getattr(dm, f"{task}_batch_size", None)
+        if per_device is not None:
+            batch[task] = {"per_device": per_device, "effective": per_device * accumulate * trainer.world_size}
+    return {
+        "versions": {p: _version(p) for p in PACKAGES},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "precision": str(trainer.precision),
+        "strategy": type(trainer.strategy).__name__,
+        "accumulate_grad_batches": accumulate,
+        "batch_size": batch,
+        "seed": getattr(dm, "seed", None),
+        "seed_everything": os.environ.get("PL_GLOBAL_SEED"),
+        "git_revision": git_revision(),
+        "model": getattr(module, "model_source", None),
+        "synthesizer": repr(getattr(module, "synthesizer", None)),
+        "forget_objective": repr(getattr(module, "forget_objective", None)),
+        "retain_objective": repr(getattr(module, "retain_objective", None)),
+    }
+
+
+class RunManifest(L.Callback):
+    """Writes ``manifest.json`` into the run directory at fit start (rank 0 only)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        run_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "manifest.json"), "w") as handle:
+            json.dump(run_manifest(trainer, pl_module), handle, indent=2)

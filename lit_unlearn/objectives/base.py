@@ -1,0 +1,88 @@
+"""The objective contract and the helpers objectives share (forward passes, layer capture)."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Batch = dict[str, Tensor]
+
+
+def model_inputs(batch: Batch) -> dict[str, Tensor]:
+    """The keys a causal LM takes (drops ``labels`` and bookkeeping such as ``index``)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of common causal LMs (Llama/Mistral/Qwen, GPT-2, GPT-NeoX)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: Any = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers, transformer.h, ...)")
+
+
+@contextlib.contextmanager
+def capture_layer_output(model: nn.Module, layer: int) -> Iterator[dict[str, Tensor]]:
+    """Record the hidden states leaving decoder layer ``layer`` during the forward passes inside."""
+    layers = decoder_layers(model)
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f"layer {layer} out of range: the model has {len(layers)} decoder layers")
+    store: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        store["hidden"] = output[0] if isinstance(output, tuple) else output
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class Objective(ABC):
+    """A forget or retain loss ``L(model, batch)``, minimized by the engine.
+
+    Forget objectives are written so that *descending* them forgets (SPEC.md section 2).
+    """
+
+    requires_reference: bool = False
+    """Whether :meth:`loss` needs the frozen reference model ``π_ref``."""
+
+    def setup(self, model: nn.Module) -> None:
+        """Called once before training with the (unwrapped) model; e.g. to draw random vectors."""
+
+    def prepare(self, model: nn.Module, examples: list[Batch] | None) -> None:
+        """Called at fit start with the model and the forget examples (for precomputation)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
+        """The scalar loss of one micro-batch."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Objective state that must survive a checkpoint (e.g. precomputed reference values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+def reference_forward(reference: nn.Module | None, batch: Batch, name: str) -> Any:
+    """Run the frozen reference without building a graph."""
+    if reference is None:
+        raise RuntimeError(f"{name} needs the frozen reference model, but none was built")
+    with torch.no_grad():
+        return reference(**model_inputs(batch))

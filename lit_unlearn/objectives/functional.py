@@ -1,0 +1,64 @@
+"""Pure tensor maths of the objectives (SPEC.md section 2). All reductions run in float32.
+
+Conventions: ``labels`` are aligned with ``input_ids`` (``-100`` = no loss) and shifted here, so
+position ``t`` predicts label ``t + 1``, exactly as Hugging Face causal LMs do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def per_token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token NLL per position (float32, zero where masked) and the label mask, both ``(B, T-1)``."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(targets.shape), mask
+
+
+def sequence_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``S(x)``: per-sequence *sum* of token NLL, and ``|y|``: label tokens per sequence."""
+    nll, mask = per_token_nll(logits, labels)
+    return nll.sum(1), mask.sum(1)
+
+
+def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """``NLL(x)``: token-mean NLL over all label tokens of the batch."""
+    nll, mask = per_token_nll(logits, labels)
+    return nll.sum() / mask.sum().clamp_min(1)
+
+
+def npo_loss(seq_nll: Tensor, ref_seq_nll: Tensor, beta: float) -> Tensor:
+    """``-(2/β) · mean log σ(β · (S_θ − S_ref))``; falls as the model's likelihood drops below the reference's.
+
+    >>> round(npo_loss(torch.tensor([5.0]), torch.tensor([5.0]), beta=0.1).item(), 4)  # 2/β · log 2
+    13.8629
+    """
+    return -(2.0 / beta) * F.logsigmoid(beta * (seq_nll - ref_seq_nll)).mean()
+
+
+def simnpo_loss(seq_nll: Tensor, n_tokens: Tensor, beta: float, delta: float) -> Tensor:
+    """``-(2/β) · mean log σ(β · (S_θ/|y| − δ))``: reference-free, length-normalised NPO."""
+    return -(2.0 / beta) * F.logsigmoid(beta * (seq_nll / n_tokens.clamp_min(1) - delta)).mean()
+
+
+def kl_to_reference(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
+    """``KL(π_ref ‖ π_θ)`` per predicted position, averaged over label tokens."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def masked_mse(hidden: Tensor, target: Tensor, labels: Tensor) -> Tensor:
+    """Mean over label tokens of the per-token mean squared error between activations."""
+    mask = (labels != IGNORE_INDEX).unsqueeze(-1)
+    err = (hidden.float() - target.float()).pow(2).mean(-1, keepdim=True)
+    return (err * mask).sum() / mask.sum().clamp_min(1)
