@@ -44,6 +44,17 @@ DEFAULT_MODEL = "synthetic://default"
 TASKS = ("forget", "retain")
 
 
+def check_supported(trainer: Any) -> None:
+    """Refuse strategies and precisions the engine does not handle, with the flag to change."""
+    strategy = type(trainer.strategy).__name__
+    if any(name in strategy for name in ("FSDP", "ModelParallel", "DeepSpeed")):
+        raise ValueError(f"--trainer.strategy: {strategy} is not supported yet; use ddp or one device (README, Limitations)")
+    if str(trainer.precision) in ("16-mixed", "16"):
+        raise ValueError("--trainer.precision 16-mixed is not supported (loss scaling would distort synthesis); use bf16-mixed or bf16-true")
+    if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+        raise ValueError("set --trainer.use_distributed_sampler false: UnlearningDataModule shards batches by rank itself")
+
+
 class UnlearningModule(L.LightningModule):
     """LLM unlearning as an asymmetric two-task problem (arXiv 2604.14808).
 
@@ -138,13 +149,7 @@ class UnlearningModule(L.LightningModule):
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         trainer = self.trainer
-        strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "ModelParallel" in strategy or "DeepSpeed" in strategy:
-            raise ValueError(f"strategy {strategy} is not supported yet: use ddp (or a single device); see README 'Limitations'")
-        if str(trainer.precision) in ("16-mixed", "16"):
-            raise ValueError("precision 16-mixed is not supported (loss scaling would distort synthesis): use bf16-mixed or bf16-true")
-        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
-            raise ValueError("set Trainer(use_distributed_sampler=False): UnlearningDataModule shards batches by rank itself")
+        check_supported(trainer)
         dm = getattr(trainer, "datamodule", None)
         context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if dm is not None and context is not None and getattr(dm, "max_length", 0) > context:

@@ -11,6 +11,7 @@ Use ``Trainer(use_distributed_sampler=False)``: the sampler already shards by ra
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning as L
@@ -108,7 +109,7 @@ class UnlearningDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def make_sampler(self, rank: int | None = None, world_size: int | None = None) -> PairedBatchSampler:
@@ -128,7 +129,7 @@ class UnlearningDataModule(L.LightningDataModule):
     def train_dataloader(self, rank: int | None = None, world_size: int | None = None) -> DataLoader:
         self.setup("fit")
         sampler = self.make_sampler(rank, world_size)
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         if trainer is not None:
             sampler.set_epoch(trainer.current_epoch)
         if self._resume is not None:
@@ -163,10 +164,12 @@ class UnlearningDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         if trainer is None:
             return {}
-        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # `processed`, not `completed`: a checkpoint saved in on_train_batch_end has finished the batch
+        # but not yet counted it as completed.
+        consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": trainer.current_epoch, "batches_consumed": consumed, "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -175,3 +178,6 @@ class UnlearningDataModule(L.LightningDataModule):
         if state_dict.get("seed", self.seed) != self.seed:
             log.warning("resuming with data seed %s, checkpoint used %s", self.seed, state_dict["seed"])
         self._resume = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
+        # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader is stateful;
+        # here the sampler skips the consumed batches itself, so the warning does not apply.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_unlearn.objectives import functional as Fn
+from lit_unlearn.objectives.functional import at_least_fp32
 from lit_unlearn.objectives.base import Batch, Objective, capture_layer_output, model_inputs, reference_forward
 
 
@@ -58,7 +59,7 @@ class NPO(Objective):
                 seq, _ = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])
                 values.append(seq)
         model.train(was_training)
-        self._ref_table = torch.cat(values).float()
+        self._ref_table = at_least_fp32(torch.cat(values))
 
     def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
         seq, _ = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])

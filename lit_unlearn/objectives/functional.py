@@ -1,4 +1,4 @@
-"""Pure tensor maths of the objectives (SPEC.md section 2). All reductions run in float32.
+"""Pure tensor maths of the objectives (SPEC.md section 2). Reductions run in float32 or wider.
 
 Conventions: ``labels`` are aligned with ``input_ids`` (``-100`` = no loss) and shifted here, so
 position ``t`` predicts label ``t + 1``, exactly as Hugging Face causal LMs do.
@@ -13,9 +13,14 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Upcast half-precision values to float32; leave float32/float64 alone."""
+    return x.float() if torch.finfo(x.dtype).bits < 32 else x
+
+
 def per_token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Next-token NLL per position (float32, zero where masked) and the label mask, both ``(B, T-1)``."""
-    logits = logits[:, :-1].float()
+    logits = at_least_fp32(logits[:, :-1])
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
@@ -51,8 +56,8 @@ def simnpo_loss(seq_nll: Tensor, n_tokens: Tensor, beta: float, delta: float) ->
 def kl_to_reference(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
     """``KL(π_ref ‖ π_θ)`` per predicted position, averaged over label tokens."""
     mask = labels[:, 1:] != IGNORE_INDEX
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    logp = F.log_softmax(at_least_fp32(logits[:, :-1]), dim=-1)
+    ref_logp = F.log_softmax(at_least_fp32(ref_logits[:, :-1]), dim=-1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
     return (kl * mask).sum() / mask.sum().clamp_min(1)
 
@@ -60,5 +65,5 @@ def kl_to_reference(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tenso
 def masked_mse(hidden: Tensor, target: Tensor, labels: Tensor) -> Tensor:
     """Mean over label tokens of the per-token mean squared error between activations."""
     mask = (labels != IGNORE_INDEX).unsqueeze(-1)
-    err = (hidden.float() - target.float()).pow(2).mean(-1, keepdim=True)
+    err = (at_least_fp32(hidden) - at_least_fp32(target)).pow(2).mean(-1, keepdim=True)
     return (err * mask).sum() / mask.sum().clamp_min(1)

@@ -1,0 +1,73 @@
+"""Shared builders for engine tests: a tiny float64 Llama, QA-pair data with equal label counts."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import lightning as L
+import torch
+
+from lit_unlearn.data import QAPairs, UnlearningDataModule
+from lit_unlearn.data.synthetic import generate_corpus
+from lit_unlearn.models import load_tokenizer, tiny_llama
+from lit_unlearn.module import UnlearningModule
+
+PEOPLE = 20
+
+
+def write_probe_pairs(directory: str) -> tuple[str, str]:
+    """Forget/retain QA files from the synthetic probes: every example has exactly 2 label tokens
+    (answer + EOS), so token means over micro-batches equal token means over their union."""
+    corpus = generate_corpus(PEOPLE)
+    paths = []
+    for split, people in (("forget", corpus.forget_people), ("retain", corpus.retain_people)):
+        path = os.path.join(directory, f"{split}.jsonl")
+        with open(path, "w") as handle:
+            for kind in ("qa", "statement"):
+                for p in corpus.probes_for(kind, people):
+                    handle.write(json.dumps({"question": p.prompt, "answer": p.answer}) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def make_model(tokenizer_dir: str, dtype: torch.dtype = torch.float64, seed: int = 0, hidden: int = 32) -> torch.nn.Module:
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = tiny_llama(len(tok), hidden=hidden, intermediate=64, layers=2, heads=2, max_positions=64,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return model.to(dtype).train()
+
+
+def make_dm(tokenizer_dir: str, forget_path: str, retain_path: str, batch: int = 2, seed: int = 0, **kw: Any) -> UnlearningDataModule:
+    return UnlearningDataModule(tokenizer_dir, QAPairs(forget_path), QAPairs(retain_path), max_length=32,
+                                forget_batch_size=batch, retain_batch_size=batch, seed=seed, **kw)
+
+
+def sgd(lr: float = 0.1):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def fit(module: UnlearningModule, dm: UnlearningDataModule, max_steps: int, **trainer_kw: Any) -> L.Trainer:
+    kw: dict[str, Any] = dict(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                              enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                              log_every_n_steps=1)
+    kw.update(trainer_kw)
+    trainer = L.Trainer(**kw)
+    trainer.fit(module, dm)
+    return trainer
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    """Equal weights. The default tolerance is float32 rounding, not float64: Hugging Face's
+    LlamaRMSNorm computes in float32 even for a float64 model, so two backward passes and one
+    backward of the sum differ at ~1e-7 relative (measured: 7.6e-8 on one gradient). A wrong
+    engine (missing 1/k, swapped weights, a lost micro-batch) is off by ~1e-2."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")

@@ -1,0 +1,194 @@
+"""The engine's correctness anchors (STYLE.md): manual == automatic, accumulation == big batch,
+resume == uninterrupted, NaN handling, memory of the buffers, precision and strategy checks."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lit_unlearn.gradients import TwoTaskGradients
+from lit_unlearn.module import UnlearningModule
+from lit_unlearn.objectives import NLL, GradientAscent
+from lit_unlearn.objectives.functional import mean_nll
+from lit_unlearn.synthesis import RULES, SAGO, WeightedSum
+from tests.engine_helpers import assert_same_weights, fit, make_dm, make_model, sgd, weights, write_probe_pairs
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_probe_pairs(str(tmp_path_factory.mktemp("pairs")))
+
+
+class SummedLoss(L.LightningModule):
+    """Automatic optimization of γ L_f + α L_r: the reference the engine must reproduce."""
+
+    def __init__(self, model, gamma, alpha, lr):
+        super().__init__()
+        self.model, self.gamma, self.alpha, self.lr = model, gamma, alpha, lr
+
+    def training_step(self, batch, batch_idx):
+        f, r = batch["forget"], batch["retain"]
+        lf = -mean_nll(self.model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"])
+        lr_ = mean_nll(self.model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"])
+        return self.gamma * lf + self.alpha * lr_
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.model.parameters(), lr=self.lr)
+
+
+def test_weighted_sum_manual_equals_automatic_summed_loss(synthetic_tokenizer_dir, pairs):
+    gamma, alpha = 0.7, 1.3
+    auto = SummedLoss(make_model(synthetic_tokenizer_dir), gamma, alpha, lr=0.1)
+    fit(auto, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=5, precision="64-true")
+    manual = UnlearningModule(make_model(synthetic_tokenizer_dir), GradientAscent(), NLL(),
+                              WeightedSum(forget_weight=gamma, retain_weight=alpha), optimizer=sgd(0.1),
+                              grad_buffer_dtype="param", save_model=False)
+    fit(manual, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=5, precision="64-true")
+    before = weights(make_model(synthetic_tokenizer_dir))
+    after = weights(manual.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    assert_same_weights(weights(auto.model), after)
+
+
+@pytest.mark.parametrize("rule_cls", RULES, ids=lambda c: c.__name__)
+def test_k_micro_batches_equal_one_step_at_k_times_the_batch(synthetic_tokenizer_dir, pairs, rule_cls):
+    def run(batch, k):
+        m = UnlearningModule(make_model(synthetic_tokenizer_dir), GradientAscent(), NLL(), rule_cls(retain_weight=0.5),
+                             optimizer=sgd(0.2), accumulate_grad_batches=k, grad_buffer_dtype="param", save_model=False)
+        fit(m, make_dm(synthetic_tokenizer_dir, *pairs, batch=batch), max_steps=3, precision="64-true")
+        return weights(m.model)
+
+    assert_same_weights(run(batch=2, k=2), run(batch=4, k=1))
+
+
+def test_fp32_buffer_next_to_bf16_parameters_with_accumulation(synthetic_tokenizer_dir, pairs):
+    """copy mode (bf16-true + fp32 forget buffer): runs, stays finite, and moves the weights."""
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), synthesizer=SAGO(), optimizer=sgd(0.1),
+                         accumulate_grad_batches=2, save_model=False)
+    fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=2, precision="bf16-true")
+    assert m.grads is not None and m.grads.mode == "copy" and m.grads.retain_flat is not None
+    assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in m.model.parameters())
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_precisions_run_and_log(synthetic_tokenizer_dir, pairs, precision):
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), synthesizer=SAGO(),
+                         optimizer=sgd(0.1), gradient_clip_val=1.0, save_model=False)
+    trainer = fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=2, precision=precision)
+    logged = trainer.logged_metrics
+    for key in ("train/forget_loss", "train/retain_loss", "train/lr", "train/grad_cosine", "train/conflict_fraction",
+                "train/update_retain_cosine", "train/update_norm"):
+        assert key in logged and math.isfinite(float(logged[key])), key
+    assert float(logged["train/update_retain_cosine"]) >= -1e-6  # SAGO's guarantee, on u itself
+
+
+class FSDPStrategy:  # stands in for Lightning's, which refuses CPU before our check could run
+    pass
+
+
+class _Connector:
+    use_distributed_sampler = True
+
+
+@pytest.mark.parametrize(
+    ("strategy", "precision", "world", "message"),
+    [
+        (FSDPStrategy(), "32-true", 1, "FSDPStrategy is not supported yet"),
+        (object(), "16-mixed", 1, "16-mixed is not supported"),
+        (object(), "32-true", 2, "use_distributed_sampler false"),
+    ],
+)
+def test_unsupported_strategy_precision_and_sampler_are_refused(strategy, precision, world, message):
+    from types import SimpleNamespace
+
+    from lit_unlearn.module import check_supported
+
+    trainer = SimpleNamespace(strategy=strategy, precision=precision, world_size=world, _accelerator_connector=_Connector())
+    with pytest.raises(ValueError, match=message):
+        check_supported(trainer)
+
+
+def test_module_arguments_are_validated(synthetic_tokenizer_dir):
+    model = make_model(synthetic_tokenizer_dir, torch.float32)
+    with pytest.raises(ValueError, match="--model.accumulate_grad_batches"):
+        UnlearningModule(model, accumulate_grad_batches=0)
+    with pytest.raises(ValueError, match="--model.trainable_parameters 'nothing_matches' matches no parameter"):
+        UnlearningModule(model, trainable_parameters="nothing_matches")
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(synthetic_tokenizer_dir, pairs, tmp_path):
+    def module():
+        return UnlearningModule(make_model(synthetic_tokenizer_dir), synthesizer=SAGO(retain_weight=0.5),
+                                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), warmup_ratio=0.3, lr_decay="linear",
+                                grad_buffer_dtype="param", save_model=False)
+
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    full = module()
+    fit(full, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=7, precision="64-true", enable_checkpointing=True, callbacks=[ckpt_cb])
+    ckpt = sorted(tmp_path.glob("*step=3.ckpt"))
+    assert ckpt, list(tmp_path.iterdir())
+    resumed = module()
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        use_distributed_sampler=False, precision="64-true")
+    trainer.fit(resumed, make_dm(synthetic_tokenizer_dir, *pairs), ckpt_path=str(ckpt[0]))
+    assert_same_weights(weights(full.model), weights(resumed.model), atol=0)
+
+
+class NaNOnce(GradientAscent):
+    """Returns NaN on chosen calls: the injected failure."""
+
+    def __init__(self, bad_calls):
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def loss(self, model, batch, reference):
+        self.calls += 1
+        loss = super().loss(model, batch, reference)
+        return loss * float("nan") if self.calls in self.bad_calls else loss
+
+
+def test_nan_step_is_skipped_counted_and_leaves_the_model_untouched(synthetic_tokenizer_dir, pairs):
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({1}), optimizer=sgd(0.1), save_model=False)
+    before = weights(m.model)
+    dm = make_dm(synthetic_tokenizer_dir, *pairs)
+    trainer = L.Trainer(max_steps=1, limit_train_batches=1, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False)
+    trainer.fit(m, dm)
+    assert m.bad_steps == 1 and trainer.global_step == 0
+    assert_same_weights(before, weights(m.model), atol=0)
+    m2 = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({2}), optimizer=sgd(0.1), save_model=False)
+    fit(m2, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=3)
+    assert m2.bad_steps == 1 and m2.consecutive_bad_steps == 0  # recovered, then 3 good steps
+
+
+def test_consecutive_bad_steps_stop_with_a_clear_error(synthetic_tokenizer_dir, pairs):
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce(range(1, 100)),
+                         optimizer=sgd(0.1), max_consecutive_bad_steps=3, save_model=False)
+    with pytest.raises(RuntimeError, match="3 consecutive optimizer steps had NaN/inf"):
+        fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=5)
+
+
+def test_one_extra_parameter_sized_buffer(synthetic_tokenizer_dir):
+    model = make_model(synthetic_tokenizer_dir, torch.float32)
+    params = list(model.parameters())
+    grads = TwoTaskGradients(params, torch.float32, accumulate=4)
+    assert grads.mode == "swap"
+    assert grads.extra_bytes() == sum(p.numel() * 4 for p in params)
+    assert all(p.grad.data_ptr() >= grads.grad_flat.data_ptr() for p in params)
+    grads.begin("forget")
+    assert params[0].grad.data_ptr() == grads.forget_flat.data_ptr()
+    grads.begin("retain")
+    assert params[0].grad.data_ptr() == grads.grad_flat.data_ptr()
+
+
+def test_save_pretrained_at_end_of_fit(synthetic_tokenizer_dir, pairs, tmp_path):
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), optimizer=sgd(0.1))
+    fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=1, default_root_dir=str(tmp_path))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert m.saved_model_dir is not None
+    again = AutoModelForCausalLM.from_pretrained(m.saved_model_dir)
+    AutoTokenizer.from_pretrained(m.saved_model_dir)
+    assert_same_weights(weights(m.model), weights(again), atol=0)
