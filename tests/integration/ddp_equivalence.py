@@ -1,0 +1,51 @@
+"""Run SAGO and PCGrad unlearning on 1 or 2 CPU processes and save the final weights.
+
+Used by ``test_ddp.py`` as a subprocess (Lightning's DDP launcher re-executes the command line
+for rank 1, so this cannot run inside pytest itself)::
+
+    python tests/integration/ddp_equivalence.py --tokenizer T --forget F --retain R --out DIR --devices 2 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from lit_unlearn.module import UnlearningModule  # noqa: E402
+from lit_unlearn.synthesis import SAGO, PCGrad  # noqa: E402
+from tests.engine_helpers import make_dm, make_model, sgd  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for name in ("--tokenizer", "--forget", "--retain", "--out"):
+        parser.add_argument(name, required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for rule in (SAGO(retain_weight=0.5), PCGrad(retain_weight=0.5)):
+        module = UnlearningModule(make_model(args.tokenizer), synthesizer=rule, optimizer=sgd(0.2),
+                                  grad_buffer_dtype="param", save_model=False)
+        trainer = L.Trainer(
+            max_steps=args.steps, accelerator="cpu", devices=args.devices,
+            strategy="ddp" if args.devices > 1 else "auto", precision="64-true", logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(module, make_dm(args.tokenizer, args.forget, args.retain, batch=args.batch))
+        if trainer.is_global_zero:
+            result = {"world_size": trainer.world_size, "initial": make_model(args.tokenizer).state_dict(),
+                      "final": module.model.state_dict()}
+            torch.save(result, os.path.join(args.out, f"{type(rule).__name__}-{args.devices}.pt"))
+
+
+if __name__ == "__main__":
+    main()
