@@ -1,0 +1,155 @@
+"""Per-step time and peak memory of every synthesizer in the engine, against two baselines.
+
+    python scripts/bench_step.py [--hidden 512 --layers 4 --vocab 8000 --seq 64 --batch 8 --steps 12]
+    python scripts/bench_step.py --device cuda --precision bf16-true --hidden 2048 --layers 16 --vocab 32000  # GPU
+
+Baselines: (a) ``WeightedSum`` in the same engine; (b) plain automatic optimization of the summed
+loss ``γ L_f + α L_r`` (one backward). Each configuration runs in its own process so that peak
+memory (CUDA allocator peak on GPU, peak RSS on CPU) belongs to it alone. Prints a table and writes
+JSON (default ``bench_results/step.json``). Targets: every synthesizer ≤ 1.10× (a) and ≤ 1.20× (b)
+in time, and ≤ 1 extra parameter-sized buffer over (b) in peak memory. "extra buffers" is the
+measured peak difference to (b) in units of the parameters' size (it can be negative: (b) keeps
+both tasks' activations alive for its single backward, the engine frees the forget graph before
+the retain forward); "engine buffers" is what the engine allocates beyond ``.grad`` (exactly 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ["automatic", "WeightedSum", "PCGrad", "PCGradGlobal", "SAGO", "SAGOPreferRetain"]
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import lightning as L
+    import torch
+
+    from lit_unlearn.models import tiny_llama
+    from lit_unlearn.module import UnlearningModule
+    from lit_unlearn.objectives.functional import mean_nll
+    from lit_unlearn.synthesis import RULES
+
+    torch.manual_seed(0)
+    model = tiny_llama(args.vocab, hidden=args.hidden, intermediate=int(args.hidden * 2.6875), layers=args.layers,
+                       heads=max(1, args.hidden // 64), max_positions=args.seq)
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    n_batches = args.steps + args.warmup
+
+    def part():
+        ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    batches = [{"forget": part(), "retain": part()} for _ in range(n_batches)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, trainer, module, batch, idx):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self._t)
+
+    class Summed(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, idx):
+            f, r = batch["forget"], batch["retain"]
+            lf = -mean_nll(self.model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"])
+            lr_ = mean_nll(self.model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"])
+            return lf + lr_
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.model.parameters(), lr=1e-5, weight_decay=0.0)
+
+    if args.mode == "automatic":
+        module = Summed()
+    else:
+        rule = {cls.__name__: cls for cls in RULES}[args.mode]()
+        module = UnlearningModule(model, synthesizer=rule, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
+                                  diagnostics_every_n_steps=0, save_model=False)
+    timer = Timer()
+    trainer = L.Trainer(max_steps=n_batches, accelerator=args.device, devices=1, precision=args.precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, callbacks=[timer], log_every_n_steps=10**6)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, loader)
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = getattr(module, "grads", None)
+    engine_extra = grads.extra_bytes() / param_bytes if grads is not None else 0.0
+    return {"mode": args.mode, "ms": statistics.median(timer.times[args.warmup:]) * 1e3, "peak_bytes": peak,
+            "params": n_params, "param_bytes": param_bytes, "engine_buffers": engine_extra}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/step.json"))
+    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.mode:
+        print("RESULT " + json.dumps(worker(args)))
+        return {}
+    rows = []
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--mode", mode] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("mode", "out")
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(line[0][7:]))
+    auto = rows[0]
+    ws = rows[1]
+    for row in rows:
+        row["x_weighted_sum"] = round(row["ms"] / ws["ms"], 3)
+        row["x_automatic"] = round(row["ms"] / auto["ms"], 3)
+        row["extra_buffers_vs_automatic"] = round((row["peak_bytes"] - auto["peak_bytes"]) / auto["param_bytes"], 2)
+    result = {"device": args.device, "precision": args.precision, "params": auto["params"], "config": vars(args) | {"out": str(args.out)}, "rows": rows}
+    print(f"{auto['params'] / 1e6:.1f} M parameters, {args.device}, {args.precision}, batch {args.batch}+{args.batch} x {args.seq} tokens")
+    header = (f"{'mode':<18}{'ms/step':>10}{'x WeightedSum':>15}{'x automatic':>13}{'peak MB':>10}"
+              f"{'extra buffers':>15}{'engine buffers':>16}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['mode']:<18}{row['ms']:>10.1f}{row['x_weighted_sum']:>15.3f}{row['x_automatic']:>13.3f}"
+              f"{row['peak_bytes'] / 2**20:>10.0f}{row['extra_buffers_vs_automatic']:>15.2f}{row['engine_buffers']:>16.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
