@@ -9,8 +9,8 @@ Examples::
     python -m lit_unlearn validate --config ...    # the same CLI
 
 Each run directory (TensorBoard's ``version_N``) holds the resolved ``config.yaml``,
-``manifest.json`` (versions, world size, batch sizes, seed, git revision), the event files and
-``unlearned_model/``.
+``manifest.json`` (versions, world size, batch sizes, seed, git revision), ``results.json``, the
+event files (curves, geometry, hparams, trade-off figure) and ``unlearned_model/``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from lit_unlearn.data import UnlearningDataModule
+from lit_unlearn.eval.report import TradeoffReport
 from lit_unlearn.manifest import RunManifest
 from lit_unlearn.module import UnlearningModule
 
@@ -52,6 +53,8 @@ class UnlearnCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.trainer.callbacks.append(RunManifest())
+        if not any(isinstance(cb, TradeoffReport) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(TradeoffReport())
 
     def after_fit(self) -> None:
         path = getattr(self.model, "saved_model_dir", None)

@@ -139,6 +139,7 @@ class UnlearningModule(L.LightningModule):
         self.reference: nn.Module | None = None  # frozen π_ref; kept out of state_dict (see __setattr__)
         self.bad_steps, self.consecutive_bad_steps = 0, 0
         self.saved_model_dir: str | None = None
+        self.last_geometry: dict[str, float] | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "reference":  # never a registered submodule: not trained, not checkpointed, not DDP-wrapped
@@ -236,9 +237,10 @@ class UnlearningModule(L.LightningModule):
         self.log_dict({"train/forget_loss": losses[0], "train/retain_loss": losses[1]}, prog_bar=True)
         self.log("train/lr", opt.param_groups[0]["lr"])
         if geometry is not None:
-            stats = {f"train/{k}": v for k, v in geometry.result().items()}
-            stats.update({f"train/{k}": v for k, v in self.synthesizer.last_report.items()})
-            self.log_dict(stats)
+            stats = {**geometry.result(), **self.synthesizer.last_report}
+            self.log_dict({f"train/{k}": v for k, v in stats.items()})
+            # host copy for reports; a sync, but only every diagnostics_every_n_steps
+            self.last_geometry = {"step": self.global_step, **{k: float(v) for k, v in stats.items()}}
 
     def _skip_step(self, losses: Tensor) -> None:
         assert self.grads is not None

@@ -1,1 +1,21 @@
-"""Evaluation: probe metrics, likelihood metrics, lm-eval bridge, RWKU, callbacks and reports."""
+"""Evaluation: metric sets, in-training evaluation with the matched-forgetting stop, the
+lm-evaluation-harness bridge, RWKU, and run reports (results.json, TensorBoard, comparison)."""
+
+from lit_unlearn.eval.callbacks import UnlearningEvaluator
+from lit_unlearn.eval.harness import LMEvalCallback, run_lm_eval
+from lit_unlearn.eval.metrics import CorpusNLL, MetricSet, MultipleChoice, SyntheticProbes
+from lit_unlearn.eval.report import TradeoffReport, compare_runs
+from lit_unlearn.eval.rwku import RWKU
+
+__all__ = [
+    "RWKU",
+    "CorpusNLL",
+    "LMEvalCallback",
+    "MetricSet",
+    "MultipleChoice",
+    "SyntheticProbes",
+    "TradeoffReport",
+    "UnlearningEvaluator",
+    "compare_runs",
+    "run_lm_eval",
+]

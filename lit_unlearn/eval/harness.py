@@ -1,0 +1,122 @@
+"""Bridge to lm-evaluation-harness: evaluate the live model (or a saved one) on lm-eval tasks.
+
+Built-in hub tasks (``wmdp_bio``, ``wmdp_cyber``, ``mmlu``) need hub access. Local task YAMLs
+pointing at local JSON/JSONL files work offline; when every requested task is found in
+``include_path``, lm-eval's bundled task index is not scanned at all (``include_defaults=False``),
+which saves tens of seconds and any network access.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+HUB_TASKS = {"wmdp_bio": 0, "wmdp_cyber": 0, "mmlu": 5}  # task -> the paper's few-shot count
+
+
+def _local_task_names(include_path: str | None) -> set[str]:
+    if not include_path:
+        return set()
+    import yaml
+
+    names: set[str] = set()
+    for path in glob.glob(os.path.join(include_path, "**", "*.yaml"), recursive=True):
+        with open(path) as handle:
+            try:
+                spec = yaml.safe_load(handle) or {}
+            except yaml.YAMLError:
+                continue
+        if isinstance(spec, dict) and isinstance(spec.get("task"), str):
+            names.add(spec["task"])
+    return names
+
+
+def run_lm_eval(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    add_bos_token: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval on an in-memory model and tokenizer; returns ``{task: {metric: value}}``.
+
+    Args:
+        model: a Hugging Face causal LM (left in its current mode/device; restored afterwards).
+        tokenizer: its tokenizer.
+        tasks: lm-eval task names (hub or local).
+        include_path: folder of local task YAMLs.
+        num_fewshot: few-shot examples (``None`` = the paper's count for known hub tasks, else 0).
+        limit: evaluate only this many (or this fraction of) documents per task.
+        batch_size: lm-eval batch size.
+        max_length: context length given to lm-eval (default: the model's).
+        add_bos_token: prepend BOS to contexts (needed by models trained with BOS).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    local = _local_task_names(include_path)
+    only_local = bool(local) and set(tasks) <= local
+    manager = TaskManager(include_path=include_path, include_defaults=not only_local)
+    if num_fewshot is None and all(t in HUB_TASKS for t in tasks) and len({HUB_TASKS[t] for t in tasks}) == 1:
+        num_fewshot = HUB_TASKS[tasks[0]]
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                  add_bos_token=add_bos_token, device=str(next(model.parameters()).device))
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                      log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+    finally:
+        model.train(was_training)
+    results: dict[str, dict[str, float]] = {}
+    for task, metrics in (out or {}).get("results", {}).items():
+        results[task] = {k.split(",")[0]: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+    return results
+
+
+class LMEvalCallback(L.Callback):
+    """Runs lm-eval tasks on the live model at the end of ``fit`` and/or ``test`` (rank 0) and logs
+    ``test/<task>_<metric>``; the results also go into ``results.json``.
+
+    Args:
+        tasks: task names, e.g. ``[wmdp_bio, mmlu]`` (hub) or local task names.
+        include_path: folder of local task YAMLs.
+        num_fewshot: few-shot count (``None`` = paper defaults for hub tasks).
+        limit: documents per task (``None`` = all).
+        batch_size: lm-eval batch size.
+        on_fit_end: evaluate after training.
+        on_test_end: evaluate in ``lit-unlearn test``.
+    """
+
+    def __init__(self, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
+                 limit: int | float | None = None, batch_size: int = 8, on_fit_end: bool = True, on_test_end: bool = True) -> None:
+        self.tasks, self.include_path, self.num_fewshot, self.limit = tasks, include_path, num_fewshot, limit
+        self.batch_size, self.run_on_fit_end, self.run_on_test_end = batch_size, on_fit_end, on_test_end
+        self.results: dict[str, dict[str, float]] = {}
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            tokenizer = trainer.datamodule.tokenizer
+            self.results = run_lm_eval(pl_module.model, tokenizer, self.tasks, self.include_path, self.num_fewshot,
+                                       self.limit, self.batch_size)
+            flat = {f"test/{task}_{metric}": value for task, metrics in self.results.items() for metric, value in metrics.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(flat, step=trainer.global_step)
+        self.results = trainer.strategy.broadcast(self.results)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.run_on_fit_end:
+            self._run(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.run_on_test_end:
+            self._run(trainer, pl_module)

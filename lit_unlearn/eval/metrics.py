@@ -1,0 +1,163 @@
+"""Metric sets evaluated during training: each maps (model, tokenizer) to named numbers.
+
+Keys start with the split they measure — ``forget_``, ``retain_`` or ``general_`` — and are logged
+as ``val/<key>`` by :class:`~lit_unlearn.eval.callbacks.UnlearningEvaluator`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lit_unlearn.data.collate import pad_examples
+from lit_unlearn.data.sources import DataSource, DataSourceError, read_records
+from lit_unlearn.data.synthetic import generate_corpus
+from lit_unlearn.eval.probes import synthetic_metrics, token_nll
+
+Split = Literal["forget", "retain", "general"]
+
+
+class MetricSet(ABC):
+    """A group of metrics computed together on one model state."""
+
+    def setup(self, tokenizer: Any, max_length: int) -> None:
+        """Load and tokenize data once (called before the first evaluation)."""
+
+    @abstractmethod
+    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+        """Evaluate; keys are ``forget_*``, ``retain_*`` or ``general_*``."""
+
+
+class SyntheticProbes(MetricSet):
+    """Q/A and statement exact match on forget and retain people, arithmetic accuracy and
+    general-text perplexity of the fictitious-knowledge benchmark.
+
+    Keys: ``forget_qa``, ``forget_statement``, ``retain_qa``, ``retain_statement``,
+    ``general_arithmetic``, ``general_ppl``.
+
+    Args:
+        num_people: corpus size (must match the target).
+        forget_fraction: share of forget people (must match the target).
+        seed: corpus seed (must match the target).
+    """
+
+    def __init__(self, num_people: int = 200, forget_fraction: float = 0.1, seed: int = 0) -> None:
+        self.num_people, self.forget_fraction, self.seed = num_people, forget_fraction, seed
+
+    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+        return synthetic_metrics(model, tokenizer, generate_corpus(self.num_people, self.forget_fraction, self.seed))
+
+
+class CorpusNLL(MetricSet):
+    """Token NLL and perplexity on any data source.
+
+    Keys: ``<split>_<name>`` (mean NLL per label token) and ``<split>_<name>_ppl``.
+
+    Args:
+        source: where the text comes from (``TextCorpus``, ``QAPairs``, ``SyntheticKnowledge``...).
+        split: which side of the trade-off it measures.
+        name: metric name.
+        batch_size: evaluation batch size.
+    """
+
+    def __init__(self, source: DataSource, split: Split = "retain", name: str = "nll", batch_size: int = 16) -> None:
+        self.source, self.split, self.name, self.batch_size = source, split, name, batch_size
+        self._batches: list[dict[str, torch.Tensor]] = []
+
+    def setup(self, tokenizer: Any, max_length: int) -> None:
+        examples = self.source.checked_build(tokenizer, max_length)
+        self._batches = [pad_examples(examples[i : i + self.batch_size], tokenizer.pad_token_id)
+                         for i in range(0, len(examples), self.batch_size)]
+
+    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+        total, count = token_nll(model, self._batches)
+        nll = total / max(count, 1)
+        return {f"{self.split}_{self.name}": nll, f"{self.split}_{self.name}_ppl": math.exp(min(nll, 50.0))}
+
+
+def choice_logliks(model: nn.Module, tokenizer: Any, context: str, continuations: Sequence[str]) -> list[float]:
+    """Summed log-probability of each continuation after ``context`` (BOS + context, no truncation)."""
+    ctx = tokenizer(context)["input_ids"]
+    rows = []
+    for cont in continuations:
+        cont_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor(ctx + cont_ids)
+        labels = torch.full_like(ids, -100)
+        labels[len(ctx) :] = ids[len(ctx) :]
+        rows.append({"input_ids": ids, "labels": labels})
+    batch = pad_examples(rows, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    labels = batch["labels"][:, 1:].to(device)
+    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (labels != -100)).sum(1).tolist()
+
+
+class MultipleChoice(MetricSet):
+    """Multiple-choice accuracy by log-likelihood (the lm-eval ``acc`` rule) on WMDP-schema data.
+
+    Records hold a question, a list of choices and the index of the right one (WMDP:
+    ``question``, ``choices``, ``answer``). The score of a choice is the summed log-probability of
+    ``delimiter + choice`` after the prompt; the prediction is the argmax.
+
+    Key: ``<split>_<name>``.
+
+    Args:
+        path: ``.jsonl`` or ``.json`` file.
+        split: which side of the trade-off it measures (WMDP: ``forget``; MMLU: ``general``).
+        name: metric name.
+        template: prompt template with ``{question}``.
+        delimiter: put between the prompt and each choice.
+        question_field: field of the question.
+        choices_field: field of the list of choices.
+        answer_field: field of the index of the right choice.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        split: Split = "forget",
+        name: str = "mc_acc",
+        template: str = "{question}",
+        delimiter: str = " ",
+        question_field: str = "question",
+        choices_field: str = "choices",
+        answer_field: str = "answer",
+    ) -> None:
+        self.path, self.split, self.name, self.template, self.delimiter = path, split, name, template, delimiter
+        self.fields = (question_field, choices_field, answer_field)
+        self._items: list[tuple[str, list[str], int]] = []
+
+    def setup(self, tokenizer: Any, max_length: int) -> None:
+        self._items = load_multiple_choice(self.path, *self.fields)
+
+    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+        correct = 0
+        for question, choices, answer in self._items:
+            scores = choice_logliks(model, tokenizer, self.template.format(question=question), [self.delimiter + c for c in choices])
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == answer)
+        return {f"{self.split}_{self.name}": correct / max(len(self._items), 1)}
+
+
+def load_multiple_choice(path: str, question_field: str = "question", choices_field: str = "choices",
+                         answer_field: str = "answer") -> list[tuple[str, list[str], int]]:
+    """Read and validate WMDP-schema multiple-choice records."""
+    records = read_records(path, [question_field])  # names the file and line on bad input
+    items = []
+    for i, rec in enumerate(records):
+        missing = [f for f in (question_field, choices_field, answer_field) if f not in rec]
+        if missing:
+            raise DataSourceError(f"{path}: record {i}: missing field(s) {missing}")
+        choices, answer = rec[choices_field], rec[answer_field]
+        if not isinstance(choices, list) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise DataSourceError(f"{path}: record {i}: '{answer_field}' must index into the '{choices_field}' list")
+        items.append((rec[question_field], [str(c) for c in choices], answer))
+    return items
+

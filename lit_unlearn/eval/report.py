@@ -1,0 +1,323 @@
+"""Run reports: ``results.json``, TensorBoard trade-off views, and cross-run comparison.
+
+Per run (:class:`TradeoffReport`, rank 0):
+- ``results.json``: final / best / matched metrics, the matched-forgetting step, steps, wall time,
+  tokens per second, peak memory, effective batch, synthesizer and objectives with arguments,
+  the evaluation history and a geometry summary;
+- TensorBoard: a custom-scalars layout (forget vs retain metrics on one chart, synthesis geometry
+  on another), an ``hparams`` entry with the final metrics for the HParams dashboard, and a
+  trade-off figure (forget metric vs retain metric along the evaluation points).
+
+Across runs (:func:`compare_runs`, also ``scripts/compare_runs.py``): a table of retention at
+matched forgetting per synthesizer × objective with the geometry summary, and a Pareto plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+RESULTS_FILE = "results.json"
+GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
+
+
+def describe(obj: Any) -> dict[str, Any]:
+    """``{"name": class name, "args": public scalar attributes}`` of a synthesizer or objective."""
+    args = {k: v for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+    return {"name": type(obj).__name__, "args": args}
+
+
+def _find(trainer: L.Trainer, cls_name: str) -> Any:
+    return next((cb for cb in trainer.callbacks if type(cb).__name__ == cls_name), None)
+
+
+def _atomic_json(path: str, payload: dict[str, Any]) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def tradeoff_figure(history: Sequence[dict[str, float]], forget_metric: str, retain_metric: str, title: str = "") -> Any:
+    """Matplotlib figure: retain metric against forget metric at each evaluation point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(h[forget_metric], h[retain_metric], h["step"]) for h in history if forget_metric in h and retain_metric in h]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if points:
+        xs, ys, steps = zip(*points)
+        ax.plot(xs, ys, "-o", markersize=4)
+        for x, y, s in zip(xs, ys, steps):
+            ax.annotate(str(s), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"{forget_metric} (lower = more forgotten)")
+    ax.set_ylabel(f"{retain_metric} (higher = more kept)")
+    ax.set_title(title or "unlearning trade-off (labels: step)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+class TradeoffReport(L.Callback):
+    """Writes ``results.json`` and the TensorBoard trade-off views of one run (rank 0).
+
+    Args:
+        forget_metric: evaluation key plotted as "forgetting" (e.g. ``forget_qa``); ``None`` = the
+            evaluator's ``monitor``, else its first ``forget_*`` key.
+        retain_metric: evaluation key plotted as "retention" (e.g. ``retain_qa``); ``None`` = the
+            evaluator's first ``retain_*`` key.
+    """
+
+    def __init__(self, forget_metric: str | None = None, retain_metric: str | None = None) -> None:
+        self.forget_metric, self.retain_metric = forget_metric, retain_metric
+        self.tokens = 0
+        self.geometry: list[dict[str, float]] = []
+        self._start = 0.0
+
+    def _writer(self, trainer: L.Trainer) -> Any:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+        writer = self._writer(trainer) if trainer.is_global_zero else None
+        if writer is not None:
+            writer.add_custom_scalars({
+                "Trade-off": {
+                    "forget metrics": ["Multiline", [r"val/forget_.*"]],
+                    "retain and general metrics": ["Multiline", [r"val/retain_.*", r"val/general_.*"]],
+                    "training losses": ["Multiline", ["train/forget_loss", "train/retain_loss"]],
+                },
+                "Synthesis geometry": {
+                    "cosines": ["Multiline", GEOMETRY_TAGS],
+                    "conflicts": ["Multiline", ["train/conflict_fraction", "train/tensor_conflict_fraction", "train/projected_fraction"]],
+                    "norms": ["Multiline", ["train/forget_norm", "train/retain_norm", "train/update_norm"]],
+                },
+            })
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Counted from tensor shapes (padded positions included), so no device sync is needed.
+        for part in ("forget", "retain"):
+            if isinstance(batch, dict) and part in batch:
+                self.tokens += int(batch[part]["attention_mask"].numel())
+        geometry = getattr(pl_module, "last_geometry", None)
+        if geometry is not None and (not self.geometry or self.geometry[-1]["step"] != geometry["step"]):
+            self.geometry.append(dict(geometry))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        results = self.results(trainer, pl_module)
+        run_dir = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(run_dir, exist_ok=True)
+        _atomic_json(os.path.join(run_dir, RESULTS_FILE), results)
+        writer = self._writer(trainer)
+        if writer is not None:
+            self._log_tensorboard(trainer, writer, results)
+        print(f"lit-unlearn: results in {os.path.join(run_dir, RESULTS_FILE)}")
+
+    def results(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The ``results.json`` payload."""
+        evaluator = _find(trainer, "UnlearningEvaluator")
+        history = list(evaluator.history) if evaluator is not None else []
+        matched = evaluator.matched if evaluator is not None else None
+        keys = [k for h in history for k in h]
+        self.forget_metric = self.forget_metric or getattr(evaluator, "monitor", None) or next(
+            (k for k in keys if k.startswith("forget_")), "forget")
+        self.retain_metric = self.retain_metric or next((k for k in keys if k.startswith("retain_")), "retain")
+        candidates = [h for h in history if evaluator is not None and evaluator.monitor and _meets(h, evaluator)]
+        best = max(candidates, key=lambda h: h.get(self.retain_metric, float("-inf"))) if candidates else None
+        lm_eval_cb = _find(trainer, "LMEvalCallback")
+        wall = time.perf_counter() - self._start
+        dm = trainer.datamodule
+        accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
+        opt = pl_module.optimizers()
+        optimizer = opt.optimizer if hasattr(opt, "optimizer") else opt
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "run_dir": trainer.log_dir or trainer.default_root_dir,
+            "model": getattr(pl_module, "model_source", None),
+            "synthesizer": describe(pl_module.synthesizer),
+            "forget_objective": describe(pl_module.forget_objective),
+            "retain_objective": describe(pl_module.retain_objective),
+            "optimizer": {"name": type(optimizer).__name__, "lr": optimizer.defaults.get("lr")},
+            "forget_metric": self.forget_metric,
+            "retain_metric": self.retain_metric,
+            "target": {"monitor": getattr(evaluator, "monitor", None), "value": getattr(evaluator, "target", None),
+                       "mode": getattr(evaluator, "mode", None)},
+            "matched_step": evaluator.matched_step if evaluator is not None else None,
+            "matched": matched,
+            "best": best,
+            "final": history[-1] if history else None,
+            "history": history,
+            "steps": trainer.global_step,
+            "skipped_steps": getattr(pl_module, "bad_steps", 0),
+            "wall_seconds": round(wall, 3),
+            "tokens_per_second": round(self.tokens * trainer.world_size / max(wall, 1e-9), 1),
+            "peak_memory_bytes": int(peak),
+            "world_size": trainer.world_size,
+            "effective_batch": {t: getattr(dm, f"{t}_batch_size", 0) * accumulate * trainer.world_size for t in ("forget", "retain")},
+            "geometry": _geometry_summary(self.geometry),
+            "lm_eval": lm_eval_cb.results if lm_eval_cb is not None else {},
+        }
+
+    def _log_tensorboard(self, trainer: L.Trainer, writer: Any, results: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        final = results["matched"] or results["final"] or {}
+        params = {
+            "synthesizer": results["synthesizer"]["name"],
+            "forget_objective": results["forget_objective"]["name"],
+            "retain_objective": results["retain_objective"]["name"],
+            "lr": float(results["optimizer"]["lr"] or 0.0),
+            "forget_weight": float(results["synthesizer"]["args"].get("forget_weight", 1.0)),
+            "retain_weight": float(results["synthesizer"]["args"].get("retain_weight", 1.0)),
+        }
+        metrics = {f"hparams/{k}": float(v) for k, v in final.items() if k != "step" and isinstance(v, (int, float))}
+        metrics["hparams/matched_step"] = float(results["matched_step"] if results["matched_step"] is not None else -1)
+        exp, ssi, sei = hparams(params, metrics)
+        writer.file_writer.add_summary(exp)
+        writer.file_writer.add_summary(ssi)
+        writer.file_writer.add_summary(sei)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, trainer.global_step)
+        fig = tradeoff_figure(results["history"], self.forget_metric, self.retain_metric,
+                              f"{params['forget_objective']} + {params['synthesizer']}")
+        writer.add_figure("tradeoff/forget_vs_retain", fig, trainer.global_step)
+        writer.flush()
+
+
+def _meets(entry: dict[str, float], evaluator: Any) -> bool:
+    value = entry.get(evaluator.monitor)
+    if value is None:
+        return False
+    return value <= evaluator.target if evaluator.mode == "below" else value >= evaluator.target
+
+
+def _geometry_summary(rows: list[dict[str, float]]) -> dict[str, float]:
+    summary: dict[str, float] = {"points": float(len(rows))}
+    for key in ("grad_cosine", "update_retain_cosine", "conflict_fraction", "tensor_conflict_fraction"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            summary[f"mean_{key}"] = sum(values) / len(values)
+            summary[f"min_{key}"] = min(values)
+    return summary
+
+
+# ---------------------------------------------------------------------- across runs
+def load_results(run_dirs: Sequence[str]) -> list[dict[str, Any]]:
+    """``results.json`` of every run directory given (a directory may also hold runs below it)."""
+    found = []
+    for root in run_dirs:
+        paths = [os.path.join(root, RESULTS_FILE)] if os.path.exists(os.path.join(root, RESULTS_FILE)) else sorted(
+            os.path.join(d, RESULTS_FILE) for d, _, files in os.walk(root) if RESULTS_FILE in files)
+        if not paths:
+            raise FileNotFoundError(f"{root}: no {RESULTS_FILE} found")
+        for path in paths:
+            with open(path) as handle:
+                found.append(json.load(handle))
+    return found
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated when forgetting (x) is minimised and retention (y) maximised."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def compare_runs(run_dirs: Sequence[str], out_png: str | None = "pareto.png", general_metric: str = "general_arithmetic") -> list[dict[str, Any]]:
+    """Print retention at matched forgetting per synthesizer × objective and save a Pareto plot.
+
+    Returns the table rows. Runs that never reached the target are reported at their final
+    evaluation and marked ``no``.
+    """
+    runs = load_results(run_dirs)
+    rows = []
+    for r in runs:
+        point = r.get("matched") or r.get("final") or {}
+        fm, rm = r["forget_metric"], r["retain_metric"]
+        geo = r.get("geometry", {})
+        rows.append({
+            "synthesizer": r["synthesizer"]["name"],
+            "objective": f"{r['forget_objective']['name']}+{r['retain_objective']['name']}",
+            "matched": "yes" if r.get("matched") else "no",
+            "step": point.get("step"),
+            "forget": point.get(fm),
+            "retain": point.get(rm),
+            "general": point.get(general_metric),
+            "cos_u_gr": geo.get("mean_update_retain_cosine"),
+            "min_cos_u_gr": geo.get("min_update_retain_cosine"),
+            "conflict": geo.get("mean_conflict_fraction"),
+            "seconds": r.get("wall_seconds"),
+            "run_dir": r.get("run_dir"),
+            "_history": r.get("history", []),
+            "_metrics": (fm, rm),
+        })
+    header = f"{'synthesizer':<18}{'objective':<22}{'matched':>8}{'step':>6}{'forget':>8}{'retain':>8}{'general':>9}{'cos(u,g_r)':>12}{'min':>7}{'conflict':>10}{'sec':>7}"
+    print(header)
+    print("-" * len(header))
+    fmt = lambda v, w, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+    for row in rows:
+        print(f"{row['synthesizer']:<18}{row['objective']:<22}{row['matched']:>8}{row['step'] if row['step'] is not None else '-':>6}"
+              f"{fmt(row['forget'], 8)}{fmt(row['retain'], 8)}{fmt(row['general'], 9)}{fmt(row['cos_u_gr'], 12)}"
+              f"{fmt(row['min_cos_u_gr'], 7, 2)}{fmt(row['conflict'], 10)}{fmt(row['seconds'], 7, 1)}")
+    if out_png:
+        _pareto_plot(rows, out_png)
+        print(f"Pareto plot: {out_png}")
+    for row in rows:
+        row.pop("_history")
+        row.pop("_metrics")
+    return rows
+
+
+def _pareto_plot(rows: list[dict[str, Any]], out_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    points = []
+    for row in rows:
+        fm, rm = row["_metrics"]
+        traj = [(h[fm], h[rm]) for h in row["_history"] if fm in h and rm in h]
+        label = f"{row['synthesizer']} ({row['objective']})"
+        if traj:
+            xs, ys = zip(*traj)
+            line = ax.plot(xs, ys, "-o", alpha=0.5, markersize=3, label=label)[0]
+            if row["forget"] is not None and row["retain"] is not None:
+                ax.plot(row["forget"], row["retain"], "*", markersize=12, color=line.get_color())
+        if row["forget"] is not None and row["retain"] is not None:
+            points.append((row["forget"], row["retain"]))
+    front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
+    if front:
+        ax.plot(*zip(*front), "k--", linewidth=1, label="Pareto front (matched points)")
+    fm, rm = rows[0]["_metrics"] if rows else ("forget", "retain")
+    ax.set_xlabel(f"{fm} (lower = more forgotten)")
+    ax.set_ylabel(f"{rm} (higher = more kept)")
+    ax.set_title("retention vs forgetting (★ = matched / final point)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)

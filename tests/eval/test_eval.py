@@ -1,0 +1,222 @@
+"""Evaluation layer: metric values, lm-eval bridge vs an independent computation, RWKU, the
+matched-forgetting stop, results.json, TensorBoard read-back and compare_runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from lit_unlearn.data.synthetic import VALUES, generate_corpus
+from lit_unlearn.eval import MultipleChoice, compare_runs
+from lit_unlearn.eval.callbacks import UnlearningEvaluator
+from lit_unlearn.eval.harness import _local_task_names, run_lm_eval
+from lit_unlearn.eval.metrics import MetricSet, choice_logliks, load_multiple_choice
+from lit_unlearn.eval.report import pareto_front
+from lit_unlearn.eval.rwku import RWKU, greedy_generate, rouge_l_recall
+from lit_unlearn.models import load_tokenizer
+from lit_unlearn.module import UnlearningModule
+from tests.conftest import SMOKE_PEOPLE
+from tests.engine_helpers import make_dm, make_model, sgd, write_probe_pairs
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "debug", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def target(smoke_target):
+    return AutoModelForCausalLM.from_pretrained(smoke_target), load_tokenizer(smoke_target)
+
+
+@pytest.fixture(scope="module")
+def mc_task(tmp_path_factory):
+    """A local multiple-choice task in WMDP's schema (question, choices, answer) + its lm-eval YAML."""
+    corpus = generate_corpus(SMOKE_PEOPLE)
+    rng = random.Random(0)
+    rows = []
+    for probe in corpus.probes_for("qa")[:40]:
+        distractors = rng.sample([v for v in VALUES[probe.attribute] if v != probe.answer], 3)
+        choices = distractors[:]
+        answer = rng.randrange(4)
+        choices.insert(answer, probe.answer)
+        rows.append({"question": probe.prompt, "choices": choices, "answer": answer})
+    d = tmp_path_factory.mktemp("mc")
+    data = d / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "synthetic_mc.yaml").write_text(
+        "task: synthetic_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: answer\n"
+        'target_delimiter: " "\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return str(d), str(data), rows
+
+
+def test_choice_logliks_match_a_manual_sum(target):
+    model, tok = target
+    scores = choice_logliks(model, tok, "Q : where was", [" x", " y y"])
+    ids = torch.tensor([tok("Q : where was y y")["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.double(), -1)[0]
+    n = ids.shape[1]
+    manual = logp[n - 3, ids[0, n - 2]] + logp[n - 2, ids[0, n - 1]]
+    assert scores[1] == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_lm_eval_bridge_accuracy_equals_independent_loglik_rule(target, mc_task, monkeypatch):
+    model, tok = target
+    task_dir, data, rows = mc_task
+    import lm_eval.tasks
+
+    seen = {}
+    original = lm_eval.tasks.TaskManager.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks.TaskManager, "__init__", spy)
+    results = run_lm_eval(model, tok, ["synthetic_mc"], include_path=task_dir, batch_size=8)
+    assert seen["include_defaults"] is False  # only local tasks asked: the bundled index is not scanned
+    independent = 0
+    for row in rows:
+        scores = choice_logliks(model, tok, row["question"], [" " + c for c in row["choices"]])
+        independent += int(max(range(4), key=scores.__getitem__) == row["answer"])
+    metric = MultipleChoice(data, split="forget", name="mc")
+    metric.setup(tok, 64)
+    ours = metric.compute(model, tok)["forget_mc"]
+    assert results["synthetic_mc"]["acc"] == pytest.approx(independent / len(rows)) == pytest.approx(ours)
+    assert results["synthetic_mc"]["acc"] > 0.5  # the smoke target knows these facts; chance is 0.25
+
+
+def test_local_task_index_and_bad_mc_file(mc_task, tmp_path):
+    assert _local_task_names(mc_task[0]) == {"synthetic_mc"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
+    with pytest.raises(ValueError, match="must index into the 'choices' list"):
+        load_multiple_choice(str(bad))
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [("the cat sat on the mat", "the cat was on the mat", 5 / 6), ("Paris", "paris france", 0.5),
+     ("", "anything", 0.0), ("a b c", "c b a", 1 / 3), ("completely different", "nothing shared", 0.0)],
+)
+def test_rouge_l_recall_hand_computed(prediction, reference, expected):
+    assert rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-6)
+
+
+def test_greedy_generation_is_left_padding_safe(target):
+    model, tok = target
+    prompts = ["Q : where was", "1 plus 2 equals", "count up from 3 : 3 4"]
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=5, stop_strings=[], batch_size=3)
+    single = [greedy_generate(model, tok, [p], max_new_tokens=5, stop_strings=[], batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert tok.padding_side == "right"  # restored
+
+
+def test_rwku_metric_set_scores_levels_and_saves_outputs(target, tmp_path):
+    model, tok = target
+    corpus = generate_corpus(SMOKE_PEOPLE)
+    forget_probe = corpus.probes_for("qa", corpus.forget_people)[0]
+    retain_probe = corpus.probes_for("qa", corpus.retain_people)[0]
+    (tmp_path / "forget_level2.json").write_text(json.dumps([{"query": forget_probe.prompt, "answer": forget_probe.answer}]))
+    (tmp_path / "neighbor_level2.json").write_text(json.dumps([{"query": retain_probe.prompt, "answer": retain_probe.answer}]))
+    rwku = RWKU(str(tmp_path), max_new_tokens=3, stop_strings=["."], outputs_path=str(tmp_path / "outputs.jsonl"))
+    rwku.setup(tok, 64)
+    scores = rwku.compute(model, tok)
+    assert set(scores) == {"forget_rougeL_level2", "forget_rougeL", "retain_neighbor_rougeL_level2", "retain_neighbor_rougeL"}
+    assert scores["forget_rougeL"] == 1.0 and scores["retain_neighbor_rougeL"] == 1.0  # the target knows both
+    outputs = [json.loads(line) for line in open(tmp_path / "outputs.jsonl")]
+    assert [o["level"] for o in outputs] == ["forget_level2", "neighbor_level2"]
+    with pytest.raises(FileNotFoundError, match="RWKU"):
+        RWKU(str(tmp_path / "missing")).setup(tok, 64)
+
+
+class Scripted(MetricSet):
+    """Returns a scripted forget value per evaluation (the stop must fire at the right step)."""
+
+    def __init__(self, values):
+        self.values, self.calls = list(values), 0
+
+    def compute(self, model, tokenizer):
+        value = self.values[min(self.calls, len(self.values) - 1)]
+        self.calls += 1
+        return {"forget_score": value, "retain_score": 1.0 - value / 10}
+
+
+def test_matched_forgetting_stop_fires_at_the_right_step(synthetic_tokenizer_dir, tmp_path):
+    pairs = write_probe_pairs(str(tmp_path))
+    evaluator = UnlearningEvaluator([Scripted([1.0, 0.8, 0.5, 0.15, 0.1])], every_n_steps=2, monitor="forget_score", target=0.2)
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), optimizer=sgd(0.01), save_model=False)
+    trainer = L.Trainer(max_steps=50, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        use_distributed_sampler=False, callbacks=[evaluator])
+    trainer.fit(m, make_dm(synthetic_tokenizer_dir, *pairs))
+    assert evaluator.matched_step == 6 and trainer.global_step == 6  # evaluations at 0, 2, 4, 6
+    assert [h["step"] for h in evaluator.history] == [0, 2, 4, 6]
+    assert evaluator.matched == {"step": 6, "forget_score": 0.15, "retain_score": pytest.approx(0.985)}
+
+
+def test_pareto_front():
+    points = [(0.1, 0.9), (0.2, 0.95), (0.1, 0.8), (0.3, 0.95), (0.05, 0.5)]
+    assert pareto_front(points) == [0, 1, 4]
+
+
+def _tiny_run(tmp_path, synthesizer):
+    from lit_unlearn.cli import main
+
+    root = tmp_path / synthesizer
+    main(["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.max_steps", "10",
+          "--model.synthesizer", synthesizer, "--model.save_model", "false", "--trainer.log_every_n_steps", "2"])
+    return str(next((root / "lightning_logs").iterdir()))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    return [_tiny_run(tmp, s) for s in ("WeightedSum", "SAGO")]
+
+
+def test_results_json_schema(tiny_runs):
+    results = json.load(open(os.path.join(tiny_runs[1], "results.json")))
+    for key in ("final", "best", "matched_step", "matched", "history", "steps", "wall_seconds", "tokens_per_second",
+                "peak_memory_bytes", "effective_batch", "synthesizer", "forget_objective", "retain_objective", "geometry"):
+        assert key in results, key
+    assert results["synthesizer"] == {"name": "SAGO", "args": {"forget_weight": 1.0, "retain_weight": 1.0}}
+    assert results["steps"] == 10 and results["effective_batch"] == {"forget": 8, "retain": 8}
+    assert [h["step"] for h in results["history"]] == [0, 5, 10]
+    assert results["tokens_per_second"] > 0 and results["peak_memory_bytes"] > 0
+    assert results["geometry"]["min_update_retain_cosine"] >= -1e-6  # SAGO's guarantee at every logged step
+
+
+def test_tensorboard_has_curves_geometry_layout_hparams_and_figure(tiny_runs):
+    ea = EventAccumulator(tiny_runs[0], size_guidance={"images": 0, "tensors": 0})
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    assert {"val/forget_qa", "val/retain_qa", "train/forget_loss", "train/retain_loss", "train/grad_cosine",
+            "train/update_retain_cosine", "train/conflict_fraction", "hparams/retain_qa"} <= scalars
+    assert len(ea.Scalars("val/forget_qa")) == 3
+    assert "tradeoff/forget_vs_retain" in ea.Tags()["images"]
+    assert "custom_scalars__config__" in ea.PluginTagToContent("custom_scalars")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(ea.PluginTagToContent("hparams"))
+
+
+def test_compare_runs_prints_table_and_saves_png(tiny_runs, tmp_path, capsys):
+    png = str(tmp_path / "pareto.png")
+    rows = compare_runs(tiny_runs, out_png=png)
+    out = capsys.readouterr().out
+    assert {r["synthesizer"] for r in rows} == {"WeightedSum", "SAGO"}
+    assert "WeightedSum" in out and "SAGO" in out and "cos(u,g_r)" in out
+    with open(png, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
