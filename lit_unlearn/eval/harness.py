@@ -53,7 +53,8 @@ def run_lm_eval(
         tokenizer: its tokenizer.
         tasks: lm-eval task names (hub or local).
         include_path: folder of local task YAMLs.
-        num_fewshot: few-shot examples (``None`` = the paper's count for known hub tasks, else 0).
+        num_fewshot: few-shot examples for every task (``None`` = the paper's count for known hub
+            tasks — WMDP 0, MMLU 5 — and the task's own default otherwise).
         limit: evaluate only this many (or this fraction of) documents per task.
         batch_size: lm-eval batch size.
         max_length: context length given to lm-eval (default: the model's).
@@ -66,19 +67,25 @@ def run_lm_eval(
     local = _local_task_names(include_path)
     only_local = bool(local) and set(tasks) <= local
     manager = TaskManager(include_path=include_path, include_defaults=not only_local)
-    if num_fewshot is None and all(t in HUB_TASKS for t in tasks) and len({HUB_TASKS[t] for t in tasks}) == 1:
-        num_fewshot = HUB_TASKS[tasks[0]]
+    # Group tasks by few-shot count: the paper runs WMDP zero-shot and MMLU 5-shot.
+    groups: dict[int | None, list[str]] = {}
+    for task in tasks:
+        shots = num_fewshot if num_fewshot is not None else HUB_TASKS.get(task)
+        groups.setdefault(shots, []).append(task)
     was_training = model.training
     model.eval()
+    raw: dict[str, Any] = {}
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                   add_bos_token=add_bos_token, device=str(next(model.parameters()).device))
-        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                      log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+        for shots, names in groups.items():
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
+                                          log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+            raw.update((out or {}).get("results", {}))
     finally:
         model.train(was_training)
     results: dict[str, dict[str, float]] = {}
-    for task, metrics in (out or {}).get("results", {}).items():
+    for task, metrics in raw.items():
         results[task] = {k.split(",")[0]: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
     return results
 
