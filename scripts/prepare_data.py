@@ -1,0 +1,91 @@
+"""Download and lay out the WMDP corpora and the RWKU files used by configs/data/*.yaml.
+
+    python scripts/prepare_data.py wmdp [--out data/wmdp]    # bio/cyber forget + retain corpora
+    python scripts/prepare_data.py rwku [--out data/rwku]    # targets 1-50 / 151-200 + eval levels
+
+Needs network access to the Hugging Face Hub (and, for the WMDP bio forget corpus, the access the
+WMDP authors grant on request). Offline it stops with one clear line. Not run in the tests.
+
+Layout written (JSONL with a ``text`` field, and RWKU's JSON for evaluation):
+    data/wmdp/{bio,cyber}-{forget,retain}-corpus.jsonl
+    data/rwku/forget_targets_1-50.jsonl, data/rwku/retain_targets_151-200.jsonl
+    data/rwku/eval/{forget_level1,forget_level2,forget_level3,neighbor_level1,neighbor_level2}.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+WMDP_CORPORA = "cais/wmdp-corpora"
+WMDP_BIO_FORGET = "cais/wmdp-bio-forget-corpus"  # gated
+RWKU = "jinzhuoran/RWKU"
+RWKU_LEVELS = ["forget_level1", "forget_level2", "forget_level3", "neighbor_level1", "neighbor_level2"]
+
+
+def _load(name: str, config: str | None, split: str = "train") -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # offline, gated, renamed: say which and stop
+        sys.exit(f"prepare_data: cannot load {name}{'/' + config if config else ''} ({type(err).__name__}: {str(err)[:200]}); "
+                 "this step needs network access to the Hugging Face Hub (and access to gated datasets)")
+
+
+def _write_jsonl(path: str, texts: Iterable[str]) -> int:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp, n = path + ".tmp", 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for text in texts:
+            if text and text.strip():
+                handle.write(json.dumps({"text": text}) + "\n")
+                n += 1
+    os.replace(tmp, path)  # never leave a half-written corpus behind
+    return n
+
+
+def prepare_wmdp(out: str) -> None:
+    jobs = [("bio-forget-corpus", WMDP_BIO_FORGET, None), ("bio-retain-corpus", WMDP_CORPORA, "bio-retain-corpus"),
+            ("cyber-forget-corpus", WMDP_CORPORA, "cyber-forget-corpus"), ("cyber-retain-corpus", WMDP_CORPORA, "cyber-retain-corpus")]
+    for name, repo, config in jobs:
+        ds = _load(repo, config)
+        n = _write_jsonl(os.path.join(out, f"{name}.jsonl"), ds["text"])
+        print(f"{name}: {n} documents")
+
+
+def prepare_rwku(out: str) -> None:
+    targets = _load(RWKU, "forget_target")
+    names = [row["target"] for row in targets]
+    forget_names, retain_names = set(names[:50]), set(names[150:200])
+    passages = _load(RWKU, "train_original_passage")
+    rows = list(passages)
+    n_f = _write_jsonl(os.path.join(out, "forget_targets_1-50.jsonl"), (r["text"] for r in rows if r["subject"] in forget_names))
+    n_r = _write_jsonl(os.path.join(out, "retain_targets_151-200.jsonl"), (r["text"] for r in rows if r["subject"] in retain_names))
+    print(f"RWKU passages: {n_f} forget, {n_r} retain")
+    for level in RWKU_LEVELS:
+        ds = _load(RWKU, level, split="test")
+        items = [{"query": r["query"], "answer": r["answer"]} for r in ds if r.get("subject") in forget_names]
+        path = os.path.join(out, "eval", f"{level}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as handle:
+            json.dump(items, handle)
+        os.replace(path + ".tmp", path)
+        print(f"RWKU {level}: {len(items)} items")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=["wmdp", "rwku"])
+    parser.add_argument("--out", default=None, help="output folder (default data/<dataset>)")
+    args = parser.parse_args(argv)
+    out = args.out or os.path.join("data", args.dataset)
+    (prepare_wmdp if args.dataset == "wmdp" else prepare_rwku)(out)
+
+
+if __name__ == "__main__":
+    main()
