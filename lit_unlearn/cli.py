@@ -57,8 +57,7 @@ class UnlearnCLI(LightningCLI):
             self.trainer.callbacks.append(TradeoffReport())
 
     def after_fit(self) -> None:
-        path = getattr(self.model, "saved_model_dir", None)
-        if path and self.trainer.is_global_zero:
+        if self.trainer.is_global_zero and self.trainer.log_dir:
             print(f"lit-unlearn: TensorBoard logs in {self.trainer.log_dir}")
 
 

@@ -16,6 +16,14 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+def _check_local(name_or_path: str, what: str) -> None:
+    """Fail early for a local-looking path that does not exist (hub ids like ``org/name`` pass)."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
+        hint = " (build the synthetic target with `lit-unlearn-target`, or pass a hub id)" if what == "model" else ""
+        raise FileNotFoundError(f"{what}: local path {name_or_path!r} does not exist{hint}")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -36,8 +44,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     from lit_unlearn.target import resolve_synthetic
 
     name_or_path = resolve_synthetic(name_or_path)
-    if os.path.sep in name_or_path and not os.path.exists(name_or_path):
-        raise FileNotFoundError(f"tokenizer: local path {name_or_path!r} does not exist")
+    _check_local(name_or_path, "tokenizer")
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -70,11 +77,7 @@ def load_causal_lm(
     name_or_path = resolve_synthetic(name_or_path)
     if dtype not in DTYPES:
         raise ValueError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if os.path.sep in name_or_path and not os.path.exists(name_or_path):
-        raise FileNotFoundError(
-            f"model: local path {name_or_path!r} does not exist (build the synthetic target with "
-            "`lit-unlearn-target`, or pass a hub id)"
-        )
+    _check_local(name_or_path, "model")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
@@ -33,7 +34,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_unlearn.gradients import TwoTaskGradients
+from lit_unlearn.gradients import Task, TwoTaskGradients
 from lit_unlearn.models import frozen_copy, load_causal_lm
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
 from lit_unlearn.objectives.functional import mean_nll
@@ -41,7 +42,7 @@ from lit_unlearn.synthesis import GeometryAccumulator, Synthesizer, WeightedSum
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL = "synthetic://default"
-TASKS = ("forget", "retain")
+TASKS: tuple[Task, Task] = ("forget", "retain")
 
 
 def check_supported(trainer: Any) -> None:
@@ -172,15 +173,16 @@ class UnlearningModule(L.LightningModule):
         self.forget_objective.prepare(self.model, self._forget_batches())
         self._loss_acc = torch.zeros(2, device=self.device)
 
-    def _forget_batches(self) -> list[dict[str, Tensor]] | None:
+    def _forget_batches(self) -> Iterator[dict[str, Tensor]] | None:
+        """The forget set in dataset order, one device batch at a time (lazy: only NPO's
+        precomputation reads it)."""
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not getattr(dm, "forget_examples", None):
             return None
         from lit_unlearn.data.collate import pad_examples
 
-        ex, size = dm.forget_examples, dm.eval_batch_size
-        return [{k: v.to(self.device) for k, v in pad_examples(ex[i : i + size], dm.tokenizer.pad_token_id).items()}
-                for i in range(0, len(ex), size)]
+        ex, size, pad = dm.forget_examples, dm.eval_batch_size, dm.tokenizer.pad_token_id
+        return ({k: v.to(self.device) for k, v in pad_examples(ex[i : i + size], pad).items()} for i in range(0, len(ex), size))
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]

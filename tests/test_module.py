@@ -14,7 +14,15 @@ from lit_unlearn.module import UnlearningModule
 from lit_unlearn.objectives import NLL, GradientAscent
 from lit_unlearn.objectives.functional import mean_nll
 from lit_unlearn.synthesis import RULES, SAGO, WeightedSum
-from tests.engine_helpers import assert_same_weights, fit, make_dm, make_model, sgd, weights, write_probe_pairs
+from tests.engine_helpers import (
+    assert_same_weights,
+    fit,
+    make_dm,
+    make_model,
+    sgd,
+    weights,
+    write_probe_pairs,
+)
 
 
 @pytest.fixture(scope="module")

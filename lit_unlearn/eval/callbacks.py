@@ -65,7 +65,7 @@ class UnlearningEvaluator(L.Callback):
     def _setup(self, trainer: L.Trainer) -> Any:
         tokenizer = trainer.datamodule.tokenizer
         if not self._ready:
-            max_length = self.max_length or getattr(trainer.datamodule, "max_length", 512)
+            max_length: int = self.max_length or getattr(trainer.datamodule, "max_length", None) or 512
             for metric in self.metrics:
                 metric.setup(tokenizer, max_length)
             self._ready = True
@@ -78,7 +78,7 @@ class UnlearningEvaluator(L.Callback):
         if trainer.is_global_zero:
             tokenizer = self._setup(trainer)
             start = time.perf_counter()
-            model = pl_module.model
+            model: Any = pl_module.model
             for metric in self.metrics:
                 values.update(metric.compute(model, tokenizer))
             summary = ", ".join(f"{k}={v:.3f}" for k, v in values.items())

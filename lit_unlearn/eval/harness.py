@@ -113,7 +113,8 @@ class LMEvalCallback(L.Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             tokenizer = trainer.datamodule.tokenizer
-            self.results = run_lm_eval(pl_module.model, tokenizer, self.tasks, self.include_path, self.num_fewshot,
+            model: Any = pl_module.model
+            self.results = run_lm_eval(model, tokenizer, self.tasks, self.include_path, self.num_fewshot,
                                        self.limit, self.batch_size)
             flat = {f"test/{task}_{metric}": value for task, metrics in self.results.items() for metric, value in metrics.items()}
             for logger in trainer.loggers:

@@ -2,7 +2,8 @@
 
 Per run (:class:`TradeoffReport`, rank 0):
 - ``results.json``: final / best / matched metrics, the matched-forgetting step, steps, wall time,
-  tokens per second, peak memory, effective batch, synthesizer and objectives with arguments,
+  tokens per second (forget + retain positions, padding included, all ranks), peak memory
+  (CUDA allocator peak, or the process's peak RSS on CPU), effective batch, synthesizer and objectives with arguments,
   the evaluation history and a geometry summary;
 - TensorBoard: a custom-scalars layout (forget vs retain metrics on one chart, synthesis geometry
   on another), an ``hparams`` entry with the final metrics for the HParams dashboard, and a
@@ -196,7 +197,7 @@ class TradeoffReport(L.Callback):
         writer.file_writer.add_summary(sei)
         for key, value in metrics.items():
             writer.add_scalar(key, value, trainer.global_step)
-        fig = tradeoff_figure(results["history"], self.forget_metric, self.retain_metric,
+        fig = tradeoff_figure(results["history"], results["forget_metric"], results["retain_metric"],
                               f"{params['forget_objective']} + {params['synthesizer']}")
         writer.add_figure("tradeoff/forget_vs_retain", fig, trainer.global_step)
         writer.flush()

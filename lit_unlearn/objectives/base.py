@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -61,8 +61,9 @@ class Objective(ABC):
     def setup(self, model: nn.Module) -> None:
         """Called once before training with the (unwrapped) model; e.g. to draw random vectors."""
 
-    def prepare(self, model: nn.Module, examples: list[Batch] | None) -> None:
-        """Called at fit start with the model and the forget examples (for precomputation)."""
+    def prepare(self, model: nn.Module, forget_batches: Iterable[Batch] | None) -> None:
+        """Called at fit start with the model and a lazy iterable of the forget set in dataset
+        order (for precomputation; untouched by objectives that do not need it)."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:

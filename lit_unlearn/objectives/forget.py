@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lit_unlearn.objectives import functional as Fn
+from lit_unlearn.objectives.base import (
+    Batch,
+    Objective,
+    capture_layer_output,
+    model_inputs,
+    reference_forward,
+)
 from lit_unlearn.objectives.functional import at_least_fp32
-from lit_unlearn.objectives.base import Batch, Objective, capture_layer_output, model_inputs, reference_forward
 
 
 class GradientAscent(Objective):
@@ -46,16 +53,16 @@ class NPO(Objective):
     def requires_reference(self) -> bool:  # type: ignore[override]
         return not self.precompute_reference
 
-    def prepare(self, model: nn.Module, examples: list[Batch] | None) -> None:
+    def prepare(self, model: nn.Module, forget_batches: Iterable[Batch] | None) -> None:
         if not self.precompute_reference or self._ref_table is not None:
             return
-        if examples is None:
+        if forget_batches is None:
             raise RuntimeError("NPO(precompute_reference=True) needs the forget examples at fit start")
         values = []
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for batch in examples:
+            for batch in forget_batches:
                 seq, _ = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])
                 values.append(seq)
         model.train(was_training)
@@ -119,7 +126,8 @@ class RMU(Objective):
         self._direction: Tensor | None = None
 
     def setup(self, model: nn.Module) -> None:
-        hidden = model.config.hidden_size
+        config: Any = model.config
+        hidden = int(config.hidden_size)
         gen = torch.Generator().manual_seed(self.seed)
         v = torch.rand(hidden, generator=gen)
         self._direction = v / v.norm()

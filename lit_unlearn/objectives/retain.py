@@ -5,7 +5,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lit_unlearn.objectives import functional as Fn
-from lit_unlearn.objectives.base import Batch, Objective, capture_layer_output, model_inputs, reference_forward
+from lit_unlearn.objectives.base import (
+    Batch,
+    Objective,
+    capture_layer_output,
+    model_inputs,
+    reference_forward,
+)
 
 
 class NLL(Objective):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.data import SyntheticKnowledge
+from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.models import frozen_copy, load_tokenizer
 from lit_unlearn.module import UnlearningModule
 from lit_unlearn.objectives import KL, NLL, NPO, RMU, EmbedDiff, GradientAscent, SimNPO

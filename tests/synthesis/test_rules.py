@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from lit_unlearn.synthesis import (
+    SAGO,
     PCGrad,
     PCGradGlobal,
-    SAGO,
     SAGOPreferRetain,
     WeightedSum,
     synthesis_diagnostics,
