@@ -264,6 +264,10 @@ class UnlearningModule(L.LightningModule):
         nll = mean_nll(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
         self.log(f"val/{name}_nll", nll, add_dataloader_idx=False, sync_dist=True)
 
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """``lit-unlearn test``: the held-out losses again (lm-eval runs via ``LMEvalCallback``)."""
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
     # ------------------------------------------------------------------ checkpoint and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_unlearn"] = {

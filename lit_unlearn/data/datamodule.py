@@ -156,6 +156,10 @@ class UnlearningDataModule(L.LightningDataModule):
                 loaders.append(DataLoader(ds, batch_size=self.eval_batch_size, collate_fn=ds.collate, num_workers=self.num_workers))
         return loaders
 
+    def test_dataloader(self) -> list[DataLoader]:
+        """The held-out splits again, for ``lit-unlearn test``."""
+        return self.val_dataloader()
+
     @property
     def val_names(self) -> list[str]:
         """Names of the validation loaders, in order (``forget``, ``retain``)."""

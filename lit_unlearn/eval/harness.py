@@ -90,6 +90,53 @@ def run_lm_eval(
     return results
 
 
+def evaluate_saved(
+    model: str,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str = "cpu",
+    output: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluate a saved model (e.g. ``runs/x/unlearned_model``) with lm-eval; prints JSON.
+
+    Console entry point ``lit-unlearn-eval``, e.g.
+    ``lit-unlearn-eval --model runs/demo/sago/unlearned_model --tasks '[wmdp_bio, mmlu]' --device cuda``.
+
+    Args:
+        model: local directory or hub id of the model (its tokenizer must be saved beside it).
+        tasks: lm-eval task names.
+        include_path: folder of local task YAMLs.
+        num_fewshot: few-shot count (``None`` = the paper's for WMDP/MMLU).
+        limit: documents per task.
+        batch_size: lm-eval batch size.
+        dtype: weight dtype.
+        device: ``cpu`` or ``cuda``.
+        output: also write the results to this JSON file.
+    """
+    import json
+
+    from lit_unlearn.models import load_causal_lm, load_tokenizer
+
+    lm = load_causal_lm(model, dtype).to(device)
+    results = run_lm_eval(lm, load_tokenizer(model), tasks, include_path, num_fewshot, limit, batch_size)
+    print(json.dumps(results, indent=2))
+    if output:
+        with open(output, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point ``lit-unlearn-eval``."""
+    from jsonargparse import CLI
+
+    CLI(evaluate_saved, args=args, as_positional=False)
+
+
 class LMEvalCallback(L.Callback):
     """Runs lm-eval tasks on the live model at the end of ``fit`` and/or ``test`` (rank 0) and logs
     ``test/<task>_<metric>``; the results also go into ``results.json``.

@@ -220,3 +220,22 @@ def test_compare_runs_prints_table_and_saves_png(tiny_runs, tmp_path, capsys):
     assert "WeightedSum" in out and "SAGO" in out and "cos(u,g_r)" in out
     with open(png, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lm_eval_on_a_saved_model_and_in_lightning_test(target, mc_task, smoke_target, synthetic_tokenizer_dir, tmp_path):
+    from lit_unlearn.data import SyntheticKnowledge, UnlearningDataModule
+    from lit_unlearn.eval import LMEvalCallback
+    from lit_unlearn.eval.harness import evaluate_saved
+
+    task_dir = mc_task[0]
+    saved = evaluate_saved(smoke_target, ["synthetic_mc"], include_path=task_dir, output=str(tmp_path / "lm_eval.json"))
+    assert json.load(open(tmp_path / "lm_eval.json")) == saved
+    callback = LMEvalCallback(["synthetic_mc"], include_path=task_dir)
+    module = UnlearningModule(smoke_target, save_model=False)
+    dm = UnlearningDataModule(smoke_target, SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE),
+                              SyntheticKnowledge("retain", num_people=SMOKE_PEOPLE), max_length=64,
+                              val_forget=SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[callback])
+    out = trainer.test(module, dm)
+    assert "val/forget_nll" in out[0]
+    assert callback.results["synthetic_mc"]["acc"] == pytest.approx(saved["synthetic_mc"]["acc"])

@@ -9,6 +9,7 @@ for rank 1, so this cannot run inside pytest itself)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
+from lit_unlearn.eval import SyntheticProbes, UnlearningEvaluator  # noqa: E402
 from lit_unlearn.module import UnlearningModule  # noqa: E402
 from lit_unlearn.synthesis import SAGO, PCGrad  # noqa: E402
 from tests.engine_helpers import make_dm, make_model, sgd  # noqa: E402
@@ -34,13 +36,17 @@ def main() -> None:
     for rule in (SAGO(retain_weight=0.5), PCGrad(retain_weight=0.5)):
         module = UnlearningModule(make_model(args.tokenizer), synthesizer=rule, optimizer=sgd(0.2),
                                   grad_buffer_dtype="param", save_model=False)
+        # computed on rank 0, broadcast: every rank must hold the same history
+        evaluator = UnlearningEvaluator([SyntheticProbes(num_people=20)], every_n_steps=1)
         trainer = L.Trainer(
             max_steps=args.steps, accelerator="cpu", devices=args.devices,
             strategy="ddp" if args.devices > 1 else "auto", precision="64-true", logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            use_distributed_sampler=False,
+            use_distributed_sampler=False, callbacks=[evaluator],
         )
         trainer.fit(module, make_dm(args.tokenizer, args.forget, args.retain, batch=args.batch))
+        with open(os.path.join(args.out, f"eval-{type(rule).__name__}-{args.devices}-rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump(evaluator.history, handle)
         if trainer.is_global_zero:
             result = {"world_size": trainer.world_size, "initial": make_model(args.tokenizer).state_dict(),
                       "final": module.model.state_dict()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,3 +31,9 @@ def test_two_rank_ddp_equals_one_rank_at_the_same_effective_batch(synthetic_toke
         moved = max((single["final"][k] - single["initial"][k]).abs().max().item() for k in single["final"])
         assert moved > 1e-3  # the runs really trained
         assert_same_weights(single["final"], ddp["final"])
+        # evaluation under DDP: rank 0 computes, every rank receives the same numbers
+        ranks = [json.load(open(tmp_path / f"eval-{rule}-2-rank{r}.json")) for r in (0, 1)]
+        assert ranks[0] == ranks[1] and [h["step"] for h in ranks[0]] == [0, 1, 2, 3]
+        single_eval = json.load(open(tmp_path / f"eval-{rule}-1-rank0.json"))
+        for a, b in zip(single_eval, ranks[0]):
+            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-6 for k in a if k != "general_ppl")
