@@ -85,7 +85,8 @@ class UnlearningModule(L.LightningModule):
         max_consecutive_bad_steps: stop with an error after this many consecutive optimizer steps
             whose losses or gradients were NaN/inf (each is skipped and counted).
         diagnostics_every_n_steps: log the synthesis geometry every N optimizer steps
-            (``None`` = the Trainer's ``log_every_n_steps``; 0 = never).
+            (``None`` = the Trainer's ``log_every_n_steps``; 0 = never). Training metrics are
+            logged every ``log_every_n_steps`` *optimizer* steps, indexed by completed steps.
         save_model: save the unlearned model and tokenizer (``save_pretrained``) at the end of fit.
     """
 
@@ -228,28 +229,43 @@ class UnlearningModule(L.LightningModule):
         if not bool(grads.finite() & torch.isfinite(losses).all()):  # the one host sync per optimizer step
             return self._skip_step(losses)
         self.consecutive_bad_steps = 0
-        every = self.diagnostics_every_n_steps if self.diagnostics_every_n_steps is not None else self.trainer.log_every_n_steps
-        geometry = GeometryAccumulator() if every and self.global_step % every == 0 else None
+        # Metrics are indexed by completed optimizer steps (as evaluations are), whatever the
+        # accumulation, so train and val curves share one x-axis.
+        done = self.global_step + 1
+        log_every = self.trainer.log_every_n_steps
+        diag_every = self.diagnostics_every_n_steps if self.diagnostics_every_n_steps is not None else log_every
+        geometry = GeometryAccumulator() if diag_every and done % diag_every == 0 else None
         self.synthesizer(grads.forget_views, grads.retain_views, out=grads.grad_views, observer=geometry)
         if self.gradient_clip_val is not None:
             torch.nn.utils.clip_grad_norm_(grads.params, self.gradient_clip_val, foreach=True)
         opt.step()
         self.lr_schedulers().step()
         grads.zero()
-        self.log_dict({"train/forget_loss": losses[0], "train/retain_loss": losses[1]}, prog_bar=True)
-        self.log("train/lr", opt.param_groups[0]["lr"])
+        self.log_dict({"train/forget_loss": losses[0], "train/retain_loss": losses[1]}, prog_bar=True, logger=False)
+        metrics: dict[str, Any] = {}
+        if log_every and done % log_every == 0:
+            metrics.update({"forget_loss": losses[0], "retain_loss": losses[1], "lr": opt.param_groups[0]["lr"]})
         if geometry is not None:
             stats = {**geometry.result(), **self.synthesizer.last_report}
-            self.log_dict({f"train/{k}": v for k, v in stats.items()})
-            # host copy for reports; a sync, but only every diagnostics_every_n_steps
-            self.last_geometry = {"step": self.global_step, **{k: float(v) for k, v in stats.items()}}
+            metrics.update(stats)
+            self.last_geometry = {"step": done, **{k: float(v) for k, v in stats.items()}}
+        if metrics:
+            self._write_metrics({f"train/{k}": v for k, v in metrics.items()}, done)
+
+    def _write_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Send metrics to every logger at ``step`` (a host sync, only on logging steps) and keep
+        them in ``trainer.callback_metrics`` for callbacks and monitors."""
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(values, step=step)
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
 
     def _skip_step(self, losses: Tensor) -> None:
         assert self.grads is not None
         self.grads.zero()
         self.bad_steps += 1
         self.consecutive_bad_steps += 1
-        self.log("train/skipped_steps", float(self.bad_steps))
+        self._write_metrics({"train/skipped_steps": self.bad_steps}, self.global_step)
         log.warning("skipped optimizer step: non-finite loss or gradient (forget_loss=%s, retain_loss=%s)", *losses.tolist())
         if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
             raise RuntimeError(

@@ -86,11 +86,26 @@ def test_precisions_run_and_log(synthetic_tokenizer_dir, pairs, precision):
     m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), synthesizer=SAGO(),
                          optimizer=sgd(0.1), gradient_clip_val=1.0, save_model=False)
     trainer = fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=2, precision=precision)
-    logged = trainer.logged_metrics
+    logged = trainer.callback_metrics
     for key in ("train/forget_loss", "train/retain_loss", "train/lr", "train/grad_cosine", "train/conflict_fraction",
                 "train/update_retain_cosine", "train/update_norm"):
         assert key in logged and math.isfinite(float(logged[key])), key
     assert float(logged["train/update_retain_cosine"]) >= -1e-6  # SAGO's guarantee, on u itself
+
+
+def test_train_metrics_are_indexed_by_optimizer_steps(synthetic_tokenizer_dir, pairs, tmp_path):
+    """With accumulation, train and val curves share one x-axis: completed optimizer steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), synthesizer=SAGO(), optimizer=sgd(0.1),
+                         accumulate_grad_batches=2, save_model=False)
+    logger = L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="", version="")
+    fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=4, logger=logger, log_every_n_steps=2)
+    ea = EventAccumulator(str(tmp_path))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/forget_loss")] == [2, 4]
+    assert [e.step for e in ea.Scalars("train/update_retain_cosine")] == [2, 4]
+    assert all(e.value >= -1e-6 for e in ea.Scalars("train/update_retain_cosine"))
 
 
 class FSDPStrategy:  # stands in for Lightning's, which refuses CPU before our check could run
