@@ -215,3 +215,11 @@ def test_save_pretrained_at_end_of_fit(synthetic_tokenizer_dir, pairs, tmp_path)
     again = AutoModelForCausalLM.from_pretrained(m.saved_model_dir)
     AutoTokenizer.from_pretrained(m.saved_model_dir)
     assert_same_weights(weights(m.model), weights(again), atol=0)
+
+
+def test_sequences_longer_than_the_model_context_are_refused(synthetic_tokenizer_dir, pairs):
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), save_model=False)  # 64 positions
+    dm = make_dm(synthetic_tokenizer_dir, *pairs)
+    dm.max_length = 128
+    with pytest.raises(ValueError, match=r"--data.max_length=128 exceeds the model's context \(64 positions\)"):
+        fit(m, dm, max_steps=1)
