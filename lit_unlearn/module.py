@@ -174,6 +174,12 @@ class UnlearningModule(L.LightningModule):
         self.forget_objective.prepare(self.model, self._forget_batches())
         self._loss_acc = torch.zeros(2, device=self.device)
 
+    def on_train_start(self) -> None:
+        batches, k = self.trainer.num_training_batches, self.accumulate_grad_batches
+        if k > 1 and math.isfinite(batches) and batches % k:
+            log.warning("an epoch has %d batches, not a multiple of accumulate_grad_batches=%d: the last optimizer "
+                        "step of each epoch sees fewer micro-batches (still scaled by 1/%d)", batches, k, k)
+
     def _forget_batches(self) -> Iterator[dict[str, Tensor]] | None:
         """The forget set in dataset order, one device batch at a time (lazy: only NPO's
         precomputation reads it)."""
@@ -211,7 +217,7 @@ class UnlearningModule(L.LightningModule):
         # No gradient all-reduce inside backward: both task buffers are reduced once at the boundary.
         no_sync = strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else contextlib.nullcontext()
         with no_sync:
-            for i, (task, objective) in enumerate(((TASKS[0], self.forget_objective), (TASKS[1], self.retain_objective))):
+            for i, (task, objective) in enumerate(zip(TASKS, (self.forget_objective, self.retain_objective))):
                 self.grads.begin(task)
                 loss = objective.loss(self.model, batch[task], self.reference)
                 self.manual_backward(loss / k)
