@@ -26,6 +26,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from lit_unlearn.eval.callbacks import UnlearningEvaluator
+from lit_unlearn.eval.harness import LMEvalCallback
+
 RESULTS_FILE = "results.json"
 GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
 
@@ -36,8 +39,8 @@ def describe(obj: Any) -> dict[str, Any]:
     return {"name": type(obj).__name__, "args": args}
 
 
-def _find(trainer: L.Trainer, cls_name: str) -> Any:
-    return next((cb for cb in trainer.callbacks if type(cb).__name__ == cls_name), None)
+def _find(trainer: L.Trainer, cls: type) -> Any:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
 
 def _atomic_json(path: str, payload: dict[str, Any]) -> None:
@@ -134,7 +137,7 @@ class TradeoffReport(L.Callback):
 
     def results(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The ``results.json`` payload."""
-        evaluator = _find(trainer, "UnlearningEvaluator")
+        evaluator = _find(trainer, UnlearningEvaluator)
         history = list(evaluator.history) if evaluator is not None else []
         matched = evaluator.matched if evaluator is not None else None
         keys = [k for h in history for k in h]
@@ -143,7 +146,7 @@ class TradeoffReport(L.Callback):
         self.retain_metric = self.retain_metric or next((k for k in keys if k.startswith("retain_")), "retain")
         candidates = [h for h in history if evaluator is not None and evaluator.monitor and _meets(h, evaluator)]
         best = max(candidates, key=lambda h: h.get(self.retain_metric, float("-inf"))) if candidates else None
-        lm_eval_cb = _find(trainer, "LMEvalCallback")
+        lm_eval_cb = _find(trainer, LMEvalCallback)
         wall = time.perf_counter() - self._start
         dm = trainer.datamodule
         accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
