@@ -165,8 +165,11 @@ class UnlearningModule(L.LightningModule):
         for objective in (self.forget_objective, self.retain_objective):
             objective.setup(self.model)
 
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def on_fit_start(self) -> None:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         if self.reference is not None:
             self.reference.to(device=self.device, dtype=params[0].dtype)
         buffer_dtype = torch.float32 if self.grad_buffer_dtype == "float32" else None
@@ -192,7 +195,7 @@ class UnlearningModule(L.LightningModule):
         return ({k: v.to(self.device) for k, v in pad_examples(ex[i : i + size], pad).items()} for i in range(0, len(ex), size))
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
         if self.scheduler_factory is not None:
             return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}

@@ -90,7 +90,6 @@ class UnlearningDataModule(L.LightningDataModule):
         self.retain_examples: list[Example] = []
         self.val_examples: dict[str, list[Example]] = {}
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
-        self.sampler: PairedBatchSampler | None = None
 
     # ------------------------------------------------------------------ building
     def _build(self, sources: list[DataSource]) -> list[Example]:
@@ -137,7 +136,6 @@ class UnlearningDataModule(L.LightningDataModule):
             sampler.set_epoch(epoch)
             sampler.skip(consumed)
             self._resume = None
-        self.sampler = sampler
         dataset = PairedBatches(self.forget_examples, self.retain_examples, self.tokenizer.pad_token_id)
         return DataLoader(
             dataset,

@@ -18,6 +18,7 @@ from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.data.sources import DataSource, DataSourceError, read_records
 from lit_unlearn.data.synthetic import generate_corpus
 from lit_unlearn.eval.probes import synthetic_metrics, token_nll
+from lit_unlearn.objectives.functional import sequence_nll
 
 Split = Literal["forget", "retain", "general"]
 
@@ -94,10 +95,8 @@ def choice_logliks(model: nn.Module, tokenizer: Any, context: str, continuations
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    logp = torch.log_softmax(logits[:, :-1].double(), -1)
-    labels = batch["labels"][:, 1:].to(device)
-    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked * (labels != -100)).sum(1).tolist()
+    seq_nll, _ = sequence_nll(logits.double(), batch["labels"].to(device))  # double: exact argmax ties
+    return (-seq_nll).tolist()
 
 
 class MultipleChoice(MetricSet):

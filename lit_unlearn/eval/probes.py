@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.data.synthetic import Probe, SyntheticCorpus
+from lit_unlearn.objectives.functional import sequence_nll
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -63,12 +63,10 @@ def token_nll(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> t
     was_training = model.training
     model.eval()
     for batch in batches:
-        ids = batch["input_ids"].to(device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits.float()
-        labels = batch["labels"].to(device)[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((labels != -100).sum())
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        seq_nll, n_tokens = sequence_nll(logits.float(), batch["labels"].to(device))
+        total += float(seq_nll.sum())
+        count += int(n_tokens.sum())
     model.train(was_training)
     return total, count
 
