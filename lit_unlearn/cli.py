@@ -4,26 +4,37 @@ Examples::
 
     lit-unlearn fit --config configs/debug/tiny.yaml
     lit-unlearn fit --config configs/debug/tiny.yaml --model.synthesizer PCGrad
-    lit-unlearn fit --config configs/base.yaml --config configs/experiments/wmdp_bio_graddiff_sago.yaml
+    lit-unlearn fit --config configs/debug/tiny.yaml --trainer.devices 2 --trainer.strategy ddp
+    lit-unlearn fit --config configs/debug/tiny.yaml --ckpt_path runs/.../checkpoints/last.ckpt   # resume
     lit-unlearn fit --print_config                 # every default, with its docstring via =comments
     python -m lit_unlearn validate --config ...    # the same CLI
 
 Each run directory (TensorBoard's ``version_N``) holds the resolved ``config.yaml``,
-``manifest.json`` (versions, world size, batch sizes, seed, git revision), ``results.json``, the
-event files (curves, geometry, hparams, trade-off figure) and ``unlearned_model/``.
+``manifest.json`` (versions, world size, batch sizes, precision actually used, seed, git
+revision), ``checkpoints/last.ckpt`` (kept current; written on SIGTERM/Ctrl-C), ``results.json``,
+the event files and ``unlearned_model/``. A directory that holds a finished run is never reused.
+
+Errors in the input (files, flags, config values, model paths) are one line on stderr with exit
+code 2; ``LIT_UNLEARN_DEBUG=1`` shows the traceback too.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from lit_unlearn.checkpointing import RunCheckpoint
 from lit_unlearn.data import UnlearningDataModule
+from lit_unlearn.errors import RunInterrupted, UserError, debug, fail, run_reporting_errors, suggest
 from lit_unlearn.eval.report import TradeoffReport
 from lit_unlearn.manifest import RunManifest
 from lit_unlearn.module import UnlearningModule
+from lit_unlearn.rundir import check_run_directory, local_run_directory, run_directory
 
+PROGRAM = "lit-unlearn"
 TRAINER_DEFAULTS: dict[str, Any] = {
     "use_distributed_sampler": False,  # UnlearningDataModule shards by rank itself
     "default_root_dir": "runs",
@@ -33,44 +44,121 @@ REFUSED_TRAINER_FLAGS = {
     "accumulate_grad_batches": (1, "--model.accumulate_grad_batches"),
     "gradient_clip_val": (None, "--model.gradient_clip_val"),
 }
+COMPONENTS = {
+    "model.synthesizer": "lit_unlearn.synthesis",
+    "model.forget_objective": "lit_unlearn.objectives",
+    "model.retain_objective": "lit_unlearn.objectives",
+}
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if config is None:
+            return None
+        config = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+    return config
 
 
 class UnlearnCLI(LightningCLI):
     """LightningCLI with the links, checks and run-directory extras of lit_unlearn."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.tokenizer", compute_fn=lambda m: m if isinstance(m, str) else None)
         parser.link_arguments("seed_everything", "data.seed", compute_fn=lambda s: s if isinstance(s, int) and not isinstance(s, bool) else 0)
 
     def before_instantiate_classes(self) -> None:
+        """Checks on the parsed config, before anything (data, model) is loaded."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         for flag, (allowed, replacement) in REFUSED_TRAINER_FLAGS.items():
-            value = config.get("trainer", {}).get(flag)
+            value = _get(config, f"trainer.{flag}")
             if value not in (allowed, None) and not (flag == "accumulate_grad_batches" and value == 1):
-                self.parser.error(
-                    f"--trainer.{flag}={value} is refused under manual optimization; use {replacement} instead"
-                )
+                raise UserError(f"--trainer.{flag}={value} is refused under manual optimization; use {replacement} instead")
+        precision = str(_get(config, "trainer.precision"))
+        if precision in ("16-mixed", "16"):
+            raise UserError(f"--trainer.precision {precision} is not supported (loss scaling would distort the synthesized "
+                            "update, and on CPU Lightning would silently run bf16-mixed instead); use bf16-mixed, bf16-true or 32-true")
+        lr = _get(config, "model.optimizer.init_args.lr")
+        if isinstance(lr, (int, float)) and not lr > 0:
+            raise UserError(f"--model.optimizer.init_args.lr must be > 0, got {lr}")
+        if self.subcommand == "fit" and _get(config, "trainer.enable_checkpointing") is False:
+            raise UserError("--trainer.enable_checkpointing false is not supported by lit-unlearn fit (last.ckpt is what makes "
+                            "a run resumable); use --checkpoint.every_n_train_steps 0 to save only at the end and on interruption")
 
     def before_fit(self) -> None:
-        self.trainer.callbacks.append(RunManifest())
-        if not any(isinstance(cb, TradeoffReport) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(TradeoffReport())
+        trainer = self.trainer
+        configured = _get(self.config.get(self.subcommand, self.config), "trainer.precision")
+        if configured is not None and str(trainer.precision) != str(configured):
+            raise UserError(f"--trainer.precision {configured}: this device would run {trainer.precision} instead; "
+                            f"ask for {trainer.precision} explicitly")
+        if trainer.global_rank == 0:  # before the process group exists: no collectives here
+            resuming = bool(self.config.get(self.subcommand, {}).get("ckpt_path"))
+            check_run_directory(run_directory(trainer), resuming)
+        trainer.callbacks.append(RunManifest())
+        if not any(isinstance(cb, TradeoffReport) for cb in trainer.callbacks):
+            trainer.callbacks.append(TradeoffReport())
 
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            print(f"lit-unlearn: TensorBoard logs in {self.trainer.log_dir}")
+        # No collective here: after fit the ranks may already be leaving. Rank 0's logger knows its
+        # own directory (the one every rank was given by broadcast during fit).
+        trainer = self.trainer
+        if trainer.is_global_zero:
+            print(f"lit-unlearn: TensorBoard logs in {local_run_directory(trainer)}")
+
+
+def _checkpoint_hint(cli_holder: dict[str, Any]) -> str:
+    trainer = getattr(cli_holder.get("cli"), "trainer", None)
+    ckpt = next((cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, RunCheckpoint)), None)
+    path = getattr(ckpt, "last_model_path", "")
+    return f"; last checkpoint: {path} (resume with --ckpt_path {path})" if path and os.path.exists(path) else ""
+
+
+def _parse_error(err: BaseException) -> str:
+    """One line from a jsonargparse error, with the available classes for a component flag."""
+    text = " ".join(str(err).split())
+    for key, package in COMPONENTS.items():
+        if f"'{key}'" in text or f"--{key}" in text or f" {key} " in text:
+            import importlib
+
+            names = sorted(getattr(importlib.import_module(package), "__all__", []))
+            names = [n for n in names if n not in ("Synthesizer", "Objective", "GeometryAccumulator", "synthesis_diagnostics")]
+            given = text.split('"')[1] if '"' in text else ""
+            return f"--{key}: {given or 'value'} is not an available class{suggest(given, names)}; choose one of {', '.join(names)} or a full class_path"
+    first = text.split(". Got value")[0]
+    return first[:400]
 
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lit-unlearn``."""
-    UnlearnCLI(
-        UnlearningModule,
-        UnlearningDataModule,
-        seed_everything_default=0,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            holder["cli"] = UnlearnCLI(
+                UnlearningModule,
+                UnlearningDataModule,
+                seed_everything_default=0,
+                trainer_defaults=TRAINER_DEFAULTS,
+                save_config_kwargs={"overwrite": True},  # check_run_directory guards finished runs first
+                auto_configure_optimizers=False,  # the module injects its optimizer: no top-level --optimizer
+                parser_kwargs={"exit_on_error": False},
+                args=args,
+            )
+        except RunInterrupted as stop:
+            if stop.checkpoint:
+                print(f"{PROGRAM}: stopped by {stop.signal_name} after step {stop.step}; state saved to {stop.checkpoint}; "
+                      f"resume with the same command plus --ckpt_path {stop.checkpoint}", file=sys.stderr)
+            raise
+        except UserError:
+            raise
+        except Exception as err:
+            from jsonargparse import ArgumentError
+
+            if isinstance(err, ArgumentError) and not debug():
+                fail(PROGRAM, _parse_error(err))
+            raise
+
+    run_reporting_errors(PROGRAM, run, hint=lambda: _checkpoint_hint(holder))
 
 
 if __name__ == "__main__":

@@ -11,16 +11,28 @@ parameter-sized buffer. Both live in flat, contiguous storage and every ``.grad`
   accumulation the retain task then needs its own fp32 accumulator too (a second buffer; a
   warning says so).
 
+Normalisation. An objective's loss is a mean over units (label tokens, or sequences for NPO and
+SimNPO). Averaging per-micro-batch means is wrong when micro-batches hold different numbers of
+units (variable-length answers): the effective batch's mean weighs every unit equally. So each
+backward pass uses the micro-batch's *summed* loss divided by a constant ``c`` (the number of
+sequences of the effective batch: per-device batch × micro-batches × ranks, the same on every
+rank and micro-batch), the units are counted alongside, and at the boundary the summed buffers
+are multiplied by ``c / units of the effective batch``. The result is exactly the gradient of the
+effective batch's mean loss, for any mix of lengths, micro-batches and ranks (the same idea as
+``num_items_in_batch`` in recent transformers, without prefetching the window).
+
 Synchronisation. Backward passes run with DDP's gradient all-reduce blocked; at the accumulation
-boundary each task's flat buffer is all-reduced once (one bucketed collective per task, launched
-together) and divided by the world size, so every rank synthesizes the identical update from the
-effective-batch gradients (SPEC.md section 1).
+boundary each task's flat buffer is summed across ranks once (one bucketed collective per task)
+together with the loss sums and unit counts (one small collective), so every rank synthesizes
+the identical update from the effective-batch gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -29,6 +41,16 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 Task = Literal["forget", "retain"]
+TASK_INDEX = {"forget": 0, "retain": 1}
+
+
+@contextlib.contextmanager
+def no_backward_sync(strategy: Any) -> Iterator[None]:
+    """Block the strategy's gradient all-reduce during backward (both task buffers are reduced
+    once at the accumulation boundary instead)."""
+    block = getattr(strategy, "block_backward_sync", None)
+    with block() if block is not None else contextlib.nullcontext():
+        yield
 
 
 def _views(flat: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
@@ -47,9 +69,10 @@ class TwoTaskGradients:
         params: the trainable parameters (all on one device, one dtype).
         buffer_dtype: dtype of the forget buffer; ``None`` means the parameters' dtype.
         accumulate: micro-batches per optimizer step.
+        world_size: data-parallel processes.
     """
 
-    def __init__(self, params: list[nn.Parameter], buffer_dtype: torch.dtype | None, accumulate: int) -> None:
+    def __init__(self, params: list[nn.Parameter], buffer_dtype: torch.dtype | None, accumulate: int, world_size: int = 1) -> None:
         if not params:
             raise ValueError("no trainable parameters: check --model.trainable_parameters")
         dtypes = {p.dtype for p in params}
@@ -57,6 +80,7 @@ class TwoTaskGradients:
         if len(dtypes) != 1 or len(devices) != 1:
             raise ValueError(f"trainable parameters must share one dtype and device, got {dtypes} on {devices}")
         self.params = params
+        self.accumulate, self.world_size = accumulate, world_size
         grad_dtype, device = params[0].dtype, params[0].device
         self.buffer_dtype = buffer_dtype or grad_dtype
         self.mode = "swap" if self.buffer_dtype == grad_dtype else "copy"
@@ -75,6 +99,11 @@ class TwoTaskGradients:
         self.forget_views = _views(self.forget_flat, params)
         self.retain_views = _views(self.retain_flat, params) if self.retain_flat is not None else self.grad_views
         self._point_grads(self.grad_views)
+        # [forget loss sum, retain loss sum, forget units, retain units, stop requests]: one
+        # collective at the boundary; float64 so unit counts stay exact.
+        self.stats = torch.zeros(5, dtype=torch.float64, device=device)
+        self._scale: dict[str, int] = {}
+        self.pending = 0  # micro-batches accumulated since the last boundary
 
     def _point_grads(self, views: list[Tensor]) -> None:
         for p, v in zip(self.params, views):
@@ -96,20 +125,52 @@ class TwoTaskGradients:
             self.retain_flat.add_(self.grad_flat)
             self.grad_flat.zero_()
 
+    def backward_scale(self, task: Task, batch_size: int) -> int:
+        """The constant ``c`` a micro-batch's summed loss is divided by before backward.
+
+        It is fixed per task for the whole window (the effective batch's number of sequences), so
+        the sum of the scaled gradients is exactly ``Σ ∇(summed loss) / c`` on every rank.
+        """
+        scale = self.accumulate * self.world_size * batch_size
+        first = self._scale.setdefault(task, scale)
+        if first != scale:
+            raise ValueError(
+                f"{task} micro-batches of one optimizer step differ in size ({first // (self.accumulate * self.world_size)} "
+                f"vs {batch_size} sequences): exact normalisation needs equal per-device batches"
+            )
+        return scale
+
+    def record(self, task: Task, total: Tensor, count: Tensor) -> None:
+        """Add a micro-batch's summed loss and unit count (device tensors; no host sync)."""
+        i = TASK_INDEX[task]
+        self.stats[i] += total.detach().to(torch.float64)
+        self.stats[2 + i] += count.detach().to(torch.float64)
+
+    def micro_batch_done(self) -> None:
+        """Both tasks of one micro-batch are in the buffers."""
+        self.pending += 1
+
+    def reduce(self, stop_requested: bool = False) -> tuple[Tensor, Tensor]:
+        """At the boundary: sum buffers and statistics over ranks, normalise each task's buffer to
+        the gradient of the effective batch's mean loss, and return ``(mean losses (2,), stop)``
+        where ``stop`` is the number of ranks that asked to stop (all device tensors)."""
+        stats = self.stats.clone()
+        stats[4] = float(stop_requested)
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            handles = [dist.all_reduce(buf, async_op=True) for buf in (self.forget_flat, self.retain_source, stats)]
+            for handle in handles:
+                handle.wait()
+        counts = stats[2:4].clamp_min(1)
+        for i, buf in enumerate((self.forget_flat, self.retain_source)):
+            scale = self._scale.get(("forget", "retain")[i])
+            if scale is not None:
+                buf.mul_(scale / counts[i])  # 0-dim float64 factor: no promotion of the buffer, exact in float64
+        return (stats[:2] / counts).float(), stats[4]
+
     @property
     def retain_source(self) -> Tensor:
         """Flat storage of the accumulated retain gradient."""
         return self.retain_flat if self.retain_flat is not None else self.grad_flat
-
-    def all_reduce(self, world_size: int) -> None:
-        """Average both task buffers across ranks: one collective per task, issued together."""
-        if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return
-        handles = [dist.all_reduce(buf, async_op=True) for buf in (self.forget_flat, self.retain_source)]
-        for handle in handles:
-            handle.wait()
-        self.forget_flat.div_(world_size)
-        self.retain_source.div_(world_size)
 
     def finite(self) -> Tensor:
         """0-dim bool tensor: both accumulated gradients are free of NaN/inf (one reduction each)."""
@@ -122,6 +183,9 @@ class TwoTaskGradients:
         if self.retain_flat is not None:
             self.retain_flat.zero_()
         self._point_grads(self.grad_views)
+        self.stats.zero_()
+        self._scale.clear()
+        self.pending = 0
 
     def extra_bytes(self) -> int:
         """Bytes held beyond one gradient per parameter."""

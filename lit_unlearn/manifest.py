@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import subprocess
@@ -11,6 +10,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from lit_unlearn.rundir import run_directory, write_json_atomic
 
 PACKAGES = ("lit_unlearn", "torch", "lightning", "transformers", "datasets", "torchmetrics", "lm_eval", "jsonargparse")
 
@@ -63,12 +64,17 @@ def run_manifest(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any
 
 
 class RunManifest(L.Callback):
-    """Writes ``manifest.json`` into the run directory at fit start (rank 0 only)."""
+    """Writes ``manifest.json`` into the run directory at fit start (rank 0 writes; every rank
+    resolves the directory, which is a collective under DDP). A resumed run that writes into
+    the same directory keeps the first manifest as ``manifest.json`` and adds ``manifest-resume-N.json``."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = run_directory(trainer)
         if not trainer.is_global_zero:
             return
-        run_dir = trainer.log_dir or trainer.default_root_dir
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "manifest.json"), "w") as handle:
-            json.dump(run_manifest(trainer, pl_module), handle, indent=2)
+        path, n = os.path.join(run_dir, "manifest.json"), 1
+        while os.path.exists(path):
+            path, n = os.path.join(run_dir, f"manifest-resume-{n}.json"), n + 1
+        manifest = run_manifest(trainer, pl_module)
+        manifest["resumed_from"] = trainer.ckpt_path
+        write_json_atomic(path, manifest)

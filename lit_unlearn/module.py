@@ -7,11 +7,14 @@ Launch it through the CLI (``lit_unlearn/cli.py``)::
 
 Features: manual optimization (Lightning owns the loop, this module owns the step); separate
 forget/retain accumulation over ``accumulate_grad_batches`` micro-batches with one synthesis per
-optimizer step; DDP with no-sync backward passes and one all-reduce per task buffer; precisions
-``32-true``, ``bf16-mixed``, ``bf16-true``, ``16-true``; gradient clipping of the synthesized
-update; NaN/inf steps skipped, counted and capped; a frozen reference model (or precomputed
-reference values) for NPO/KL/RMU; trainable-parameter regex; exact resume (optimizer, scheduler,
-step, data position, RNG); the unlearned model saved with ``save_pretrained`` at the end of fit.
+optimizer step; losses normalised over the whole effective batch (all micro-batches and ranks:
+tokens for token-mean objectives, sequences for NPO/SimNPO); DDP with no-sync backward passes and
+one reduction per task buffer; precisions ``32-true``, ``bf16-mixed``, ``bf16-true``, ``16-true``;
+gradient clipping of the synthesized update; NaN/inf steps skipped, counted and capped; a
+divergence guard on the retain loss; a frozen reference model (or precomputed reference values)
+for NPO/KL/RMU; trainable-parameter regex; exact resume (optimizer, scheduler, step, data
+position, RNG); the unlearned model saved atomically with ``save_pretrained`` at the end of fit.
+The model loads in ``setup`` (after the data), so bad data fails before a 7 B model is read.
 
 Not supported: FSDP / model-parallel strategies (element-wise rules would work on shards, but the
 buffer management here assumes whole parameters; selecting one fails with a clear message) and
@@ -20,10 +23,8 @@ buffer management here assumes whole parameters; selecting one fails with a clea
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import re
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -34,10 +35,12 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_unlearn.gradients import Task, TwoTaskGradients
+from lit_unlearn.errors import TrainingDiverged, UserError
+from lit_unlearn.gradients import Task, TwoTaskGradients, no_backward_sync
 from lit_unlearn.models import frozen_copy, load_causal_lm
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
 from lit_unlearn.objectives.functional import mean_nll
+from lit_unlearn.rundir import run_directory, save_pretrained_atomic
 from lit_unlearn.synthesis import GeometryAccumulator, Synthesizer, WeightedSum
 
 log = logging.getLogger(__name__)
@@ -49,11 +52,21 @@ def check_supported(trainer: Any) -> None:
     """Refuse strategies and precisions the engine does not handle, with the flag to change."""
     strategy = type(trainer.strategy).__name__
     if any(name in strategy for name in ("FSDP", "ModelParallel", "DeepSpeed")):
-        raise ValueError(f"--trainer.strategy: {strategy} is not supported yet; use ddp or one device (README, Limitations)")
+        raise UserError(f"--trainer.strategy: {strategy} is not supported yet; use ddp or one device (README, Limitations)")
     if str(trainer.precision) in ("16-mixed", "16"):
-        raise ValueError("--trainer.precision 16-mixed is not supported (loss scaling would distort synthesis); use bf16-mixed or bf16-true")
+        raise UserError("--trainer.precision 16-mixed is not supported (loss scaling would distort synthesis); use bf16-mixed or bf16-true")
     if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
-        raise ValueError("set --trainer.use_distributed_sampler false: UnlearningDataModule shards batches by rank itself")
+        raise UserError("set --trainer.use_distributed_sampler false: UnlearningDataModule shards batches by rank itself")
+
+
+def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
+    """Compile ``--model.trainable_parameters`` (a one-line error naming the flag if invalid)."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise UserError(f"--model.trainable_parameters {pattern!r} is not a valid regular expression ({err})") from None
 
 
 class UnlearningModule(L.LightningModule):
@@ -62,7 +75,7 @@ class UnlearningModule(L.LightningModule):
     Args:
         model: hub id or local directory of the causal LM to unlearn, ``synthetic://default`` /
             ``synthetic://smoke`` for the embedded benchmark's target (built once, then cached), or
-            an ``nn.Module`` (for tests).
+            an ``nn.Module`` (for tests). Loaded in ``setup``, after the data have been read.
         forget_objective: the forget loss; descending it forgets.
         retain_objective: the retain loss.
         synthesizer: combines the two gradients (the paper's α is its
@@ -84,10 +97,18 @@ class UnlearningModule(L.LightningModule):
             gradients' own dtype; saves memory under ``bf16-true``).
         max_consecutive_bad_steps: stop with an error after this many consecutive optimizer steps
             whose losses or gradients were NaN/inf (each is skipped and counted).
+        divergence_factor: stop with an error (exit code 3, no model saved, ``last.ckpt`` kept)
+            when the retain loss of an optimizer step exceeds this multiple of its first-step
+            value: the model has collapsed (e.g. far too high a learning rate drives it to a
+            uniform distribution). ``None`` = off. Off automatically for retain losses that are 0
+            at the start (KL, EmbedDiff). The default 10 is far above what any paper setting
+            reaches (a 7 B model starting near 2 nats would need ~20 nats, worse than uniform).
         diagnostics_every_n_steps: log the synthesis geometry every N optimizer steps
             (``None`` = the Trainer's ``log_every_n_steps``; 0 = never). Training metrics are
             logged every ``log_every_n_steps`` *optimizer* steps, indexed by completed steps.
-        save_model: save the unlearned model and tokenizer (``save_pretrained``) at the end of fit.
+        save_model: save the unlearned model and tokenizer (``save_pretrained``) to
+            ``<run dir>/unlearned_model`` at the end of fit (written to a temporary directory,
+            then renamed: never half-written, never over an earlier run's model).
     """
 
     def __init__(
@@ -108,19 +129,24 @@ class UnlearningModule(L.LightningModule):
         trust_remote_code: bool = False,
         grad_buffer_dtype: Literal["float32", "param"] = "float32",
         max_consecutive_bad_steps: int = 5,
+        divergence_factor: float | None = 10.0,
         diagnostics_every_n_steps: int | None = None,
         save_model: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         if accumulate_grad_batches < 1:
-            raise ValueError(f"--model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+            raise UserError(f"--model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+            raise UserError(f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise ValueError(f"--model.gradient_clip_val must be > 0, got {gradient_clip_val}")
+            raise UserError(f"--model.gradient_clip_val must be > 0, got {gradient_clip_val}")
+        if divergence_factor is not None and not divergence_factor > 1:
+            raise UserError(f"--model.divergence_factor must be > 1 (or null to switch the guard off), got {divergence_factor}")
+        self._trainable_pattern = compile_trainable(trainable_parameters)
         self.model_source = model if isinstance(model, str) else type(model).__name__
-        self.model = model if isinstance(model, nn.Module) else load_causal_lm(model, dtype, attn_implementation, trust_remote_code)
+        self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self.load_args = (dtype, attn_implementation, trust_remote_code)
         self.forget_objective = forget_objective
         self.retain_objective = retain_objective
         self.synthesizer = synthesizer
@@ -129,19 +155,21 @@ class UnlearningModule(L.LightningModule):
         self.accumulate_grad_batches, self.gradient_clip_val = accumulate_grad_batches, gradient_clip_val
         self.grad_buffer_dtype = grad_buffer_dtype
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
+        self.divergence_factor = divergence_factor
         self.diagnostics_every_n_steps, self.save_model = diagnostics_every_n_steps, save_model
         self.trainable_parameters = trainable_parameters
-        if trainable_parameters is not None:
-            pattern = re.compile(trainable_parameters)
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(bool(pattern.search(name)))
-            if not any(p.requires_grad for p in self.model.parameters()):
-                raise ValueError(f"--model.trainable_parameters {trainable_parameters!r} matches no parameter")
         self.grads: TwoTaskGradients | None = None
         self.reference: nn.Module | None = None  # frozen π_ref; kept out of state_dict (see __setattr__)
         self.bad_steps, self.consecutive_bad_steps = 0, 0
+        self.retain_baseline: float | None = None  # first-step retain loss (divergence guard)
+        self._baseline: Tensor | None = None
+        self.stop_requested = False  # set by the interrupt handler; agreed across ranks at the boundary
+        self.stop_agreed = False
         self.saved_model_dir: str | None = None
         self.last_geometry: dict[str, float] | None = None
+        self._model_ready = False
+        if self.model is not None:
+            self._prepare_model()
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "reference":  # never a registered submodule: not trained, not checkpointed, not DDP-wrapped
@@ -150,13 +178,27 @@ class UnlearningModule(L.LightningModule):
             super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ set-up
+    def _prepare_model(self) -> None:
+        assert self.model is not None
+        if self._trainable_pattern is not None:
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(bool(self._trainable_pattern.search(name)))
+            if not any(p.requires_grad for p in self.model.parameters()):
+                raise UserError(f"--model.trainable_parameters {self.trainable_parameters!r} matches no parameter name")
+        self._model_ready = True
+
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         check_supported(trainer)
+        if self.model is None:  # after the data module's setup: data errors surface before the load
+            assert isinstance(self.model_source, str)
+            self.model = load_causal_lm(self.model_source, *self.load_args)
+        if not self._model_ready:
+            self._prepare_model()
         dm = getattr(trainer, "datamodule", None)
         context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if dm is not None and context is not None and getattr(dm, "max_length", 0) > context:
-            raise ValueError(f"--data.max_length={dm.max_length} exceeds the model's context ({context} positions)")
+            raise UserError(f"--data.max_length={dm.max_length} exceeds the model's context ({context} positions)")
         needs_ref = self.forget_objective.requires_reference or self.retain_objective.requires_reference
         if stage == "fit" and needs_ref and self.reference is None:
             # Copy now: setup runs before a checkpoint's weights are restored, so this is π_ref
@@ -166,6 +208,7 @@ class UnlearningModule(L.LightningModule):
             objective.setup(self.model)
 
     def _trainable(self) -> list[nn.Parameter]:
+        assert self.model is not None
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def on_fit_start(self) -> None:
@@ -173,15 +216,16 @@ class UnlearningModule(L.LightningModule):
         if self.reference is not None:
             self.reference.to(device=self.device, dtype=params[0].dtype)
         buffer_dtype = torch.float32 if self.grad_buffer_dtype == "float32" else None
-        self.grads = TwoTaskGradients(params, buffer_dtype, self.accumulate_grad_batches)
+        self.grads = TwoTaskGradients(params, buffer_dtype, self.accumulate_grad_batches, self.trainer.world_size)
         self.forget_objective.prepare(self.model, self._forget_batches())
-        self._loss_acc = torch.zeros(2, device=self.device)
+        if self.retain_baseline is not None:
+            self._baseline = torch.tensor(self.retain_baseline, device=self.device)
 
     def on_train_start(self) -> None:
         batches, k = self.trainer.num_training_batches, self.accumulate_grad_batches
         if k > 1 and math.isfinite(batches) and batches % k:
             log.warning("an epoch has %d batches, not a multiple of accumulate_grad_batches=%d: the last optimizer "
-                        "step of each epoch sees fewer micro-batches (still scaled by 1/%d)", batches, k, k)
+                        "step of each epoch averages over fewer micro-batches", batches, k)
 
     def _forget_batches(self) -> Iterator[dict[str, Tensor]] | None:
         """The forget set in dataset order, one device batch at a time (lazy: only NPO's
@@ -197,6 +241,9 @@ class UnlearningModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = self._trainable()
         opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        for group in opt.param_groups:
+            if not group.get("lr", 1.0) > 0:
+                raise UserError(f"--model.optimizer: the learning rate must be > 0, got {group['lr']}")
         if self.scheduler_factory is not None:
             return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}
         total = self.trainer.max_steps
@@ -214,29 +261,43 @@ class UnlearningModule(L.LightningModule):
 
     # ------------------------------------------------------------------ the step (Algorithm 1)
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> None:
-        assert self.grads is not None
-        k = self.accumulate_grad_batches
-        strategy = self.trainer.strategy
-        # No gradient all-reduce inside backward: both task buffers are reduced once at the boundary.
-        no_sync = strategy.block_backward_sync() if hasattr(strategy, "block_backward_sync") else contextlib.nullcontext()
-        with no_sync:
-            for i, (task, objective) in enumerate(zip(TASKS, (self.forget_objective, self.retain_objective))):
-                self.grads.begin(task)
-                loss = objective.loss(self.model, batch[task], self.reference)
-                self.manual_backward(loss / k)
-                self.grads.end(task)
-                self._loss_acc[i] += loss.detach().float() / k
-        if (batch_idx + 1) % k == 0 or self.trainer.is_last_batch:
+        grads = self.grads
+        assert grads is not None and self.model is not None
+        with no_backward_sync(self.trainer.strategy):
+            for task, objective in zip(TASKS, (self.forget_objective, self.retain_objective)):
+                grads.begin(task)
+                total, count = objective.loss_terms(self.model, batch[task], self.reference)
+                # Summed loss / a constant: the exact effective-batch mean is restored at the boundary.
+                self.manual_backward(total / grads.backward_scale(task, batch[task]["input_ids"].shape[0]))
+                grads.end(task)
+                grads.record(task, total, count)
+        grads.micro_batch_done()
+        if (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
             self._optimizer_step()
+
+    @property
+    def at_step_boundary(self) -> bool:
+        """No micro-batch is waiting in the buffers (a checkpoint taken now resumes exactly)."""
+        return self.grads is None or self.grads.pending == 0
 
     def _optimizer_step(self) -> None:
         grads, opt = self.grads, self.optimizers()
         assert grads is not None
-        grads.all_reduce(self.trainer.world_size)
-        losses = self.trainer.strategy.reduce(self._loss_acc, reduce_op="mean")
-        self._loss_acc = torch.zeros_like(self._loss_acc)
-        if not bool(grads.finite() & torch.isfinite(losses).all()):  # the one host sync per optimizer step
+        losses, stop = grads.reduce(self.stop_requested)
+        finite = grads.finite() & torch.isfinite(losses).all()
+        diverged = self._diverged(losses[1])
+        # The one host sync per optimizer step: finiteness, divergence and agreed stop together.
+        ok, blown, stop_votes = torch.stack([finite.double(), diverged.double(), stop.double()]).tolist()
+        self.stop_agreed = stop_votes > 0
+        if not ok:
             return self._skip_step(losses)
+        if blown:
+            grads.zero()
+            raise TrainingDiverged(
+                f"the retain loss reached {losses[1].item():.4g} at step {self.global_step + 1}, more than "
+                f"--model.divergence_factor={self.divergence_factor} times its first-step value {float(self._baseline or 0):.4g}: "
+                "the model has collapsed (lower the learning rate); no unlearned model was saved"
+            )
         self.consecutive_bad_steps = 0
         # Metrics are indexed by completed optimizer steps (as evaluations are), whatever the
         # accumulation, so train and val curves share one x-axis.
@@ -261,6 +322,15 @@ class UnlearningModule(L.LightningModule):
         if metrics:
             self._write_metrics({f"train/{k}": v for k, v in metrics.items()}, done)
 
+    def _diverged(self, retain_loss: Tensor) -> Tensor:
+        """Device bool: the retain loss passed ``divergence_factor`` × its first-step value."""
+        if self.divergence_factor is None or self.retain_objective.zero_at_start:
+            return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
+        if self._baseline is None:
+            self._baseline = retain_loss.detach().clone()
+            return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
+        return retain_loss > self.divergence_factor * self._baseline
+
     def _write_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Send metrics to every logger at ``step`` (a host sync, only on logging steps) and keep
         them in ``trainer.callback_metrics`` for callbacks and monitors."""
@@ -277,13 +347,14 @@ class UnlearningModule(L.LightningModule):
         self._write_metrics({"train/skipped_steps": self.bad_steps}, self.global_step)
         log.warning("skipped optimizer step: non-finite loss or gradient (forget_loss=%s, retain_loss=%s)", *losses.tolist())
         if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
-            raise RuntimeError(
+            raise TrainingDiverged(
                 f"{self.consecutive_bad_steps} consecutive optimizer steps had NaN/inf losses or gradients "
                 f"(last forget_loss={losses[0].item()}, retain_loss={losses[1].item()}); lower the learning rate, "
                 "check the data, or raise --model.max_consecutive_bad_steps"
             )
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        assert self.model is not None
         dm = getattr(self.trainer, "datamodule", None)
         name = dm.val_names[dataloader_idx] if dm is not None and hasattr(dm, "val_names") else str(dataloader_idx)
         nll = mean_nll(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
@@ -294,35 +365,57 @@ class UnlearningModule(L.LightningModule):
         self.validation_step(batch, batch_idx, dataloader_idx)
 
     # ------------------------------------------------------------------ checkpoint and export
+    def _global_batch(self) -> dict[str, int]:
+        dm = getattr(self.trainer, "datamodule", None)
+        k, world = self.accumulate_grad_batches, self.trainer.world_size
+        return {
+            "world_size": world,
+            "accumulate_grad_batches": k,
+            **{f"{t}_per_device": int(getattr(dm, f"{t}_batch_size", 0) or 0) for t in TASKS},
+        }
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._baseline is not None and self.retain_baseline is None:
+            self.retain_baseline = float(self._baseline)
         checkpoint["lit_unlearn"] = {
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "bad_steps": self.bad_steps,
             "consecutive_bad_steps": self.consecutive_bad_steps,
+            "retain_baseline": self.retain_baseline,
+            "batch_layout": self._global_batch(),
             "objectives": {t: o.state_dict() for t, o in zip(TASKS, (self.forget_objective, self.retain_objective))},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("lit_unlearn", {})
+        saved = state.get("batch_layout")
+        if saved is not None and self._trainer is not None:
+            now = self._global_batch()
+            if saved != now:
+                def describe(d: dict[str, int]) -> str:
+                    return (f"{d['forget_per_device']}+{d['retain_per_device']} sequences per device x {d['world_size']} "
+                            f"process(es) x {d['accumulate_grad_batches']} micro-batch(es)")
+
+                raise UserError(
+                    f"--ckpt_path: the checkpoint was trained with {describe(saved)}, this run uses {describe(now)}; "
+                    "resume with the same --data.*_batch_size, --trainer.devices/num_nodes and --model.accumulate_grad_batches "
+                    "(a different layout would change the data order and the optimizer steps)"
+                )
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.bad_steps = state.get("bad_steps", 0)
         self.consecutive_bad_steps = state.get("consecutive_bad_steps", 0)
+        self.retain_baseline = state.get("retain_baseline")
         for task, objective in zip(TASKS, (self.forget_objective, self.retain_objective)):
             objective.load_state_dict(state.get("objectives", {}).get(task, {}))
 
     def on_fit_end(self) -> None:
+        run_dir = run_directory(self.trainer)  # collective under DDP: every rank calls it
         if not self.save_model or not self.trainer.is_global_zero or not hasattr(self.model, "save_pretrained"):
             return
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        out = os.path.join(run_dir, "unlearned_model")
-        self.model.save_pretrained(out)
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and getattr(dm, "tokenizer", None) is not None:
-            dm.tokenizer.save_pretrained(out)
-        self.saved_model_dir = out
-        print(f"lit-unlearn: unlearned model saved to {out}")
-
+        self.saved_model_dir = save_pretrained_atomic(self.model, getattr(dm, "tokenizer", None), run_dir)
+        print(f"lit-unlearn: unlearned model saved to {self.saved_model_dir}")

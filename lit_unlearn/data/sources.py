@@ -25,13 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lit_unlearn.errors import UserError
+
 log = logging.getLogger(__name__)
 
 Example = dict[str, Tensor]
 IGNORE_INDEX = -100
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """Bad input data: the message names the file, the line and what was expected."""
 
 

@@ -8,7 +8,6 @@ are computed on rank 0 and broadcast to every rank, so all ranks agree on when t
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ import lightning as L
 import torch
 
 from lit_unlearn.eval.metrics import MetricSet
+from lit_unlearn.rundir import run_directory, save_pretrained_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,10 @@ class UnlearningEvaluator(L.Callback):
         if (value <= self.target) if self.mode == "below" else (value >= self.target):
             self.matched_step = trainer.global_step
             _print(trainer, f"matched forgetting: {self.monitor}={value:.3f} reached target {self.target} at step {self.matched_step}")
+            run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
             if self.save_matched_model and trainer.is_global_zero and hasattr(pl_module.model, "save_pretrained"):
-                pl_module.model.save_pretrained(os.path.join(trainer.log_dir or trainer.default_root_dir, "matched_model"))
+                tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+                save_pretrained_atomic(pl_module.model, tokenizer, run_dir, name="matched_model")
             if self.stop_on_target:
                 trainer.should_stop = True
 

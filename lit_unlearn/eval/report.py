@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +27,7 @@ import torch
 
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import LMEvalCallback
-
-RESULTS_FILE = "results.json"
+from lit_unlearn.rundir import RESULTS_FILE, local_run_directory, run_directory, write_json_atomic
 GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
 
 
@@ -41,14 +39,6 @@ def describe(obj: Any) -> dict[str, Any]:
 
 def _find(trainer: L.Trainer, cls: type) -> Any:
     return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
-
-
-def _atomic_json(path: str, payload: dict[str, Any]) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=float)
-    os.replace(tmp, path)
 
 
 def tradeoff_figure(history: Sequence[dict[str, float]], forget_metric: str, retain_metric: str, title: str = "") -> Any:
@@ -87,7 +77,20 @@ class TradeoffReport(L.Callback):
         self.forget_metric, self.retain_metric = forget_metric, retain_metric
         self.tokens = 0
         self.geometry: list[dict[str, float]] = []
+        self.elapsed_before = 0.0  # wall seconds of earlier segments of a resumed run
         self._start = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters of the run so far, so a resumed run reports the whole run."""
+        return {"tokens": self.tokens, "geometry": list(self.geometry), "elapsed": self.elapsed_before + self._elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens = int(state_dict.get("tokens", 0))
+        self.geometry = list(state_dict.get("geometry", []))
+        self.elapsed_before = float(state_dict.get("elapsed", 0.0))
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._start if self._start else 0.0
 
     def _writer(self, trainer: L.Trainer) -> Any:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -124,19 +127,21 @@ class TradeoffReport(L.Callback):
             self.geometry.append(dict(geometry))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
         if not trainer.is_global_zero:
             return
-        results = self.results(trainer, pl_module)
-        run_dir = trainer.log_dir or trainer.default_root_dir
-        os.makedirs(run_dir, exist_ok=True)
-        _atomic_json(os.path.join(run_dir, RESULTS_FILE), results)
+        results = self.results(trainer, pl_module, run_dir)
+        path = os.path.join(run_dir, RESULTS_FILE)
+        if os.path.exists(path):  # the CLI refuses such directories up front; never replace silently
+            raise FileExistsError(f"{path} already exists; an earlier run's results are never replaced")
+        write_json_atomic(path, results)
         writer = self._writer(trainer)
         if writer is not None:
             self._log_tensorboard(trainer, writer, results)
         print(f"lit-unlearn: results in {os.path.join(run_dir, RESULTS_FILE)}")
 
-    def results(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """The ``results.json`` payload."""
+    def results(self, trainer: L.Trainer, pl_module: L.LightningModule, run_dir: str | None = None) -> dict[str, Any]:
+        """The ``results.json`` payload (``run_dir``: as resolved on every rank; default: this rank's view)."""
         evaluator = _find(trainer, UnlearningEvaluator)
         history = list(evaluator.history) if evaluator is not None else []
         matched = evaluator.matched if evaluator is not None else None
@@ -147,14 +152,14 @@ class TradeoffReport(L.Callback):
         candidates = [h for h in history if evaluator is not None and evaluator.monitor and _meets(h, evaluator)]
         best = max(candidates, key=lambda h: h.get(self.retain_metric, float("-inf"))) if candidates else None
         lm_eval_cb = _find(trainer, LMEvalCallback)
-        wall = time.perf_counter() - self._start
+        wall = self.elapsed_before + self._elapsed()
         dm = trainer.datamodule
         accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
         opt = pl_module.optimizers()
         optimizer = opt.optimizer if hasattr(opt, "optimizer") else opt
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {
-            "run_dir": trainer.log_dir or trainer.default_root_dir,
+            "run_dir": run_dir or local_run_directory(trainer),
             "model": getattr(pl_module, "model_source", None),
             "synthesizer": describe(pl_module.synthesizer),
             "forget_objective": describe(pl_module.forget_objective),

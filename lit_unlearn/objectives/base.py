@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -52,11 +52,23 @@ def capture_layer_output(model: nn.Module, layer: int) -> Iterator[dict[str, Ten
 class Objective(ABC):
     """A forget or retain loss ``L(model, batch)``, minimized by the engine.
 
-    Forget objectives are written so that *descending* them forgets (SPEC.md section 2).
+    Forget objectives are written so that *descending* them forgets.
+
+    An objective is a mean over *units* — label tokens or whole sequences (:attr:`unit`).
+    :meth:`loss_terms` returns the sum over the units of one micro-batch and their number; the
+    engine adds both up over every micro-batch and rank of an optimizer step and divides once,
+    so an optimizer step sees the true mean of the effective batch whatever the sequence lengths.
     """
 
     requires_reference: bool = False
-    """Whether :meth:`loss` needs the frozen reference model ``π_ref``."""
+    """Whether :meth:`loss_terms` needs the frozen reference model ``π_ref``."""
+
+    unit: Literal["token", "sequence"] = "token"
+    """What the loss is a mean over: label tokens (NLL, GA, KL, RMU, EmbedDiff) or sequences (NPO, SimNPO)."""
+
+    zero_at_start: bool = False
+    """The loss is 0 before the first update (it measures drift from ``π_ref``, e.g. KL); the
+    engine's divergence guard cannot use it as a baseline."""
 
     def setup(self, model: nn.Module) -> None:
         """Called once before training with the (unwrapped) model; e.g. to draw random vectors."""
@@ -66,8 +78,14 @@ class Objective(ABC):
         order (for precomputation; untouched by objectives that do not need it)."""
 
     @abstractmethod
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+        """``(total, count)``: the loss summed over the units of one micro-batch, and the number of
+        units (a 0-dim integer or float tensor, on the loss's device; no host sync)."""
+
     def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
-        """The scalar loss of one micro-batch."""
+        """The mean loss of one batch (``total / count``)."""
+        total, count = self.loss_terms(model, batch, reference)
+        return total / count.clamp_min(1)
 
     def state_dict(self) -> dict[str, Any]:
         """Objective state that must survive a checkpoint (e.g. precomputed reference values)."""

@@ -22,18 +22,20 @@ from lit_unlearn.objectives.functional import at_least_fp32
 class GradientAscent(Objective):
     """Gradient ascent on the forget data (GA; with an NLL retain loss this is GradDiff / "GA+GD").
 
-    ``L_f = −NLL(x_f)`` (token mean). Sign: descending ``L_f`` raises the forget NLL.
+    ``L_f = −NLL(x_f)`` (a mean over label tokens). Sign: descending ``L_f`` raises the forget NLL.
     """
 
-    def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
-        return -Fn.mean_nll(model(**model_inputs(batch)).logits, batch["labels"])
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+        total, count = Fn.nll_terms(model(**model_inputs(batch)).logits, batch["labels"])
+        return -total, count
 
 
 class NPO(Objective):
     """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868).
 
     ``L_f = −(2/β) · mean log σ(β · (S_θ(x_f) − S_ref(x_f)))`` with ``S`` the per-sequence summed
-    NLL. Sign: decreases as the model's likelihood of the forget text falls below the reference's.
+    NLL; a mean over sequences. Sign: decreases as the model's likelihood of the forget text falls
+    below the reference's.
 
     Args:
         beta: inverse temperature β (paper WMDP settings: 1e-4 to 1e-2; synthetic: 0.1).
@@ -48,6 +50,8 @@ class NPO(Objective):
         self.beta = beta
         self.precompute_reference = precompute_reference
         self._ref_table: Tensor | None = None
+
+    unit = "sequence"
 
     @property
     def requires_reference(self) -> bool:  # type: ignore[override]
@@ -68,7 +72,7 @@ class NPO(Objective):
         model.train(was_training)
         self._ref_table = at_least_fp32(torch.cat(values))
 
-    def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
         seq, _ = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])
         if self.precompute_reference:
             if self._ref_table is None or "index" not in batch:
@@ -76,7 +80,7 @@ class NPO(Objective):
             ref = self._ref_table.to(seq.device)[batch["index"]]
         else:
             ref, _ = Fn.sequence_nll(reference_forward(reference, batch, "NPO").logits, batch["labels"])
-        return Fn.npo_loss(seq, ref, self.beta)
+        return Fn.npo_terms(seq, ref, self.beta)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ref_table": self._ref_table.cpu()} if self._ref_table is not None else {}
@@ -89,7 +93,8 @@ class NPO(Objective):
 class SimNPO(Objective):
     """SimNPO (Fan et al. 2024, arXiv 2410.07163): reference-free, length-normalised NPO.
 
-    ``L_f = −(2/β) · mean log σ(β · (S_θ(x_f)/|y| − δ))``. Sign: decreases as the forget NLL rises.
+    ``L_f = −(2/β) · mean log σ(β · (S_θ(x_f)/|y| − δ))``, a mean over sequences. Sign: decreases
+    as the forget NLL rises.
 
     Args:
         beta: inverse temperature β (paper: 0.02-1.0; synthetic: 2.5).
@@ -101,9 +106,11 @@ class SimNPO(Objective):
             raise ValueError(f"SimNPO beta must be > 0, got {beta}")
         self.beta, self.delta = beta, delta
 
-    def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
+    unit = "sequence"
+
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
         seq, n = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])
-        return Fn.simnpo_loss(seq, n, self.beta, self.delta)
+        return Fn.simnpo_terms(seq, n, self.beta, self.delta)
 
 
 class RMU(Objective):
@@ -132,7 +139,7 @@ class RMU(Objective):
         v = torch.rand(hidden, generator=gen)
         self._direction = v / v.norm()
 
-    def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
         if self._direction is None:
             self.setup(model)
         assert self._direction is not None
@@ -140,7 +147,7 @@ class RMU(Objective):
             model(**model_inputs(batch))
         hidden = store["hidden"]
         target = (self.steering_coeff * self._direction).to(hidden.device).expand_as(hidden)
-        return Fn.masked_mse(hidden, target, batch["labels"])
+        return Fn.mse_terms(hidden, target, batch["labels"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"direction": self._direction.cpu()} if self._direction is not None else {}

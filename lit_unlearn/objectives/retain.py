@@ -15,10 +15,11 @@ from lit_unlearn.objectives.base import (
 
 
 class NLL(Objective):
-    """Next-token NLL on the retain data ("GD"; the default retain loss). ``L_r = NLL(x_r)``."""
+    """Next-token NLL on the retain data ("GD"; the default retain loss). ``L_r = NLL(x_r)``, a
+    mean over label tokens."""
 
-    def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
-        return Fn.mean_nll(model(**model_inputs(batch)).logits, batch["labels"])
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+        return Fn.nll_terms(model(**model_inputs(batch)).logits, batch["labels"])
 
 
 class KL(Objective):
@@ -27,10 +28,11 @@ class KL(Objective):
     """
 
     requires_reference = True
+    zero_at_start = True
 
-    def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
         ref_logits = reference_forward(reference, batch, "KL").logits
-        return Fn.kl_to_reference(model(**model_inputs(batch)).logits, ref_logits, batch["labels"])
+        return Fn.kl_terms(model(**model_inputs(batch)).logits, ref_logits, batch["labels"])
 
 
 class EmbedDiff(Objective):
@@ -41,15 +43,16 @@ class EmbedDiff(Objective):
     """
 
     requires_reference = True
+    zero_at_start = True
 
     def __init__(self, layer: int = 7) -> None:
         self.layer = layer
 
-    def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
         if reference is None:
             raise RuntimeError("EmbedDiff needs the frozen reference model, but none was built")
         with capture_layer_output(reference, self.layer) as ref_store:
             reference_forward(reference, batch, "EmbedDiff")
         with capture_layer_output(model, self.layer) as store:
             model(**model_inputs(batch))
-        return Fn.masked_mse(store["hidden"], ref_store["hidden"], batch["labels"])
+        return Fn.mse_terms(store["hidden"], ref_store["hidden"], batch["labels"])
