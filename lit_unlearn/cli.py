@@ -117,15 +117,17 @@ def _parse_error(err: BaseException) -> str:
     """One line from a jsonargparse error, with the available classes for a component flag."""
     text = " ".join(str(err).split())
     for key, package in COMPONENTS.items():
-        if f"'{key}'" in text or f"--{key}" in text or f" {key} " in text:
+        if f'"{key}"' in text or f"'{key}'" in text:
             import importlib
 
-            names = sorted(getattr(importlib.import_module(package), "__all__", []))
-            names = [n for n in names if n not in ("Synthesizer", "Objective", "GeometryAccumulator", "synthesis_diagnostics")]
-            given = text.split('"')[1] if '"' in text else ""
-            return f"--{key}: {given or 'value'} is not an available class{suggest(given, names)}; choose one of {', '.join(names)} or a full class_path"
-    first = text.split(". Got value")[0]
-    return first[:400]
+            module = importlib.import_module(package)
+            base = getattr(module, "Synthesizer", None) or getattr(module, "Objective")
+            names = sorted(n for n in getattr(module, "__all__", [])
+                           if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), base) and getattr(module, n) is not base)
+            given = text.rsplit(": ", 1)[-1] if ": " in text else "value"
+            return (f"--{key}: {given!r} is not an available class{suggest(given, names)}; "
+                    f"choose one of {', '.join(names)}, or give a full class_path")
+    return text[:500]
 
 
 def main(args: list[str] | None = None) -> None:

@@ -14,14 +14,70 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_unlearn.errors import ModelPathError, UserError
+
 log = logging.getLogger(__name__)
 
-def _check_local(name_or_path: str, what: str) -> None:
-    """Fail early for a local-looking path that does not exist (hub ids like ``org/name`` pass)."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
-        hint = " (build the synthetic target with `lit-unlearn-target`, or pass a hub id)" if what == "model" else ""
-        raise FileNotFoundError(f"{what}: local path {name_or_path!r} does not exist{hint}")
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model name is meant as a local path rather than a hub id (``org/name``).
+
+    Local: an existing path; anything starting with ``.``, ``/`` or ``~``; more than one ``/``;
+    or ``dir/name`` whose first part is an existing local directory (``runs/unlearned_modl``
+    is a typo of a local path, not a hub organisation called ``runs``).
+    """
+    if os.path.exists(os.path.expanduser(name_or_path)):
+        return True
+    if name_or_path.startswith((".", "/", "~", "\\")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path:
+        return True
+    head = name_or_path.split("/", 1)[0]
+    return "/" in name_or_path and os.path.isdir(head)
+
+
+def _check_local(name_or_path: str, what: str, flag: str | None = None) -> None:
+    """Fail at once for a local-looking path that does not exist (no hub retries), and for a hub
+    id that is neither cached nor reachable."""
+    flag = flag or ("--model.model" if what == "model" else "--data.tokenizer")
+    if looks_local(name_or_path):
+        if not os.path.exists(os.path.expanduser(name_or_path)):
+            hint = " (build the synthetic target with `lit-unlearn-target`, or pass a hub id)" if what == "model" else ""
+            raise ModelPathError(f"{flag}: local path {name_or_path!r} does not exist{hint}")
+        return
+    _hub_preflight(name_or_path, flag)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_preflight(repo_id: str, flag: str) -> None:
+    """Without a network, transformers retries the hub for about a minute before failing. Check
+    once: a cached model loads offline; an uncached one is a one-line error straight away."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or _hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # use the cache, skip the retry loop
+        log.warning("the Hugging Face Hub is unreachable; loading %s from the local cache", repo_id)
+        return
+    raise ModelPathError(f"{flag}: {repo_id!r} is not a local path, and the Hugging Face Hub is unreachable with "
+                         "no cached copy; pass a local directory (or check the network)")
+
+
+def check_model_path(name_or_path: str, flag: str = "--model.model") -> None:
+    """Refuse a local-looking model path that does not exist, or an unreachable uncached hub id
+    (``synthetic://`` names pass)."""
+    if not name_or_path.startswith("synthetic://"):
+        _check_local(name_or_path, "model", flag)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -45,10 +101,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
 
     name_or_path = resolve_synthetic(name_or_path)
     _check_local(name_or_path, "tokenizer")
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"tokenizer {name_or_path!r} could not be loaded: {_first_line(err)}") from err
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad token nor an EOS token to pad with")
+            raise UserError(f"tokenizer {name_or_path!r} has neither a pad token nor an EOS token to pad with; add a pad token")
         log.warning("tokenizer %s has no pad token; using its EOS token %r for padding", name_or_path, tok.eos_token)
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
@@ -76,13 +135,21 @@ def load_causal_lm(
 
     name_or_path = resolve_synthetic(name_or_path)
     if dtype not in DTYPES:
-        raise ValueError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UserError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     _check_local(name_or_path, "model")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:  # not found / no network / no weights: one line, not transformers' page
+        raise UserError(f"--model.model {name_or_path!r} could not be loaded: {_first_line(err)}") from err
     return model.train()  # from_pretrained returns eval mode; unlearning trains it
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from lit_unlearn.errors import TrainingDiverged, UserError
 from lit_unlearn.gradients import Task, TwoTaskGradients, no_backward_sync
-from lit_unlearn.models import frozen_copy, load_causal_lm
+from lit_unlearn.models import DTYPES, check_model_path, frozen_copy, load_causal_lm
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
 from lit_unlearn.objectives.functional import mean_nll
 from lit_unlearn.rundir import run_directory, save_pretrained_atomic
@@ -144,6 +144,10 @@ class UnlearningModule(L.LightningModule):
         if divergence_factor is not None and not divergence_factor > 1:
             raise UserError(f"--model.divergence_factor must be > 1 (or null to switch the guard off), got {divergence_factor}")
         self._trainable_pattern = compile_trainable(trainable_parameters)
+        if dtype not in DTYPES:
+            raise UserError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if isinstance(model, str):
+            check_model_path(model)  # a mistyped local path fails now, not after the data and a hub retry loop
         self.model_source = model if isinstance(model, str) else type(model).__name__
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self.load_args = (dtype, attn_implementation, trust_remote_code)

@@ -32,6 +32,28 @@ def write_probe_pairs(directory: str) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+ANSWER_LENGTHS = (1, 18, 2, 9, 1, 15, 4, 1, 12, 6, 17, 3)
+
+
+def write_varlen_pairs(directory: str) -> tuple[str, str]:
+    """Forget/retain QA files whose answers range from 1 to 18 words (2 to 19 label tokens with
+    EOS): per-micro-batch or per-rank token means then differ from the effective batch's mean, so
+    only an exactly normalised engine passes the equivalence tests on them."""
+    corpus = generate_corpus(PEOPLE)
+    words = " ".join(d.text for d in corpus.person_docs(corpus.retain_people)).split()
+    paths = []
+    for split, people in (("forget", corpus.forget_people), ("retain", corpus.retain_people)):
+        path = os.path.join(directory, f"varlen-{split}.jsonl")
+        probes = [p for kind in ("qa", "statement") for p in corpus.probes_for(kind, people)][:24]
+        with open(path, "w") as handle:
+            for i, p in enumerate(probes):
+                n = ANSWER_LENGTHS[i % len(ANSWER_LENGTHS)]
+                answer = " ".join(words[(7 * i) % 200 : (7 * i) % 200 + n])
+                handle.write(json.dumps({"question": p.prompt, "answer": answer}) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def make_model(tokenizer_dir: str, dtype: torch.dtype = torch.float64, seed: int = 0, hidden: int = 32) -> torch.nn.Module:
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
@@ -71,3 +93,11 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
+    """max |a - b| over all weights, relative to the largest change of ``b`` from ``initial``."""
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    update = max((b[k] - initial[k]).abs().max().item() for k in a)
+    assert update > 1e-4, "the runs did not train"
+    return diff / update

@@ -41,24 +41,32 @@ def _as_paths(path: str | Sequence[str]) -> list[str]:
     return [path] if isinstance(path, str) else list(path)
 
 
-def read_records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
-    """Read ``.jsonl`` / ``.json`` / ``.txt`` into records that carry every name in ``fields``.
+def _read_text(path: str) -> str:
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataSourceError(f"{path}:{line}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}); "
+                              "save the file as UTF-8") from None
 
-    ``.txt`` yields one record ``{fields[0]: <whole file>}``. A JSON array may hold strings
-    (taken as ``fields[0]``) or objects.
-    """
+
+def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Like :func:`read_records`, each record with its location (``file:line`` or ``file[i]``)."""
     if not os.path.exists(path):
         raise DataSourceError(f"{path}: file not found")
     if os.path.isdir(path):
         raise DataSourceError(f"{path}: expected a file, got a directory")
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    if ext not in (".txt", ".jsonl", ".json"):
+        raise DataSourceError(f"{path}: unsupported extension {ext!r}; expected .jsonl, .json or .txt")
+    text = _read_text(path)
     if not text.strip():
         raise DataSourceError(f"{path}: file is empty")
     records: list[tuple[str, Any]] = []  # (location, record)
     if ext == ".txt":
-        return [{fields[0]: text}]
+        return [(path, {fields[0]: text})]
     if ext == ".jsonl":
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -66,8 +74,8 @@ def read_records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
             try:
                 records.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataSourceError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
-    elif ext == ".json":
+                raise DataSourceError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
+    else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -75,8 +83,6 @@ def read_records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
         if not isinstance(data, list):
             raise DataSourceError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
         records = [(f"{path}[{i}]", item) for i, item in enumerate(data)]
-    else:
-        raise DataSourceError(f"{path}: unsupported extension {ext!r}; expected .jsonl, .json or .txt")
     out = []
     for where, record in records:
         if isinstance(record, str) and len(fields) == 1:
@@ -88,10 +94,20 @@ def read_records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
                 raise DataSourceError(f"{where}: missing field {field!r} (found {sorted(record)})")
             if not isinstance(record[field], str):
                 raise DataSourceError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
-        out.append(record)
+        out.append((where, record))
     if not out:
         raise DataSourceError(f"{path}: no records")
     return out
+
+
+def read_records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """Read ``.jsonl`` / ``.json`` / ``.txt`` into records that carry every name in ``fields``.
+
+    ``.txt`` yields one record ``{fields[0]: <whole file>}``. A JSON array may hold strings
+    (taken as ``fields[0]``) or objects. Every problem is a :class:`DataSourceError` naming the
+    file and line: missing, empty, not UTF-8, malformed JSON, missing or non-string fields.
+    """
+    return [record for _, record in read_located_records(path, fields)]
 
 
 def chunk_token_stream(ids: Sequence[int], max_length: int, bos_id: int | None = None) -> list[list[int]]:
@@ -259,7 +275,13 @@ class QAPairs(DataSource):
 
     def build(self, tokenizer: Any, max_length: int) -> list[Example]:
         fields = [self.prompt_field, self.answer_field]
-        pairs = [(r[fields[0]], r[fields[1]]) for p in self.paths for r in read_records(p, fields)]
+        pairs = []
+        for path in self.paths:
+            for where, record in read_located_records(path, fields):
+                if not record[self.answer_field].strip():
+                    # an empty answer would train on the EOS token alone: almost certainly a data bug
+                    raise DataSourceError(f"{where}: empty {self.answer_field!r}; every pair needs a non-empty answer")
+                pairs.append((record[fields[0]], record[fields[1]]))
         return qa_examples(pairs, tokenizer, max_length, self.chat_template, self.describe())
 
 
@@ -320,5 +342,8 @@ class HFDataset(DataSource):
         if missing:
             raise DataSourceError(f"{self.describe()}: missing column(s) {missing} (found {ds.column_names})")
         if qa:
+            empty = next((i for i, a in enumerate(ds[self.answer_field]) if not str(a).strip()), None)
+            if empty is not None:
+                raise DataSourceError(f"{self.describe()} row {empty}: empty {self.answer_field!r}; every pair needs a non-empty answer")
             return qa_examples(zip(ds[self.prompt_field], ds[self.answer_field]), tokenizer, max_length, self.chat_template, self.describe())
         return texts_to_chunks(ds[self.text_field], tokenizer, max_length, self.separator)

@@ -8,12 +8,15 @@ which saves tens of seconds and any network access.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from typing import Any
 
 import lightning as L
 from torch import nn
+
+from lit_unlearn.errors import UserError, run_reporting_errors, suggest
 
 HUB_TASKS = {"wmdp_bio": 0, "wmdp_cyber": 0, "mmlu": 5}  # task -> the paper's few-shot count
 
@@ -33,6 +36,36 @@ def _local_task_names(include_path: str | None) -> set[str]:
         if isinstance(spec, dict) and isinstance(spec.get("task"), str):
             names.add(spec["task"])
     return names
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def task_manager(tasks: list[str], include_path: str | None = None, where: str = "--tasks") -> Any:
+    """lm-eval's task index for ``tasks`` (built once per process), after checking every name.
+
+    When every task is a local YAML under ``include_path`` the bundled index is not scanned
+    (fast, offline); otherwise building it takes ~10 s. An unknown name is a one-line
+    :class:`UserError` with close matches, raised before any model is loaded.
+    """
+    if not tasks:
+        raise UserError(f"{where}: no lm-eval task given")
+    if include_path is not None and not os.path.isdir(include_path):
+        raise UserError(f"{where}: include_path {include_path!r} is not a directory")
+    local = _local_task_names(include_path)
+    only_local = bool(local) and set(tasks) <= local
+    manager = _task_manager(include_path, not only_local)
+    if not only_local:
+        known = set(manager.all_tasks)
+        for task in tasks:
+            if task not in known:
+                raise UserError(f"{where}: unknown lm-eval task {task!r}{suggest(task, known)}; "
+                                "see `lm-eval ls tasks`, or pass include_path for local task YAMLs")
+    return manager
 
 
 def run_lm_eval(
@@ -62,11 +95,8 @@ def run_lm_eval(
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    local = _local_task_names(include_path)
-    only_local = bool(local) and set(tasks) <= local
-    manager = TaskManager(include_path=include_path, include_defaults=not only_local)
+    manager = task_manager(tasks, include_path)
     # Group tasks by few-shot count: the paper runs WMDP zero-shot and MMLU 5-shot.
     groups: dict[int | None, list[str]] = {}
     for task in tasks:
@@ -119,8 +149,10 @@ def evaluate_saved(
     """
     import json
 
-    from lit_unlearn.models import load_causal_lm, load_tokenizer
+    from lit_unlearn.models import check_model_path, load_causal_lm, load_tokenizer
 
+    check_model_path(model, flag="--model")
+    task_manager(tasks, include_path)  # unknown task names fail here, before the model loads
     lm = load_causal_lm(model, dtype).to(device)
     results = run_lm_eval(lm, load_tokenizer(model), tasks, include_path, num_fewshot, limit, batch_size)
     print(json.dumps(results, indent=2))
@@ -132,9 +164,15 @@ def evaluate_saved(
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lit-unlearn-eval``."""
-    from jsonargparse import CLI
+    from jsonargparse import ArgumentError, CLI
 
-    CLI(evaluate_saved, args=args, as_positional=False)
+    def run() -> None:
+        try:
+            CLI(evaluate_saved, args=args, as_positional=False, exit_on_error=False)
+        except ArgumentError as err:
+            raise UserError(" ".join(str(err).split())) from err
+
+    run_reporting_errors("lit-unlearn-eval", run)
 
 
 class LMEvalCallback(L.Callback):
@@ -156,6 +194,10 @@ class LMEvalCallback(L.Callback):
         self.tasks, self.include_path, self.num_fewshot, self.limit = tasks, include_path, num_fewshot, limit
         self.batch_size, self.run_on_fit_end, self.run_on_test_end = batch_size, on_fit_end, on_test_end
         self.results: dict[str, dict[str, float]] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the task names before the model loads (callbacks are set up before the module)."""
+        task_manager(self.tasks, self.include_path, where="LMEvalCallback tasks")
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -1,4 +1,4 @@
-"""Run SAGO and PCGrad unlearning on 1 or 2 CPU processes and save the final weights.
+"""Run every synthesizer (and the per-sequence objectives) on 1 or 2 CPU processes; save the weights.
 
 Used by ``test_ddp.py`` as a subprocess (Lightning's DDP launcher re-executes the command line
 for rank 1, so this cannot run inside pytest itself)::
@@ -20,7 +20,12 @@ import torch  # noqa: E402
 
 from lit_unlearn.eval import SyntheticProbes, UnlearningEvaluator  # noqa: E402
 from lit_unlearn.module import UnlearningModule  # noqa: E402
-from lit_unlearn.synthesis import SAGO, PCGrad  # noqa: E402
+from lit_unlearn.objectives import NPO, GradientAscent, SimNPO  # noqa: E402
+from lit_unlearn.synthesis import RULES, SAGO  # noqa: E402
+
+# (name, forget objective, synthesizer): every rule with a token-mean objective, and the
+# sequence-mean objectives once.
+CASES = [(rule.__name__, GradientAscent, rule) for rule in RULES] + [("NPO", NPO, SAGO), ("SimNPO", SimNPO, SAGO)]
 from tests.engine_helpers import make_dm, make_model, sgd  # noqa: E402
 
 
@@ -33,8 +38,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for rule in (SAGO(retain_weight=0.5), PCGrad(retain_weight=0.5)):
-        module = UnlearningModule(make_model(args.tokenizer), synthesizer=rule, optimizer=sgd(0.2),
+    for name, objective, rule in CASES:
+        forget = objective(beta=0.5) if objective is not GradientAscent else objective()
+        module = UnlearningModule(make_model(args.tokenizer), forget, synthesizer=rule(retain_weight=0.5), optimizer=sgd(0.2),
                                   grad_buffer_dtype="param", save_model=False)
         # computed on rank 0, broadcast: every rank must hold the same history
         evaluator = UnlearningEvaluator([SyntheticProbes(num_people=20)], every_n_steps=1)
@@ -45,12 +51,12 @@ def main() -> None:
             use_distributed_sampler=False, callbacks=[evaluator],
         )
         trainer.fit(module, make_dm(args.tokenizer, args.forget, args.retain, batch=args.batch))
-        with open(os.path.join(args.out, f"eval-{type(rule).__name__}-{args.devices}-rank{trainer.global_rank}.json"), "w") as handle:
+        with open(os.path.join(args.out, f"eval-{name}-{args.devices}-rank{trainer.global_rank}.json"), "w") as handle:
             json.dump(evaluator.history, handle)
         if trainer.is_global_zero:
             result = {"world_size": trainer.world_size, "initial": make_model(args.tokenizer).state_dict(),
                       "final": module.model.state_dict()}
-            torch.save(result, os.path.join(args.out, f"{type(rule).__name__}-{args.devices}.pt"))
+            torch.save(result, os.path.join(args.out, f"{name}-{args.devices}.pt"))
 
 
 if __name__ == "__main__":
