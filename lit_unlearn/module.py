@@ -98,11 +98,11 @@ class UnlearningModule(L.LightningModule):
         max_consecutive_bad_steps: stop with an error after this many consecutive optimizer steps
             whose losses or gradients were NaN/inf (each is skipped and counted).
         divergence_factor: stop with an error (exit code 3, no model saved, ``last.ckpt`` kept)
-            when the retain loss of an optimizer step exceeds this multiple of its first-step
-            value: the model has collapsed (e.g. far too high a learning rate drives it to a
-            uniform distribution). ``None`` = off. Off automatically for retain losses that are 0
-            at the start (KL, EmbedDiff). The default 10 is far above what any paper setting
-            reaches (a 7 B model starting near 2 nats would need ~20 nats, worse than uniform).
+            when the model has collapsed: the retain loss of an optimizer step exceeds this
+            multiple of its first-step value, or — for token-NLL retain losses — 95 % of
+            ``ln(vocabulary size)``, the loss of a uniform prediction, whichever is lower (a far
+            too high learning rate drives the model to that uniform distribution). ``None`` =
+            off; off automatically for retain losses that start at 0 (KL, EmbedDiff).
         diagnostics_every_n_steps: log the synthesis geometry every N optimizer steps
             (``None`` = the Trainer's ``log_every_n_steps``; 0 = never). Training metrics are
             logged every ``log_every_n_steps`` *optimizer* steps, indexed by completed steps.
@@ -129,7 +129,7 @@ class UnlearningModule(L.LightningModule):
         trust_remote_code: bool = False,
         grad_buffer_dtype: Literal["float32", "param"] = "float32",
         max_consecutive_bad_steps: int = 5,
-        divergence_factor: float | None = 10.0,
+        divergence_factor: float | None = 25.0,
         diagnostics_every_n_steps: int | None = None,
         save_model: bool = True,
     ) -> None:
@@ -297,10 +297,12 @@ class UnlearningModule(L.LightningModule):
             return self._skip_step(losses)
         if blown:
             grads.zero()
+            uniform = self.retain_objective.uniform_loss(self.model)
             raise TrainingDiverged(
-                f"the retain loss reached {losses[1].item():.4g} at step {self.global_step + 1}, more than "
-                f"--model.divergence_factor={self.divergence_factor} times its first-step value {float(self._baseline or 0):.4g}: "
-                "the model has collapsed (lower the learning rate); no unlearned model was saved"
+                f"the retain loss reached {losses[1].item():.4g} at step {self.global_step + 1}, above "
+                f"--model.divergence_factor={self.divergence_factor} x its first-step value {float(self._baseline or 0):.4g}"
+                + (f" or 95% of a uniform prediction's loss ({uniform:.4g})" if uniform is not None else "")
+                + ": the model has collapsed (lower the learning rate); no unlearned model was saved"
             )
         self.consecutive_bad_steps = 0
         # Metrics are indexed by completed optimizer steps (as evaluations are), whatever the
@@ -333,7 +335,11 @@ class UnlearningModule(L.LightningModule):
         if self._baseline is None:
             self._baseline = retain_loss.detach().clone()
             return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
-        return retain_loss > self.divergence_factor * self._baseline
+        threshold = self.divergence_factor * self._baseline
+        uniform = self.retain_objective.uniform_loss(self.model)
+        if uniform is not None:
+            threshold = torch.clamp(threshold, max=0.95 * uniform)
+        return retain_loss > threshold
 
     def _write_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Send metrics to every logger at ``step`` (a host sync, only on logging steps) and keep

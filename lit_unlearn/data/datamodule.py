@@ -96,6 +96,9 @@ class UnlearningDataModule(L.LightningDataModule):
         return [ex for src in sources for ex in src.checked_build(self.tokenizer, self.max_length)]
 
     def setup(self, stage: str | None = None) -> None:
+        if not self.forget_examples:  # read and check every file before the tokenizer (or a synthetic target) loads
+            for source in (*self.forget_sources, *self.retain_sources, *self.val_forget_sources, *self.val_retain_sources):
+                source.validate()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
         if not self.forget_examples:

@@ -204,6 +204,10 @@ class DataSource(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    def validate(self) -> None:
+        """Read and check the raw data without a tokenizer (called before anything heavy loads,
+        so a bad file fails in seconds). Sources that read files override it."""
+
     def checked_build(self, tokenizer: Any, max_length: int) -> list[Example]:
         """``build`` plus the guarantee that the source is not empty."""
         examples = self.build(tokenizer, max_length)
@@ -244,8 +248,13 @@ class TextCorpus(DataSource):
         texts = [r[self.text_field] for p in self.paths for r in read_records(p, [self.text_field])]
         return texts[: self.max_documents] if self.max_documents else texts
 
+    def validate(self) -> None:
+        self._texts = self.texts()
+
     def build(self, tokenizer: Any, max_length: int) -> list[Example]:
-        return texts_to_chunks(self.texts(), tokenizer, max_length, self.separator, self.add_bos)
+        texts = getattr(self, "_texts", None) or self.texts()
+        self._texts: list[str] | None = None
+        return texts_to_chunks(texts, tokenizer, max_length, self.separator, self.add_bos)
 
 
 class QAPairs(DataSource):
@@ -273,7 +282,8 @@ class QAPairs(DataSource):
     def describe(self) -> str:
         return f"QAPairs({', '.join(self.paths)})"
 
-    def build(self, tokenizer: Any, max_length: int) -> list[Example]:
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (prompt, answer) pairs of every file, checked."""
         fields = [self.prompt_field, self.answer_field]
         pairs = []
         for path in self.paths:
@@ -282,6 +292,14 @@ class QAPairs(DataSource):
                     # an empty answer would train on the EOS token alone: almost certainly a data bug
                     raise DataSourceError(f"{where}: empty {self.answer_field!r}; every pair needs a non-empty answer")
                 pairs.append((record[fields[0]], record[fields[1]]))
+        return pairs
+
+    def validate(self) -> None:
+        self._pairs = self.pairs()
+
+    def build(self, tokenizer: Any, max_length: int) -> list[Example]:
+        pairs = getattr(self, "_pairs", None) or self.pairs()
+        self._pairs: list[tuple[str, str]] | None = None
         return qa_examples(pairs, tokenizer, max_length, self.chat_template, self.describe())
 
 

@@ -87,6 +87,11 @@ class Objective(ABC):
         total, count = self.loss_terms(model, batch, reference)
         return total / count.clamp_min(1)
 
+    def uniform_loss(self, model: nn.Module) -> float | None:
+        """The loss of a model that predicts the uniform distribution, when it is defined
+        (``ln V`` for next-token NLL); the divergence guard treats reaching it as collapse."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Objective state that must survive a checkpoint (e.g. precomputed reference values)."""
         return {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from lit_unlearn.objectives import functional as Fn
@@ -20,6 +22,10 @@ class NLL(Objective):
 
     def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
         return Fn.nll_terms(model(**model_inputs(batch)).logits, batch["labels"])
+
+    def uniform_loss(self, model: nn.Module) -> float | None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        return math.log(vocab) if vocab else None
 
 
 class KL(Objective):

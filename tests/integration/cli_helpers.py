@@ -1,0 +1,42 @@
+"""Run the installed ``lit-unlearn`` console script as a user would (a subprocess, the shipped
+configs, default callbacks and logger), with a timeout so a deadlock fails fast."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "debug", "tiny.yaml")
+BIN = os.path.dirname(sys.executable)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+
+
+def command(program: str, *args: str) -> list[str]:
+    return [os.path.join(BIN, program), *args]
+
+
+def run(program: str, *args: str, timeout: float = 300, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    """Run a console script to completion; a hang past ``timeout`` fails the test (TimeoutExpired)."""
+    return subprocess.run(command(program, *args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def run_dirs(root: str) -> list[str]:
+    """The run directories under a ``default_root_dir``, oldest first."""
+    found = glob.glob(os.path.join(root, "lightning_logs", "version_*"))
+    return sorted(found, key=lambda p: int(p.rsplit("_", 1)[1]))
+
+
+def results(run_dir: str) -> dict[str, Any]:
+    with open(os.path.join(run_dir, "results.json")) as handle:
+        return json.load(handle)
+
+
+def saved_weights(run_dir: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "unlearned_model", "model.safetensors"))
