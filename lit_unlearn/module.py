@@ -99,10 +99,11 @@ class UnlearningModule(L.LightningModule):
             whose losses or gradients were NaN/inf (each is skipped and counted).
         divergence_factor: stop with an error (exit code 3, no model saved, ``last.ckpt`` kept)
             when the model has collapsed: the retain loss of an optimizer step exceeds this
-            multiple of its first-step value, or — for token-NLL retain losses — 95 % of
-            ``ln(vocabulary size)``, the loss of a uniform prediction, whichever is lower (a far
-            too high learning rate drives the model to that uniform distribution). ``None`` =
-            off; off automatically for retain losses that start at 0 (KL, EmbedDiff).
+            multiple of its first-step value, or — for token-NLL retain losses — 80 % of
+            ``ln(vocabulary size)``, the loss of a uniform prediction (but at least twice the
+            first-step value), whichever is lower: a far too high learning rate drives the model
+            to that uniform distribution. ``None`` = off; off automatically for retain losses
+            that start at 0 (KL, EmbedDiff).
         diagnostics_every_n_steps: log the synthesis geometry every N optimizer steps
             (``None`` = the Trainer's ``log_every_n_steps``; 0 = never). Training metrics are
             logged every ``log_every_n_steps`` *optimizer* steps, indexed by completed steps.
@@ -301,7 +302,7 @@ class UnlearningModule(L.LightningModule):
             raise TrainingDiverged(
                 f"the retain loss reached {losses[1].item():.4g} at step {self.global_step + 1}, above "
                 f"--model.divergence_factor={self.divergence_factor} x its first-step value {float(self._baseline or 0):.4g}"
-                + (f" or 95% of a uniform prediction's loss ({uniform:.4g})" if uniform is not None else "")
+                + (f" or 80% of a uniform prediction's loss (ln V = {uniform:.4g})" if uniform is not None else "")
                 + ": the model has collapsed (lower the learning rate); no unlearned model was saved"
             )
         self.consecutive_bad_steps = 0
@@ -337,8 +338,8 @@ class UnlearningModule(L.LightningModule):
             return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
         threshold = self.divergence_factor * self._baseline
         uniform = self.retain_objective.uniform_loss(self.model)
-        if uniform is not None:
-            threshold = torch.clamp(threshold, max=0.95 * uniform)
+        if uniform is not None:  # never below twice the start: an untrained model starts near uniform
+            threshold = torch.minimum(threshold, torch.clamp(2 * self._baseline, min=0.8 * uniform))
         return retain_loss > threshold
 
     def _write_metrics(self, metrics: dict[str, Any], step: int) -> None:

@@ -32,9 +32,19 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
+def free_directory(out: str) -> str:
+    """``out`` if it is missing or empty, else the first free ``out-2``, ``out-3``, ..."""
+    candidate, n = out, 1
+    while os.path.isdir(os.path.join(ROOT, candidate)) and os.listdir(os.path.join(ROOT, candidate)):
+        n += 1
+        candidate = f"{out.rstrip('/')}-{n}"
+    return candidate
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="where the runs, TensorBoard logs and plot go")
+    parser.add_argument("--out", default="runs/demo", help="where the runs, TensorBoard logs and plot go (if it already "
+                        "holds runs, the next free runs/demo-2, -3, ... is used: earlier runs are never overwritten)")
     parser.add_argument("--objective", default="graddiff", choices=["ga", "graddiff", "npo", "simnpo", "rmu"])
     parser.add_argument("--synthesizers", nargs="+", default=["naive", "pcgrad", "sago"],
                         choices=["naive", "pcgrad", "pcgrad_global", "sago"])
@@ -42,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also build the retrain oracle (never saw the forget people; ~1 minute) and print it "
                              "as the reference: forget accuracy near its value is 'forgotten', below it over-forgetting")
     args = parser.parse_args(argv)
+    args.out = free_directory(args.out)
     # One thread is 3-5x faster than two for this 160k-parameter model on a shared 2-core CPU.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
