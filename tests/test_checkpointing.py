@@ -1,0 +1,87 @@
+"""RunCheckpoint: last.ckpt on errors at a step boundary (and resuming from it is exact); never
+for a diverged model; the divergence guard itself."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lit_unlearn.checkpointing import RunCheckpoint
+from lit_unlearn.errors import TrainingDiverged
+from lit_unlearn.module import UnlearningModule
+from lit_unlearn.objectives import KL, NLL
+from lit_unlearn.synthesis import SAGO
+from tests.engine_helpers import assert_same_weights, make_dm, make_model, weights, write_varlen_pairs
+
+
+@pytest.fixture(scope="module")
+def varlen(tmp_path_factory):
+    return write_varlen_pairs(str(tmp_path_factory.mktemp("varlen")))
+
+
+class FailAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("injected failure")
+
+
+def _module(tokenizer_dir):
+    return UnlearningModule(make_model(tokenizer_dir), synthesizer=SAGO(retain_weight=0.5),
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), accumulate_grad_batches=2,
+                            grad_buffer_dtype="param", save_model=False)
+
+
+def _trainer(tmp_path, *callbacks, max_steps=6):
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     use_distributed_sampler=False, precision="64-true", callbacks=[*callbacks], default_root_dir=str(tmp_path))
+
+
+def test_an_error_at_a_step_boundary_leaves_a_last_ckpt_that_resumes_exactly(synthetic_tokenizer_dir, varlen, tmp_path):
+    full = _module(synthetic_tokenizer_dir)
+    _trainer(tmp_path / "full", RunCheckpoint(every_n_train_steps=0, dirpath=str(tmp_path / "full"))).fit(
+        full, make_dm(synthetic_tokenizer_dir, *varlen))
+
+    broken = _module(synthetic_tokenizer_dir)
+    ckpt_cb = RunCheckpoint(every_n_train_steps=0, dirpath=str(tmp_path / "cut"))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _trainer(tmp_path / "cut", ckpt_cb, FailAt(3)).fit(broken, make_dm(synthetic_tokenizer_dir, *varlen))
+    last = tmp_path / "cut" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+
+    resumed = _module(synthetic_tokenizer_dir)
+    _trainer(tmp_path / "resumed", RunCheckpoint(every_n_train_steps=0, dirpath=str(tmp_path / "resumed"))).fit(
+        resumed, make_dm(synthetic_tokenizer_dir, *varlen), ckpt_path=str(last))
+    assert_same_weights(weights(full.model), weights(resumed.model), atol=0)
+
+
+def test_a_diverged_run_does_not_overwrite_the_last_good_checkpoint(synthetic_tokenizer_dir, varlen, tmp_path):
+    module = _module(synthetic_tokenizer_dir)
+    ckpt_cb = RunCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path))
+
+    class Diverge(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise TrainingDiverged("collapsed")
+
+    with pytest.raises(TrainingDiverged):
+        _trainer(tmp_path, ckpt_cb, Diverge()).fit(module, make_dm(synthetic_tokenizer_dir, *varlen))
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 2
+
+
+def test_divergence_guard_trips_on_a_blown_up_retain_loss_but_not_for_reference_losses(synthetic_tokenizer_dir):
+    module = UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=NLL(), divergence_factor=10.0)
+    assert not module._diverged(torch.tensor(0.2))  # first step: the baseline
+    assert not module._diverged(torch.tensor(1.9))
+    assert module._diverged(torch.tensor(2.1))  # > 10 x 0.2
+    vocab = module.model.config.vocab_size
+    high_start = UnlearningModule(make_model(synthetic_tokenizer_dir), divergence_factor=10.0)
+    assert not high_start._diverged(torch.tensor(0.9 * torch.log(torch.tensor(float(vocab)))))  # untrained: near uniform
+    assert not high_start._diverged(torch.tensor(1.5 * torch.log(torch.tensor(float(vocab)))))  # < 2 x start
+    kl = UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=KL(), divergence_factor=10.0)
+    assert not kl._diverged(torch.tensor(0.0)) and not kl._diverged(torch.tensor(5.0))
+    off = UnlearningModule(make_model(synthetic_tokenizer_dir), divergence_factor=None)
+    assert not off._diverged(torch.tensor(0.1)) and not off._diverged(torch.tensor(100.0))
