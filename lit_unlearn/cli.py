@@ -121,7 +121,7 @@ def _parse_error(err: BaseException) -> str:
             import importlib
 
             module = importlib.import_module(package)
-            base = getattr(module, "Synthesizer", None) or getattr(module, "Objective")
+            base = getattr(module, "Synthesizer", None) or module.Objective
             names = sorted(n for n in getattr(module, "__all__", [])
                            if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), base) and getattr(module, n) is not base)
             given = text.rsplit(": ", 1)[-1] if ": " in text else "value"

@@ -33,6 +33,10 @@ class TrainingDiverged(RuntimeError):
     """Training stopped because the model collapsed (NaN/inf steps, or the retain loss blew up)."""
 
 
+class SaveFailed(RuntimeError):
+    """The final model save failed; the message says where ``last.ckpt`` is."""
+
+
 class RunInterrupted(SystemExit):
     """Training stopped at an optimizer-step boundary on SIGTERM/SIGINT, after saving ``last.ckpt``."""
 
@@ -59,13 +63,13 @@ def fail(program: str, message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
 
 
 def run_reporting_errors(program: str, fn: Callable[[], T], hint: Callable[[], str] | None = None) -> T:
-    """Run ``fn``; report :class:`UserError` and :class:`TrainingDiverged` as one line (plus
+    """Run ``fn``; report :class:`UserError`, :class:`TrainingDiverged` and :class:`SaveFailed` as one line (plus
     ``hint()``, e.g. where the last checkpoint is) and exit non-zero instead of a traceback."""
     try:
         return fn()
-    except (UserError, TrainingDiverged) as err:
+    except (UserError, TrainingDiverged, SaveFailed) as err:
         if debug():
             raise
-        extra = hint() if hint is not None else ""
-        code = EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USER_ERROR
+        extra = hint() if hint is not None and not isinstance(err, SaveFailed) else ""
+        code = {TrainingDiverged: EXIT_DIVERGED, SaveFailed: 1}.get(type(err), EXIT_USER_ERROR)
         fail(program, f"{err}{extra}", code)

@@ -35,7 +35,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_unlearn.errors import TrainingDiverged, UserError
+from lit_unlearn.errors import SaveFailed, TrainingDiverged, UserError
 from lit_unlearn.gradients import Task, TwoTaskGradients, no_backward_sync
 from lit_unlearn.models import DTYPES, check_model_path, frozen_copy, load_causal_lm
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
@@ -222,6 +222,7 @@ class UnlearningModule(L.LightningModule):
             self.reference.to(device=self.device, dtype=params[0].dtype)
         buffer_dtype = torch.float32 if self.grad_buffer_dtype == "float32" else None
         self.grads = TwoTaskGradients(params, buffer_dtype, self.accumulate_grad_batches, self.trainer.world_size)
+        assert self.model is not None
         self.forget_objective.prepare(self.model, self._forget_batches())
         if self.retain_baseline is not None:
             self._baseline = torch.tensor(self.retain_baseline, device=self.device)
@@ -298,6 +299,7 @@ class UnlearningModule(L.LightningModule):
             return self._skip_step(losses)
         if blown:
             grads.zero()
+            assert self.model is not None
             uniform = self.retain_objective.uniform_loss(self.model)
             raise TrainingDiverged(
                 f"the retain loss reached {losses[1].item():.4g} at step {self.global_step + 1}, above "
@@ -337,6 +339,7 @@ class UnlearningModule(L.LightningModule):
             self._baseline = retain_loss.detach().clone()
             return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
         threshold = self.divergence_factor * self._baseline
+        assert self.model is not None
         uniform = self.retain_objective.uniform_loss(self.model)
         if uniform is not None:  # never below twice the start: an untrained model starts near uniform
             threshold = torch.minimum(threshold, torch.clamp(2 * self._baseline, min=0.8 * uniform))
@@ -428,5 +431,10 @@ class UnlearningModule(L.LightningModule):
         if not self.save_model or not self.trainer.is_global_zero or not hasattr(self.model, "save_pretrained"):
             return
         dm = getattr(self.trainer, "datamodule", None)
-        self.saved_model_dir = save_pretrained_atomic(self.model, getattr(dm, "tokenizer", None), run_dir)
+        try:
+            self.saved_model_dir = save_pretrained_atomic(self.model, getattr(dm, "tokenizer", None), run_dir)
+        except Exception as err:
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "no checkpoint (enable RunCheckpoint)"
+            raise SaveFailed(f"saving the unlearned model to {run_dir} failed ({type(err).__name__}: {err}); the trained "
+                             f"state is in {ckpt}: fix the cause and run the same command with --ckpt_path {ckpt} to save it") from err
         print(f"lit-unlearn: unlearned model saved to {self.saved_model_dir}")

@@ -1,5 +1,7 @@
 """Learning-rate x synthesizer sweep; the output folder feeds scripts/compare_runs.py.
 
+Rerunning the same sweep skips finished runs and continues interrupted ones from their last.ckpt.
+
     python scripts/sweep.py --benchmark synthetic --objective graddiff \
         --lrs 5e-4 1e-3 2e-3 --synthesizers naive pcgrad sago --out runs/sweep
     python scripts/compare_runs.py runs/sweep --out runs/sweep/pareto.png
@@ -52,10 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     args.extra = [a for a in args.extra if a != "--"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for run_dir, cmd in commands(args):
-        print("$ " + shlex.join(cmd), flush=True)
-        if args.dry_run or os.path.exists(os.path.join(run_dir, "results.json")):
+        if os.path.exists(os.path.join(run_dir, "results.json")):
+            print(f"# done already: {run_dir}")
             continue
-        subprocess.run(cmd, check=True, env=env)
+        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        if os.path.exists(last):  # an interrupted run: continue it
+            cmd = [*cmd, "--ckpt_path", last]
+        print("$ " + shlex.join(cmd), flush=True)
+        if not args.dry_run:
+            subprocess.run(cmd, check=True, env=env)
     print(f"compare: python scripts/compare_runs.py {args.out} --out {args.out}/pareto.png")
 
 

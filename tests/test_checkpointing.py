@@ -85,3 +85,22 @@ def test_divergence_guard_trips_on_a_blown_up_retain_loss_but_not_for_reference_
     assert not kl._diverged(torch.tensor(0.0)) and not kl._diverged(torch.tensor(5.0))
     off = UnlearningModule(make_model(synthetic_tokenizer_dir), divergence_factor=None)
     assert not off._diverged(torch.tensor(0.1)) and not off._diverged(torch.tensor(100.0))
+
+
+def test_a_failing_final_save_names_last_ckpt_and_resuming_from_it_saves(synthetic_tokenizer_dir, varlen, tmp_path, monkeypatch):
+    from lit_unlearn.errors import SaveFailed
+
+    module = UnlearningModule(make_model(synthetic_tokenizer_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(module.model, "save_pretrained", broken)
+    with pytest.raises(SaveFailed, match="last.ckpt") as err:
+        _trainer(tmp_path / "a", RunCheckpoint(every_n_train_steps=0), max_steps=3).fit(module, make_dm(synthetic_tokenizer_dir, *varlen))
+    ckpt = str(err.value).rsplit("--ckpt_path ", 1)[1].split(" ")[0]
+    assert not list((tmp_path / "a").rglob("unlearned_model")) and not list((tmp_path / "a").rglob(".unlearned_model-*"))
+    again = UnlearningModule(make_model(synthetic_tokenizer_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    _trainer(tmp_path / "b", RunCheckpoint(every_n_train_steps=0), max_steps=3).fit(again, make_dm(synthetic_tokenizer_dir, *varlen), ckpt_path=ckpt)
+    assert again.saved_model_dir is not None
+    assert_same_weights(weights(module.model), weights(again.model), atol=0)

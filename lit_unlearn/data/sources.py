@@ -240,6 +240,7 @@ class TextCorpus(DataSource):
         self.separator = separator
         self.add_bos = add_bos
         self.max_documents = max_documents
+        self._texts: list[str] | None = None  # read by validate(), consumed by build()
 
     def describe(self) -> str:
         return f"TextCorpus({', '.join(self.paths)})"
@@ -252,8 +253,8 @@ class TextCorpus(DataSource):
         self._texts = self.texts()
 
     def build(self, tokenizer: Any, max_length: int) -> list[Example]:
-        texts = getattr(self, "_texts", None) or self.texts()
-        self._texts: list[str] | None = None
+        texts = self._texts or self.texts()
+        self._texts = None
         return texts_to_chunks(texts, tokenizer, max_length, self.separator, self.add_bos)
 
 
@@ -278,6 +279,7 @@ class QAPairs(DataSource):
         self.prompt_field = prompt_field
         self.answer_field = answer_field
         self.chat_template = chat_template
+        self._pairs: list[tuple[str, str]] | None = None  # read by validate(), consumed by build()
 
     def describe(self) -> str:
         return f"QAPairs({', '.join(self.paths)})"
@@ -298,8 +300,8 @@ class QAPairs(DataSource):
         self._pairs = self.pairs()
 
     def build(self, tokenizer: Any, max_length: int) -> list[Example]:
-        pairs = getattr(self, "_pairs", None) or self.pairs()
-        self._pairs: list[tuple[str, str]] | None = None
+        pairs = self._pairs or self.pairs()
+        self._pairs = None
         return qa_examples(pairs, tokenizer, max_length, self.chat_template, self.describe())
 
 

@@ -164,7 +164,7 @@ def evaluate_saved(
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lit-unlearn-eval``."""
-    from jsonargparse import ArgumentError, CLI
+    from jsonargparse import CLI, ArgumentError
 
     def run() -> None:
         try:

@@ -28,6 +28,7 @@ import torch
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import LMEvalCallback
 from lit_unlearn.rundir import RESULTS_FILE, local_run_directory, run_directory, write_json_atomic
+
 GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
 
 
