@@ -11,7 +11,7 @@ optimizer step; losses normalised over the whole effective batch (all micro-batc
 tokens for token-mean objectives, sequences for NPO/SimNPO); DDP with no-sync backward passes and
 one reduction per task buffer; precisions ``32-true``, ``bf16-mixed``, ``bf16-true``, ``16-true``;
 gradient clipping of the synthesized update; NaN/inf steps skipped, counted and capped; a
-divergence guard on the retain loss; a frozen reference model (or precomputed reference values)
+collapse guard on the retain loss; a frozen reference model (or precomputed reference values)
 for NPO/KL/RMU; trainable-parameter regex; exact resume (optimizer, scheduler, step, data
 position, RNG); the unlearned model saved atomically with ``save_pretrained`` at the end of fit.
 The model loads in ``setup`` (after the data), so bad data fails before a 7 B model is read.
@@ -97,13 +97,13 @@ class UnlearningModule(L.LightningModule):
             gradients' own dtype; saves memory under ``bf16-true``).
         max_consecutive_bad_steps: stop with an error after this many consecutive optimizer steps
             whose losses or gradients were NaN/inf (each is skipped and counted).
-        divergence_factor: stop with an error (exit code 3, no model saved, ``last.ckpt`` kept)
-            when the model has collapsed: the retain loss of an optimizer step exceeds this
-            multiple of its first-step value, or — for token-NLL retain losses — 80 % of
-            ``ln(vocabulary size)``, the loss of a uniform prediction (but at least twice the
-            first-step value), whichever is lower: a far too high learning rate drives the model
-            to that uniform distribution. ``None`` = off; off automatically for retain losses
-            that start at 0 (KL, EmbedDiff).
+        collapse_threshold: stop with an error (exit code 3, no model saved, ``last.ckpt`` kept)
+            when the retain loss of an optimizer step exceeds this fraction of the loss of a
+            uniform prediction, ``ln(vocabulary size)`` (but at least twice its first-step value,
+            since an untrained model starts near uniform): the model has collapsed, e.g. under a
+            far too high learning rate. 0.8 is ~8.3 nats for a 32 k vocabulary (perplexity
+            ~4,000), far above any usable model. ``None`` = off. Applies to retain losses that
+            define a uniform loss (``NLL``); KL and EmbedDiff start at 0 and are not checked.
         diagnostics_every_n_steps: log the synthesis geometry every N optimizer steps
             (``None`` = the Trainer's ``log_every_n_steps``; 0 = never). Training metrics are
             logged every ``log_every_n_steps`` *optimizer* steps, indexed by completed steps.
@@ -130,7 +130,7 @@ class UnlearningModule(L.LightningModule):
         trust_remote_code: bool = False,
         grad_buffer_dtype: Literal["float32", "param"] = "float32",
         max_consecutive_bad_steps: int = 5,
-        divergence_factor: float | None = 25.0,
+        collapse_threshold: float | None = 0.8,
         diagnostics_every_n_steps: int | None = None,
         save_model: bool = True,
     ) -> None:
@@ -142,8 +142,8 @@ class UnlearningModule(L.LightningModule):
             raise UserError(f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise UserError(f"--model.gradient_clip_val must be > 0, got {gradient_clip_val}")
-        if divergence_factor is not None and not divergence_factor > 1:
-            raise UserError(f"--model.divergence_factor must be > 1 (or null to switch the guard off), got {divergence_factor}")
+        if collapse_threshold is not None and not collapse_threshold > 0:
+            raise UserError(f"--model.collapse_threshold must be > 0 (or null to switch the guard off), got {collapse_threshold}")
         self._trainable_pattern = compile_trainable(trainable_parameters)
         if dtype not in DTYPES:
             raise UserError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -160,13 +160,13 @@ class UnlearningModule(L.LightningModule):
         self.accumulate_grad_batches, self.gradient_clip_val = accumulate_grad_batches, gradient_clip_val
         self.grad_buffer_dtype = grad_buffer_dtype
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
-        self.divergence_factor = divergence_factor
+        self.collapse_threshold = collapse_threshold
         self.diagnostics_every_n_steps, self.save_model = diagnostics_every_n_steps, save_model
         self.trainable_parameters = trainable_parameters
         self.grads: TwoTaskGradients | None = None
         self.reference: nn.Module | None = None  # frozen π_ref; kept out of state_dict (see __setattr__)
         self.bad_steps, self.consecutive_bad_steps = 0, 0
-        self.retain_baseline: float | None = None  # first-step retain loss (divergence guard)
+        self.retain_baseline: float | None = None  # first-step retain loss (collapse guard)
         self._baseline: Tensor | None = None
         self.stop_requested = False  # set by the interrupt handler; agreed across ranks at the boundary
         self.stop_agreed = False
@@ -292,7 +292,7 @@ class UnlearningModule(L.LightningModule):
         losses, stop = grads.reduce(self.stop_requested)
         finite = grads.finite() & torch.isfinite(losses).all()
         diverged = self._diverged(losses[1])
-        # The one host sync per optimizer step: finiteness, divergence and agreed stop together.
+        # The one host sync per optimizer step: finiteness, collapse and agreed stop together.
         ok, blown, stop_votes = torch.stack([finite.double(), diverged.double(), stop.double()]).tolist()
         self.stop_agreed = stop_votes > 0
         if not ok:
@@ -303,9 +303,8 @@ class UnlearningModule(L.LightningModule):
             uniform = self.retain_objective.uniform_loss(self.model)
             raise TrainingDiverged(
                 f"the retain loss reached {losses[1].item():.4g} at step {self.global_step + 1}, above "
-                f"--model.divergence_factor={self.divergence_factor} x its first-step value {float(self._baseline or 0):.4g}"
-                + (f" or 80% of a uniform prediction's loss (ln V = {uniform:.4g})" if uniform is not None else "")
-                + ": the model has collapsed (lower the learning rate); no unlearned model was saved"
+                f"--model.collapse_threshold={self.collapse_threshold} x the loss of a uniform prediction (ln V = {uniform:.4g}): "
+                "the model has collapsed (lower the learning rate); no unlearned model was saved"
             )
         self.consecutive_bad_steps = 0
         # Metrics are indexed by completed optimizer steps (as evaluations are), whatever the
@@ -332,18 +331,15 @@ class UnlearningModule(L.LightningModule):
             self._write_metrics({f"train/{k}": v for k, v in metrics.items()}, done)
 
     def _diverged(self, retain_loss: Tensor) -> Tensor:
-        """Device bool: the retain loss passed ``divergence_factor`` × its first-step value."""
-        if self.divergence_factor is None or self.retain_objective.zero_at_start:
+        """Device bool: the retain loss passed ``collapse_threshold`` × ln V (and twice its start)."""
+        assert self.model is not None
+        uniform = self.retain_objective.uniform_loss(self.model)
+        if self.collapse_threshold is None or uniform is None:
             return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
         if self._baseline is None:
             self._baseline = retain_loss.detach().clone()
             return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
-        threshold = self.divergence_factor * self._baseline
-        assert self.model is not None
-        uniform = self.retain_objective.uniform_loss(self.model)
-        if uniform is not None:  # never below twice the start: an untrained model starts near uniform
-            threshold = torch.minimum(threshold, torch.clamp(2 * self._baseline, min=0.8 * uniform))
-        return retain_loss > threshold
+        return retain_loss > torch.clamp(2 * self._baseline, min=self.collapse_threshold * uniform)
 
     def _write_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Send metrics to every logger at ``step`` (a host sync, only on logging steps) and keep

@@ -212,9 +212,17 @@ def resolve_synthetic(name_or_path: str) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lit-unlearn-target``."""
-    from jsonargparse import CLI
+    from jsonargparse import ArgumentError, CLI
 
-    CLI(build_target, args=args, as_positional=False)
+    from lit_unlearn.errors import UserError, run_reporting_errors
+
+    def run() -> None:
+        try:
+            CLI(build_target, args=args, as_positional=False, exit_on_error=False)
+        except ArgumentError as err:
+            raise UserError(" ".join(str(err).split())) from err
+
+    run_reporting_errors("lit-unlearn-target", run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """RunCheckpoint: last.ckpt on errors at a step boundary (and resuming from it is exact); never
-for a diverged model; the divergence guard itself."""
+for a collapsed model; the collapse guard itself."""
 
 from __future__ import annotations
+
+import math
 
 import lightning as L
 import pytest
@@ -72,18 +74,20 @@ def test_a_diverged_run_does_not_overwrite_the_last_good_checkpoint(synthetic_to
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
-def test_divergence_guard_trips_on_a_blown_up_retain_loss_but_not_for_reference_losses(synthetic_tokenizer_dir):
-    module = UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=NLL(), divergence_factor=10.0)
-    assert not module._diverged(torch.tensor(0.2))  # first step: the baseline
-    assert not module._diverged(torch.tensor(1.9))
-    assert module._diverged(torch.tensor(2.1))  # > 10 x 0.2
-    vocab = module.model.config.vocab_size
-    high_start = UnlearningModule(make_model(synthetic_tokenizer_dir), divergence_factor=10.0)
-    assert not high_start._diverged(torch.tensor(0.9 * torch.log(torch.tensor(float(vocab)))))  # untrained: near uniform
-    assert not high_start._diverged(torch.tensor(1.5 * torch.log(torch.tensor(float(vocab)))))  # < 2 x start
-    kl = UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=KL(), divergence_factor=10.0)
-    assert not kl._diverged(torch.tensor(0.0)) and not kl._diverged(torch.tensor(5.0))
-    off = UnlearningModule(make_model(synthetic_tokenizer_dir), divergence_factor=None)
+def test_collapse_guard_trips_near_a_uniform_prediction_and_only_there(synthetic_tokenizer_dir):
+    module = UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=NLL(), collapse_threshold=0.8)
+    ln_v = math.log(module.model.config.vocab_size)
+    assert not module._diverged(torch.tensor(0.001))  # first step: a very well fitted target
+    assert not module._diverged(torch.tensor(2.0))  # 2000 x the start, still far from uniform: not collapse
+    assert not module._diverged(torch.tensor(0.79 * ln_v))
+    assert module._diverged(torch.tensor(0.81 * ln_v))
+    untrained = UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=0.8)
+    assert not untrained._diverged(torch.tensor(0.95 * ln_v))  # an untrained model starts near uniform
+    assert not untrained._diverged(torch.tensor(1.8 * ln_v))  # < 2 x its start
+    assert untrained._diverged(torch.tensor(2.0 * ln_v))
+    kl = UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=KL(), collapse_threshold=0.8)
+    assert not kl._diverged(torch.tensor(0.0)) and not kl._diverged(torch.tensor(50.0))  # no uniform loss: not checked
+    off = UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=None)
     assert not off._diverged(torch.tensor(0.1)) and not off._diverged(torch.tensor(100.0))
 
 

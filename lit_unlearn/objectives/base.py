@@ -66,9 +66,6 @@ class Objective(ABC):
     unit: Literal["token", "sequence"] = "token"
     """What the loss is a mean over: label tokens (NLL, GA, KL, RMU, EmbedDiff) or sequences (NPO, SimNPO)."""
 
-    zero_at_start: bool = False
-    """The loss is 0 before the first update (it measures drift from ``π_ref``, e.g. KL); the
-    engine's divergence guard cannot use it as a baseline."""
 
     def setup(self, model: nn.Module) -> None:
         """Called once before training with the (unwrapped) model; e.g. to draw random vectors."""
@@ -89,7 +86,7 @@ class Objective(ABC):
 
     def uniform_loss(self, model: nn.Module) -> float | None:
         """The loss of a model that predicts the uniform distribution, when it is defined
-        (``ln V`` for next-token NLL); the divergence guard treats reaching it as collapse."""
+        (``ln V`` for next-token NLL); the engine's collapse guard compares the retain loss with it."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -34,7 +34,6 @@ class KL(Objective):
     """
 
     requires_reference = True
-    zero_at_start = True
 
     def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
         ref_logits = reference_forward(reference, batch, "KL").logits
@@ -49,7 +48,6 @@ class EmbedDiff(Objective):
     """
 
     requires_reference = True
-    zero_at_start = True
 
     def __init__(self, layer: int = 7) -> None:
         self.layer = layer
