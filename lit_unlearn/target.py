@@ -212,7 +212,7 @@ def resolve_synthetic(name_or_path: str) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lit-unlearn-target``."""
-    from jsonargparse import ArgumentError, CLI
+    from jsonargparse import CLI, ArgumentError
 
     from lit_unlearn.errors import UserError, run_reporting_errors
 
