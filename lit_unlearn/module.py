@@ -307,6 +307,8 @@ class UnlearningModule(L.LightningModule):
                 "the model has collapsed (lower the learning rate); no unlearned model was saved"
             )
         self.consecutive_bad_steps = 0
+        if self._baseline is None:
+            self._baseline = losses[1].detach().clone()
         # Metrics are indexed by completed optimizer steps (as evaluations are), whatever the
         # accumulation, so train and val curves share one x-axis.
         done = self.global_step + 1
@@ -336,8 +338,7 @@ class UnlearningModule(L.LightningModule):
         uniform = self.retain_objective.uniform_loss(self.model)
         if self.collapse_threshold is None or uniform is None:
             return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
-        if self._baseline is None:
-            self._baseline = retain_loss.detach().clone()
+        if self._baseline is None:  # set by the first finite step
             return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
         return retain_loss > torch.clamp(2 * self._baseline, min=self.collapse_threshold * uniform)
 

@@ -74,21 +74,25 @@ def test_a_diverged_run_does_not_overwrite_the_last_good_checkpoint(synthetic_to
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
+def _with_baseline(module: UnlearningModule, first: float) -> UnlearningModule:
+    assert not module._diverged(torch.tensor(first))  # no baseline yet: never trips
+    module._baseline = torch.tensor(first)  # what the first finite optimizer step records
+    return module
+
+
 def test_collapse_guard_trips_near_a_uniform_prediction_and_only_there(synthetic_tokenizer_dir):
-    module = UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=NLL(), collapse_threshold=0.8)
+    module = _with_baseline(UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=NLL(), collapse_threshold=0.8), 0.001)
     ln_v = math.log(module.model.config.vocab_size)
-    assert not module._diverged(torch.tensor(0.001))  # first step: a very well fitted target
     assert not module._diverged(torch.tensor(2.0))  # 2000 x the start, still far from uniform: not collapse
     assert not module._diverged(torch.tensor(0.79 * ln_v))
     assert module._diverged(torch.tensor(0.81 * ln_v))
-    untrained = UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=0.8)
-    assert not untrained._diverged(torch.tensor(0.95 * ln_v))  # an untrained model starts near uniform
+    untrained = _with_baseline(UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=0.8), 0.95 * ln_v)
     assert not untrained._diverged(torch.tensor(1.8 * ln_v))  # < 2 x its start
     assert untrained._diverged(torch.tensor(2.0 * ln_v))
-    kl = UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=KL(), collapse_threshold=0.8)
-    assert not kl._diverged(torch.tensor(0.0)) and not kl._diverged(torch.tensor(50.0))  # no uniform loss: not checked
-    off = UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=None)
-    assert not off._diverged(torch.tensor(0.1)) and not off._diverged(torch.tensor(100.0))
+    kl = _with_baseline(UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=KL(), collapse_threshold=0.8), 0.0)
+    assert not kl._diverged(torch.tensor(50.0))  # no uniform loss: not checked
+    off = _with_baseline(UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=None), 0.1)
+    assert not off._diverged(torch.tensor(100.0))
 
 
 def test_a_failing_final_save_names_last_ckpt_and_resuming_from_it_saves(synthetic_tokenizer_dir, varlen, tmp_path, monkeypatch):
