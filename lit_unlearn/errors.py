@@ -73,3 +73,16 @@ def run_reporting_errors(program: str, fn: Callable[[], T], hint: Callable[[], s
         extra = hint() if hint is not None and not isinstance(err, SaveFailed) else ""
         code = EXIT_DIVERGED if isinstance(err, TrainingDiverged) else 1 if isinstance(err, SaveFailed) else EXIT_USER_ERROR
         fail(program, f"{err}{extra}", code)
+
+
+def function_cli(program: str, function: Callable[..., T], args: list[str] | None = None) -> T:
+    """A jsonargparse command line over ``function`` whose errors (bad flags included) are one line."""
+    from jsonargparse import CLI, ArgumentError
+
+    def run() -> T:
+        try:
+            return CLI(function, args=args, as_positional=False, exit_on_error=False)
+        except ArgumentError as err:
+            raise UserError(" ".join(str(err).split())) from err
+
+    return run_reporting_errors(program, run)

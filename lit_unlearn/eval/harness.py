@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
-from lit_unlearn.errors import UserError, run_reporting_errors, suggest
+from lit_unlearn.errors import UserError, function_cli, suggest
 
 HUB_TASKS = {"wmdp_bio": 0, "wmdp_cyber": 0, "mmlu": 5}  # task -> the paper's few-shot count
 
@@ -164,15 +164,7 @@ def evaluate_saved(
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lit-unlearn-eval``."""
-    from jsonargparse import CLI, ArgumentError
-
-    def run() -> None:
-        try:
-            CLI(evaluate_saved, args=args, as_positional=False, exit_on_error=False)
-        except ArgumentError as err:
-            raise UserError(" ".join(str(err).split())) from err
-
-    run_reporting_errors("lit-unlearn-eval", run)
+    function_cli("lit-unlearn-eval", evaluate_saved, args)
 
 
 class LMEvalCallback(L.Callback):
