@@ -6,7 +6,7 @@ One command, cached on disk::
     lit-unlearn-target --num_people 20 --steps 150   # smoke scale (seconds)
     lit-unlearn-target --oracle true                 # retrain oracle: never sees the forget people
 
-The recipe (SYNTHETIC.md): AdamW lr 1e-2, betas (0.9, 0.98), 100 warm-up steps then cosine to
+The recipe (docs/benchmark.md): AdamW lr 1e-2, betas (0.9, 0.98), 100 warm-up steps then cosine to
 10 %, gradient clipping 1.0, batches of 64 documents of which 20 % general text, loss on every
 token. Training runs through a Lightning ``Trainer`` with automatic optimization. The result is
 saved with ``save_pretrained`` (model + tokenizer + ``recipe.json`` + ``metrics.json``) and reused
@@ -144,7 +144,7 @@ def build_target(
 
     Args:
         output_dir: where the model, tokenizer, recipe and metrics are saved.
-        num_people: corpus size (200 in SYNTHETIC.md; 20 for smoke runs).
+        num_people: corpus size (200 for the benchmark; 20 for smoke runs).
         forget_fraction: share of people that the unlearning runs will forget.
         corpus_seed: seed of the generated corpus.
         train_seed: seed of the document draw and the initialisation.

@@ -2,7 +2,7 @@
 
     python scripts/make_experiment_configs.py          # rewrite the files (a test checks they are current)
 
-The hyper-parameters come from SPEC.md section 4 (the paper). Combinations the paper does not list
+The hyper-parameters come from the paper (docs/method.md). Combinations the paper does not list
 reuse the closest listed setting, and each file says which one it borrowed, so nothing pretends
 to be a paper number when it is not.
 """
@@ -27,7 +27,7 @@ STACKS = {
                  "--config configs/eval/synthetic.yaml",
 }
 
-# (benchmark, objective, synthesizer) -> settings, verbatim from SPEC.md section 4.
+# (benchmark, objective, synthesizer) -> settings, as the paper lists them.
 PAPER: dict[tuple[str, str, str], dict[str, Any]] = {}
 for bench in ("bio", "cyber"):
     PAPER[(bench, "ga", "naive")] = dict(lr=5e-7, steps=100, alpha=0.0, gamma=1.0)
@@ -49,7 +49,7 @@ RWKU_PAPER = {
     ("npo", "sago"): dict(lr=1e-5, alpha=1.0, gamma=1.0, beta=1e-3),
     ("simnpo", "sago"): dict(lr=1e-5, alpha=0.1, gamma=1.0, beta=0.1, delta=0.1),
 }
-# SYNTHETIC.md: value-token losses, AdamW lr 1e-3, alpha = gamma = 1, NPO beta 0.1, SimNPO beta 2.5.
+# docs/benchmark.md: value-token losses, AdamW lr 1e-3, alpha = gamma = 1, NPO beta 0.1, SimNPO beta 2.5.
 SYNTHETIC = {
     "ga": dict(alpha=0.0), "graddiff": dict(), "npo": dict(beta=0.1), "simnpo": dict(beta=2.5, delta=0.0),
     "rmu": dict(layer=1, steering_coeff=8.0, regex=r"layers\.(0|1)\.mlp\.down_proj"),
@@ -59,7 +59,7 @@ SYNTHETIC = {
 def wmdp_settings(bench: str, objective: str, synth: str) -> tuple[dict[str, Any], str]:
     key = (bench, objective, synth)
     if key in PAPER:
-        return PAPER[key], "SPEC.md section 4 (the paper)"
+        return PAPER[key], "the paper's listed settings"
     borrow = {"pcgrad_global": "pcgrad"}.get(synth, synth)
     for candidate in ((bench, objective, borrow), (bench, objective, "sago"), (bench, objective, "pcgrad")):
         if candidate in PAPER:
@@ -93,12 +93,12 @@ def render(bench: str, objective: str, synth: str) -> str:
     command = f"lit-unlearn fit --config {STACKS[bench]} --config {path}"
     if bench == "synthetic":
         s = {"lr": 1e-3, "steps": 200, "alpha": 1.0, "gamma": 1.0, **SYNTHETIC[objective]}
-        source = "SYNTHETIC.md (lr 1e-3, eval every 10 steps, stop at forget Q/A <= 0.2, cap 200)"
+        source = "docs/benchmark.md (lr 1e-3, eval every 10 steps, stop at forget Q/A <= 0.2, cap 200)"
         if objective == "rmu":
             source += "; RMU on the 2-layer target is untuned (layer 1, c = 8)"
     elif bench == "rwku":
         s = dict(RWKU_PAPER.get((objective, synth), {}))
-        source = "SPEC.md section 4 (the paper's RWKU runs)" if s else "not in the paper: WMDP-Bio settings, 2 epochs"
+        source = "the paper's RWKU runs" if s else "not in the paper: WMDP-Bio settings, 2 epochs"
         if not s:
             s, _ = wmdp_settings("bio", objective, synth)
         s = {k: v for k, v in s.items() if k != "steps"}

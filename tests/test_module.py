@@ -1,4 +1,4 @@
-"""The engine's correctness anchors (STYLE.md): manual == automatic, accumulation == big batch,
+"""The engine's correctness anchors: manual == automatic, accumulation == big batch,
 resume == uninterrupted, NaN handling, memory of the buffers, precision and strategy checks."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A corpus of invented people, each with five single-token attributes (birth city, profession,
 favourite colour, birth year, pet), written as statements, Q/A pairs and a short biography; a
 forget/retain split of the people; general arithmetic and counting text as a utility proxy; and a
-word-level tokenizer in which every answer is one token. See SYNTHETIC.md for the design and the
+word-level tokenizer in which every answer is one token. See docs/benchmark.md for the design and the
 numbers to expect.
 
 >>> corpus = generate_corpus(num_people=20, seed=0)
@@ -126,7 +126,7 @@ def generate_corpus(num_people: int = 200, forget_fraction: float = 0.1, seed: i
     """Generate the corpus deterministically from ``seed``.
 
     Args:
-        num_people: how many fictitious people (SYNTHETIC.md: 200; smoke tests: 20).
+        num_people: how many fictitious people (the benchmark: 200; smoke tests: 20).
         forget_fraction: share of people in the forget set (at least one).
         seed: fixes names, attributes and the split.
     """

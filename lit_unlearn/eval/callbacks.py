@@ -1,6 +1,6 @@
 """In-training evaluation and the matched-forgetting stop.
 
-Fair comparisons of unlearning methods are made *at matched forgetting* (SYNTHETIC.md): evaluate
+Fair comparisons of unlearning methods are made *at matched forgetting* (docs/benchmark.md): evaluate
 every few steps and stop (or select) when a forget metric reaches a target. Under DDP the metrics
 are computed on rank 0 and broadcast to every rank, so all ranks agree on when to stop.
 """

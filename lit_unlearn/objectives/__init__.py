@@ -1,4 +1,4 @@
-"""Forget and retain objectives (SPEC.md section 2), injected into the engine by class path."""
+"""Forget and retain objectives (docs/method.md), injected into the engine by class path."""
 
 from lit_unlearn.objectives.base import Objective
 from lit_unlearn.objectives.forget import NPO, RMU, GradientAscent, SimNPO

@@ -1,7 +1,7 @@
 """The synthesizer contract: validate, gather cross-tensor statistics, combine tensor by tensor.
 
 A synthesizer turns the forget gradient ``g_f`` and the retain gradient ``g_r`` (one tensor per
-trainable parameter) into the update ``u`` handed to the optimizer (SPEC.md section 3). Every rule
+trainable parameter) into the update ``u`` handed to the optimizer (docs/method.md). Every rule
 is split in two phases so the engine can stream it with bounded memory:
 
 1. :meth:`Synthesizer.statistics` computes whatever the rule needs across tensors (per-tensor

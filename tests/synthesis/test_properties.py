@@ -1,4 +1,4 @@
-"""A property suite applied to every exported synthesizer (SPEC.md section 3)."""
+"""A property suite applied to every exported synthesizer (docs/method.md)."""
 
 from __future__ import annotations
 

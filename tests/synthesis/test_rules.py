@@ -1,4 +1,4 @@
-"""Each rule's own guarantee (SPEC.md section 3) on random inputs, and hand-worked examples."""
+"""Each rule's own guarantee (docs/method.md) on random inputs, and hand-worked examples."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def test_sum_equals_summed_loss():
 
 
 def test_sago_cosine_can_be_below_pcgrad_cosine():
-    """SPEC.md's counter-example: SAGO's guarantee is coordinate-wise, not a larger cosine."""
+    """The counter-example in docs/method.md: SAGO's guarantee is coordinate-wise, not a larger cosine."""
     f, r = [torch.tensor([-1.0, 0.1])], [torch.tensor([1.0, 1.0])]
     cos_pc = F.cosine_similarity(PCGrad()(f, r)[0], r[0], dim=0)
     cos_sago = F.cosine_similarity(SAGO()(f, r)[0], r[0], dim=0)
