@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+LINT_TOOLS ?= ruff==0.17.6 mypy==2.4.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -33,9 +34,10 @@ bench: $(STAMP)  ## synthesis and step benchmarks (tables + JSON under bench_res
 	$(BIN)/python scripts/bench_synthesis.py
 	$(BIN)/python scripts/bench_step.py
 
-lint:  $(STAMP) ## ruff + mypy
-	$(BIN)/python -m pip install --quiet ruff mypy
+lint:  $(STAMP) ## ruff check + ruff format --check + mypy (pinned versions; part of CI)
+	$(BIN)/python -m pip install --quiet $(LINT_TOOLS)
 	$(BIN)/ruff check lit_unlearn tests scripts
+	$(BIN)/ruff format --check lit_unlearn tests scripts
 	$(BIN)/mypy lit_unlearn
 
 clean:  ## remove the virtualenv and caches

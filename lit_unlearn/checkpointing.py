@@ -41,11 +41,19 @@ class RunCheckpoint(ModelCheckpoint):
         handle_signals: stop cleanly on SIGTERM/SIGINT (finish the step, save, exit 143/130).
     """
 
-    def __init__(self, every_n_train_steps: int = 50, dirpath: str | None = None, handle_signals: bool = True) -> None:
+    def __init__(
+        self, every_n_train_steps: int = 50, dirpath: str | None = None, handle_signals: bool = True
+    ) -> None:
         if every_n_train_steps < 0:
             raise UserError(f"--checkpoint.every_n_train_steps must be >= 0, got {every_n_train_steps}")
-        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
-                         every_n_epochs=0, enable_version_counter=False)
+        super().__init__(
+            dirpath=dirpath,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=every_n_train_steps,
+            every_n_epochs=0,
+            enable_version_counter=False,
+        )
         self.handle_signals = handle_signals
         self._previous: dict[int, Any] = {}
         self._signal_name: str | None = None
@@ -56,7 +64,9 @@ class RunCheckpoint(ModelCheckpoint):
         return "RunCheckpoint"
 
     # ------------------------------------------------------------------ periodic and final saves
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if getattr(pl_module, "stop_agreed", False):
             path = self._save_last(trainer)
             raise RunInterrupted(self._signal_name or "SIGTERM", trainer.global_step, path)
@@ -79,16 +89,25 @@ class RunCheckpoint(ModelCheckpoint):
         return self.last_model_path
 
     # ------------------------------------------------------------------ errors
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if isinstance(exception, (RunInterrupted, TrainingDiverged, UserError, KeyboardInterrupt)):
             return  # saved already / a broken model / nothing trained / aborted mid-step
-        if trainer.world_size > 1 or not getattr(pl_module, "at_step_boundary", False) or trainer.global_step == 0:
+        if (
+            trainer.world_size > 1
+            or not getattr(pl_module, "at_step_boundary", False)
+            or trainer.global_step == 0
+        ):
             return
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         try:
             path = self._save_last(trainer)
-            print(f"lit-unlearn: {type(exception).__name__} at step {trainer.global_step}; state saved to {path}", file=sys.stderr)
+            print(
+                f"lit-unlearn: {type(exception).__name__} at step {trainer.global_step}; state saved to {path}",
+                file=sys.stderr,
+            )
         except Exception as err:  # never hide the original error behind a failing save
             log.warning("could not write last.ckpt after %s: %s", type(exception).__name__, err)
 
@@ -110,8 +129,12 @@ class RunCheckpoint(ModelCheckpoint):
         self._signal_name = self._signal_name or name
         if self._module is not None:
             self._module.stop_requested = True
-        print(f"\nlit-unlearn: {name} received: finishing this optimizer step, then saving last.ckpt "
-              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+        print(
+            f"\nlit-unlearn: {name} received: finishing this optimizer step, then saving last.ckpt "
+            "(Ctrl-C again aborts without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for sig, handler in self._previous.items():

@@ -59,13 +59,31 @@ def _get(config: Any, dotted: str) -> Any:
     return config
 
 
+DESCRIPTION = (
+    "lit-unlearn: LLM unlearning as an asymmetric two-task problem. Each step computes the forget and the "
+    "retain gradient separately and combines them with a synthesizer (WeightedSum, PCGrad, PCGradGlobal, SAGO, "
+    "SAGOPreferRetain). Start with: lit-unlearn fit --config configs/debug/tiny.yaml"
+)
+
+
 class UnlearnCLI(LightningCLI):
     """LightningCLI with the links, checks and run-directory extras of lit_unlearn."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (the module has no ``predict_step``)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.link_arguments("model.model", "data.tokenizer", compute_fn=lambda m: m if isinstance(m, str) else None)
-        parser.link_arguments("seed_everything", "data.seed", compute_fn=lambda s: s if isinstance(s, int) and not isinstance(s, bool) else 0)
+        parser.link_arguments(
+            "model.model", "data.tokenizer", compute_fn=lambda m: m if isinstance(m, str) else None
+        )
+        parser.link_arguments(
+            "seed_everything",
+            "data.seed",
+            compute_fn=lambda s: s if isinstance(s, int) and not isinstance(s, bool) else 0,
+        )
 
     def before_instantiate_classes(self) -> None:
         """Checks on the parsed config, before anything (data, model) is loaded."""
@@ -73,24 +91,32 @@ class UnlearnCLI(LightningCLI):
         for flag, (allowed, replacement) in REFUSED_TRAINER_FLAGS.items():
             value = _get(config, f"trainer.{flag}")
             if value not in (allowed, None) and not (flag == "accumulate_grad_batches" and value == 1):
-                raise UserError(f"--trainer.{flag}={value} is refused under manual optimization; use {replacement} instead")
+                raise UserError(
+                    f"--trainer.{flag}={value} is refused under manual optimization; use {replacement} instead"
+                )
         precision = str(_get(config, "trainer.precision"))
         if precision in ("16-mixed", "16"):
-            raise UserError(f"--trainer.precision {precision} is not supported (loss scaling would distort the synthesized "
-                            "update, and on CPU Lightning would silently run bf16-mixed instead); use bf16-mixed, bf16-true or 32-true")
+            raise UserError(
+                f"--trainer.precision {precision} is not supported (loss scaling would distort the synthesized "
+                "update, and on CPU Lightning would silently run bf16-mixed instead); use bf16-mixed, bf16-true or 32-true"
+            )
         lr = _get(config, "model.optimizer.init_args.lr")
         if isinstance(lr, (int, float)) and not lr > 0:
             raise UserError(f"--model.optimizer.init_args.lr must be > 0, got {lr}")
         if self.subcommand == "fit" and _get(config, "trainer.enable_checkpointing") is False:
-            raise UserError("--trainer.enable_checkpointing false is not supported by lit-unlearn fit (last.ckpt is what makes "
-                            "a run resumable); use --checkpoint.every_n_train_steps 0 to save only at the end and on interruption")
+            raise UserError(
+                "--trainer.enable_checkpointing false is not supported by lit-unlearn fit (last.ckpt is what makes "
+                "a run resumable); use --checkpoint.every_n_train_steps 0 to save only at the end and on interruption"
+            )
 
     def before_fit(self) -> None:
         trainer = self.trainer
         configured = _get(self.config.get(self.subcommand, self.config), "trainer.precision")
         if configured is not None and str(trainer.precision) != str(configured):
-            raise UserError(f"--trainer.precision {configured}: this device would run {trainer.precision} instead; "
-                            f"ask for {trainer.precision} explicitly")
+            raise UserError(
+                f"--trainer.precision {configured}: this device would run {trainer.precision} instead; "
+                f"ask for {trainer.precision} explicitly"
+            )
         if trainer.global_rank == 0:  # before the process group exists: no collectives here
             resuming = bool(self.config.get(self.subcommand, {}).get("ckpt_path"))
             check_run_directory(run_directory(trainer), resuming)
@@ -110,7 +136,9 @@ def _checkpoint_hint(cli_holder: dict[str, Any]) -> str:
     trainer = getattr(cli_holder.get("cli"), "trainer", None)
     ckpt = next((cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, RunCheckpoint)), None)
     path = getattr(ckpt, "last_model_path", "")
-    return f"; last checkpoint: {path} (resume with --ckpt_path {path})" if path and os.path.exists(path) else ""
+    return (
+        f"; last checkpoint: {path} (resume with --ckpt_path {path})" if path and os.path.exists(path) else ""
+    )
 
 
 def _parse_error(err: BaseException) -> str:
@@ -122,11 +150,18 @@ def _parse_error(err: BaseException) -> str:
 
             module = importlib.import_module(package)
             base = getattr(module, "Synthesizer", None) or module.Objective
-            names = sorted(n for n in getattr(module, "__all__", [])
-                           if isinstance(getattr(module, n), type) and issubclass(getattr(module, n), base) and getattr(module, n) is not base)
+            names = sorted(
+                n
+                for n in getattr(module, "__all__", [])
+                if isinstance(getattr(module, n), type)
+                and issubclass(getattr(module, n), base)
+                and getattr(module, n) is not base
+            )
             given = text.rsplit(": ", 1)[-1] if ": " in text else "value"
-            return (f"--{key}: {given!r} is not an available class{suggest(given, names)}; "
-                    f"choose one of {', '.join(names)}, or give a full class_path")
+            return (
+                f"--{key}: {given!r} is not an available class{suggest(given, names)}; "
+                f"choose one of {', '.join(names)}, or give a full class_path"
+            )
     return text[:500]
 
 
@@ -143,13 +178,16 @@ def main(args: list[str] | None = None) -> None:
                 trainer_defaults=TRAINER_DEFAULTS,
                 save_config_kwargs={"overwrite": True},  # check_run_directory guards finished runs first
                 auto_configure_optimizers=False,  # the module injects its optimizer: no top-level --optimizer
-                parser_kwargs={"exit_on_error": False},
+                parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
                 args=args,
             )
         except RunInterrupted as stop:
             if stop.checkpoint:
-                print(f"{PROGRAM}: stopped by {stop.signal_name} after step {stop.step}; state saved to {stop.checkpoint}; "
-                      f"resume with the same command plus --ckpt_path {stop.checkpoint}", file=sys.stderr)
+                print(
+                    f"{PROGRAM}: stopped by {stop.signal_name} after step {stop.step}; state saved to {stop.checkpoint}; "
+                    f"resume with the same command plus --ckpt_path {stop.checkpoint}",
+                    file=sys.stderr,
+                )
             raise
         except UserError:
             raise

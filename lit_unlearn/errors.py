@@ -71,7 +71,13 @@ def run_reporting_errors(program: str, fn: Callable[[], T], hint: Callable[[], s
         if debug():
             raise
         extra = hint() if hint is not None and not isinstance(err, SaveFailed) else ""
-        code = EXIT_DIVERGED if isinstance(err, TrainingDiverged) else 1 if isinstance(err, SaveFailed) else EXIT_USER_ERROR
+        code = (
+            EXIT_DIVERGED
+            if isinstance(err, TrainingDiverged)
+            else 1
+            if isinstance(err, SaveFailed)
+            else EXIT_USER_ERROR
+        )
         fail(program, f"{err}{extra}", code)
 
 

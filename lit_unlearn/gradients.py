@@ -72,13 +72,21 @@ class TwoTaskGradients:
         world_size: data-parallel processes.
     """
 
-    def __init__(self, params: list[nn.Parameter], buffer_dtype: torch.dtype | None, accumulate: int, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        buffer_dtype: torch.dtype | None,
+        accumulate: int,
+        world_size: int = 1,
+    ) -> None:
         if not params:
             raise ValueError("no trainable parameters: check --model.trainable_parameters")
         dtypes = {p.dtype for p in params}
         devices = {p.device for p in params}
         if len(dtypes) != 1 or len(devices) != 1:
-            raise ValueError(f"trainable parameters must share one dtype and device, got {dtypes} on {devices}")
+            raise ValueError(
+                f"trainable parameters must share one dtype and device, got {dtypes} on {devices}"
+            )
         self.params = params
         self.accumulate, self.world_size = accumulate, world_size
         grad_dtype, device = params[0].dtype, params[0].device
@@ -92,12 +100,17 @@ class TwoTaskGradients:
             log.warning(
                 "forget buffer dtype %s differs from the %s gradients and accumulate_grad_batches=%d: "
                 "a second %s buffer accumulates the retain gradient (2 extra parameter-sized buffers)",
-                self.buffer_dtype, grad_dtype, accumulate, self.buffer_dtype,
+                self.buffer_dtype,
+                grad_dtype,
+                accumulate,
+                self.buffer_dtype,
             )
             self.retain_flat = torch.zeros(numel, dtype=self.buffer_dtype, device=device)
         self.grad_views = _views(self.grad_flat, params)
         self.forget_views = _views(self.forget_flat, params)
-        self.retain_views = _views(self.retain_flat, params) if self.retain_flat is not None else self.grad_views
+        self.retain_views = (
+            _views(self.retain_flat, params) if self.retain_flat is not None else self.grad_views
+        )
         self._point_grads(self.grad_views)
         # [forget loss sum, retain loss sum, forget units, retain units, stop requests]: one
         # collective at the boundary; float64 so unit counts stay exact.
@@ -157,14 +170,18 @@ class TwoTaskGradients:
         stats = self.stats.clone()
         stats[4] = float(stop_requested)
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            handles = [dist.all_reduce(buf, async_op=True) for buf in (self.forget_flat, self.retain_source, stats)]
+            handles = [
+                dist.all_reduce(buf, async_op=True) for buf in (self.forget_flat, self.retain_source, stats)
+            ]
             for handle in handles:
                 handle.wait()
         counts = stats[2:4].clamp_min(1)
         for i, buf in enumerate((self.forget_flat, self.retain_source)):
             scale = self._scale.get(("forget", "retain")[i])
             if scale is not None:
-                buf.mul_(scale / counts[i])  # 0-dim float64 factor: no promotion of the buffer, exact in float64
+                buf.mul_(
+                    scale / counts[i]
+                )  # 0-dim float64 factor: no promotion of the buffer, exact in float64
         return (stats[:2] / counts).float(), stats[4]
 
     @property
@@ -174,7 +191,9 @@ class TwoTaskGradients:
 
     def finite(self) -> Tensor:
         """0-dim bool tensor: both accumulated gradients are free of NaN/inf (one reduction each)."""
-        return torch.isfinite(self.forget_flat.sum(dtype=torch.float32) + self.retain_source.sum(dtype=torch.float32))
+        return torch.isfinite(
+            self.forget_flat.sum(dtype=torch.float32) + self.retain_source.sum(dtype=torch.float32)
+        )
 
     def zero(self) -> None:
         """Reset both tasks after an optimizer step (or a skipped step); ``.grad`` keeps pointing at views."""

@@ -13,7 +13,16 @@ import torch
 
 from lit_unlearn.rundir import run_directory, write_json_atomic
 
-PACKAGES = ("lit_unlearn", "torch", "lightning", "transformers", "datasets", "torchmetrics", "lm_eval", "jsonargparse")
+PACKAGES = (
+    "lit_unlearn",
+    "torch",
+    "lightning",
+    "transformers",
+    "datasets",
+    "torchmetrics",
+    "lm_eval",
+    "jsonargparse",
+)
 
 
 def _version(name: str) -> str | None:
@@ -26,8 +35,12 @@ def _version(name: str) -> str | None:
 def git_revision(cwd: str | None = None) -> str | None:
     """The current commit (with ``-dirty`` when the tree has changes), or ``None`` outside git."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=5).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -41,7 +54,10 @@ def run_manifest(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any
     for task in ("forget", "retain"):
         per_device = getattr(dm, f"{task}_batch_size", None)
         if per_device is not None:
-            batch[task] = {"per_device": per_device, "effective": per_device * accumulate * trainer.world_size}
+            batch[task] = {
+                "per_device": per_device,
+                "effective": per_device * accumulate * trainer.world_size,
+            }
     return {
         "versions": {p: _version(p) for p in PACKAGES},
         "python": platform.python_version(),

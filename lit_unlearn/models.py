@@ -28,7 +28,12 @@ def looks_local(name_or_path: str) -> bool:
     """
     if os.path.exists(os.path.expanduser(name_or_path)):
         return True
-    if name_or_path.startswith((".", "/", "~", "\\")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path:
+    if (
+        name_or_path.startswith((".", "/", "~", "\\"))
+        or name_or_path.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name_or_path
+    ):
         return True
     head = name_or_path.split("/", 1)[0]
     return "/" in name_or_path and os.path.isdir(head)
@@ -40,7 +45,11 @@ def _check_local(name_or_path: str, what: str, flag: str | None = None) -> None:
     flag = flag or ("--model.model" if what == "model" else "--data.tokenizer")
     if looks_local(name_or_path):
         if not os.path.exists(os.path.expanduser(name_or_path)):
-            hint = " (build the synthetic target with `lit-unlearn-target`, or pass a hub id)" if what == "model" else ""
+            hint = (
+                " (build the synthetic target with `lit-unlearn-target`, or pass a hub id)"
+                if what == "model"
+                else ""
+            )
             raise ModelPathError(f"{flag}: local path {name_or_path!r} does not exist{hint}")
         return
     _hub_preflight(name_or_path, flag)
@@ -69,8 +78,10 @@ def _hub_preflight(repo_id: str, flag: str) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"  # use the cache, skip the retry loop
         log.warning("the Hugging Face Hub is unreachable; loading %s from the local cache", repo_id)
         return
-    raise ModelPathError(f"{flag}: {repo_id!r} is not a local path, and the Hugging Face Hub is unreachable with "
-                         "no cached copy; pass a local directory (or check the network)")
+    raise ModelPathError(
+        f"{flag}: {repo_id!r} is not a local path, and the Hugging Face Hub is unreachable with "
+        "no cached copy; pass a local directory (or check the network)"
+    )
 
 
 def check_model_path(name_or_path: str, flag: str = "--model.model") -> None:
@@ -107,8 +118,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
         raise UserError(f"tokenizer {name_or_path!r} could not be loaded: {_first_line(err)}") from err
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise UserError(f"tokenizer {name_or_path!r} has neither a pad token nor an EOS token to pad with; add a pad token")
-        log.warning("tokenizer %s has no pad token; using its EOS token %r for padding", name_or_path, tok.eos_token)
+            raise UserError(
+                f"tokenizer {name_or_path!r} has neither a pad token nor an EOS token to pad with; add a pad token"
+            )
+        log.warning(
+            "tokenizer %s has no pad token; using its EOS token %r for padding", name_or_path, tok.eos_token
+        )
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     return tok
@@ -160,9 +175,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
-def tiny_llama(vocab_size: int, hidden: int = 64, intermediate: int = 192, layers: int = 2, heads: int = 4,
-               max_positions: int = 64, pad_token_id: int | None = None, bos_token_id: int | None = None,
-               eos_token_id: int | None = None) -> nn.Module:
+def tiny_llama(
+    vocab_size: int,
+    hidden: int = 64,
+    intermediate: int = 192,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 64,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> nn.Module:
     """A small ``LlamaForCausalLM`` built from a config (untied embeddings), for the synthetic benchmark."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -52,11 +52,17 @@ def check_supported(trainer: Any) -> None:
     """Refuse strategies and precisions the engine does not handle, with the flag to change."""
     strategy = type(trainer.strategy).__name__
     if any(name in strategy for name in ("FSDP", "ModelParallel", "DeepSpeed")):
-        raise UserError(f"--trainer.strategy: {strategy} is not supported yet; use ddp or one device (README, Limitations)")
+        raise UserError(
+            f"--trainer.strategy: {strategy} is not supported yet; use ddp or one device (README, Limitations)"
+        )
     if str(trainer.precision) in ("16-mixed", "16"):
-        raise UserError("--trainer.precision 16-mixed is not supported (loss scaling would distort synthesis); use bf16-mixed or bf16-true")
+        raise UserError(
+            "--trainer.precision 16-mixed is not supported (loss scaling would distort synthesis); use bf16-mixed or bf16-true"
+        )
     if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
-        raise UserError("set --trainer.use_distributed_sampler false: UnlearningDataModule shards batches by rank itself")
+        raise UserError(
+            "set --trainer.use_distributed_sampler false: UnlearningDataModule shards batches by rank itself"
+        )
 
 
 def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
@@ -66,7 +72,9 @@ def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(pattern)
     except re.error as err:
-        raise UserError(f"--model.trainable_parameters {pattern!r} is not a valid regular expression ({err})") from None
+        raise UserError(
+            f"--model.trainable_parameters {pattern!r} is not a valid regular expression ({err})"
+        ) from None
 
 
 class UnlearningModule(L.LightningModule):
@@ -143,12 +151,16 @@ class UnlearningModule(L.LightningModule):
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise UserError(f"--model.gradient_clip_val must be > 0, got {gradient_clip_val}")
         if collapse_threshold is not None and not collapse_threshold > 0:
-            raise UserError(f"--model.collapse_threshold must be > 0 (or null to switch the guard off), got {collapse_threshold}")
+            raise UserError(
+                f"--model.collapse_threshold must be > 0 (or null to switch the guard off), got {collapse_threshold}"
+            )
         self._trainable_pattern = compile_trainable(trainable_parameters)
         if dtype not in DTYPES:
             raise UserError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if isinstance(model, str):
-            check_model_path(model)  # a mistyped local path fails now, not after the data and a hub retry loop
+            check_model_path(
+                model
+            )  # a mistyped local path fails now, not after the data and a hub retry loop
         self.model_source = model if isinstance(model, str) else type(model).__name__
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self.load_args = (dtype, attn_implementation, trust_remote_code)
@@ -177,7 +189,9 @@ class UnlearningModule(L.LightningModule):
             self._prepare_model()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "reference":  # never a registered submodule: not trained, not checkpointed, not DDP-wrapped
+        if (
+            name == "reference"
+        ):  # never a registered submodule: not trained, not checkpointed, not DDP-wrapped
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -189,7 +203,9 @@ class UnlearningModule(L.LightningModule):
             for name, p in self.model.named_parameters():
                 p.requires_grad_(bool(self._trainable_pattern.search(name)))
             if not any(p.requires_grad for p in self.model.parameters()):
-                raise UserError(f"--model.trainable_parameters {self.trainable_parameters!r} matches no parameter name")
+                raise UserError(
+                    f"--model.trainable_parameters {self.trainable_parameters!r} matches no parameter name"
+                )
         self._model_ready = True
 
     def setup(self, stage: str) -> None:
@@ -203,7 +219,9 @@ class UnlearningModule(L.LightningModule):
         dm = getattr(trainer, "datamodule", None)
         context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if dm is not None and context is not None and getattr(dm, "max_length", 0) > context:
-            raise UserError(f"--data.max_length={dm.max_length} exceeds the model's context ({context} positions)")
+            raise UserError(
+                f"--data.max_length={dm.max_length} exceeds the model's context ({context} positions)"
+            )
         needs_ref = self.forget_objective.requires_reference or self.retain_objective.requires_reference
         if stage == "fit" and needs_ref and self.reference is None:
             # Copy now: setup runs before a checkpoint's weights are restored, so this is π_ref
@@ -221,7 +239,9 @@ class UnlearningModule(L.LightningModule):
         if self.reference is not None:
             self.reference.to(device=self.device, dtype=params[0].dtype)
         buffer_dtype = torch.float32 if self.grad_buffer_dtype == "float32" else None
-        self.grads = TwoTaskGradients(params, buffer_dtype, self.accumulate_grad_batches, self.trainer.world_size)
+        self.grads = TwoTaskGradients(
+            params, buffer_dtype, self.accumulate_grad_batches, self.trainer.world_size
+        )
         assert self.model is not None
         self.forget_objective.prepare(self.model, self._forget_batches())
         if self.retain_baseline is not None:
@@ -230,8 +250,12 @@ class UnlearningModule(L.LightningModule):
     def on_train_start(self) -> None:
         batches, k = self.trainer.num_training_batches, self.accumulate_grad_batches
         if k > 1 and math.isfinite(batches) and batches % k:
-            log.warning("an epoch has %d batches, not a multiple of accumulate_grad_batches=%d: the last optimizer "
-                        "step of each epoch averages over fewer micro-batches", batches, k)
+            log.warning(
+                "an epoch has %d batches, not a multiple of accumulate_grad_batches=%d: the last optimizer "
+                "step of each epoch averages over fewer micro-batches",
+                batches,
+                k,
+            )
 
     def _forget_batches(self) -> Iterator[dict[str, Tensor]] | None:
         """The forget set in dataset order, one device batch at a time (lazy: only NPO's
@@ -242,11 +266,18 @@ class UnlearningModule(L.LightningModule):
         from lit_unlearn.data.collate import pad_examples
 
         ex, size, pad = dm.forget_examples, dm.eval_batch_size, dm.tokenizer.pad_token_id
-        return ({k: v.to(self.device) for k, v in pad_examples(ex[i : i + size], pad).items()} for i in range(0, len(ex), size))
+        return (
+            {k: v.to(self.device) for k, v in pad_examples(ex[i : i + size], pad).items()}
+            for i in range(0, len(ex), size)
+        )
 
     def configure_optimizers(self) -> Any:
         params = self._trainable()
-        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        opt = (
+            self.optimizer_factory(params)
+            if self.optimizer_factory
+            else torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        )
         for group in opt.param_groups:
             if not group.get("lr", 1.0) > 0:
                 raise UserError(f"--model.optimizer: the learning rate must be > 0, got {group['lr']}")
@@ -261,7 +292,11 @@ class UnlearningModule(L.LightningModule):
             if step < warmup:
                 return (step + 1) / warmup
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[decay]
+            return {
+                "constant": 1.0,
+                "linear": 1.0 - progress,
+                "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+            }[decay]
 
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
 
@@ -313,7 +348,9 @@ class UnlearningModule(L.LightningModule):
         # accumulation, so train and val curves share one x-axis.
         done = self.global_step + 1
         log_every = self.trainer.log_every_n_steps
-        diag_every = self.diagnostics_every_n_steps if self.diagnostics_every_n_steps is not None else log_every
+        diag_every = (
+            self.diagnostics_every_n_steps if self.diagnostics_every_n_steps is not None else log_every
+        )
         geometry = GeometryAccumulator() if diag_every and done % diag_every == 0 else None
         self.synthesizer(grads.forget_views, grads.retain_views, out=grads.grad_views, observer=geometry)
         if self.gradient_clip_val is not None:
@@ -321,10 +358,14 @@ class UnlearningModule(L.LightningModule):
         opt.step()
         self.lr_schedulers().step()
         grads.zero()
-        self.log_dict({"train/forget_loss": losses[0], "train/retain_loss": losses[1]}, prog_bar=True, logger=False)
+        self.log_dict(
+            {"train/forget_loss": losses[0], "train/retain_loss": losses[1]}, prog_bar=True, logger=False
+        )
         metrics: dict[str, Any] = {}
         if log_every and done % log_every == 0:
-            metrics.update({"forget_loss": losses[0], "retain_loss": losses[1], "lr": opt.param_groups[0]["lr"]})
+            metrics.update(
+                {"forget_loss": losses[0], "retain_loss": losses[1], "lr": opt.param_groups[0]["lr"]}
+            )
         if geometry is not None:
             stats = {**geometry.result(), **self.synthesizer.last_report}
             metrics.update(stats)
@@ -356,7 +397,10 @@ class UnlearningModule(L.LightningModule):
         self.bad_steps += 1
         self.consecutive_bad_steps += 1
         self._write_metrics({"train/skipped_steps": self.bad_steps}, self.global_step)
-        log.warning("skipped optimizer step: non-finite loss or gradient (forget_loss=%s, retain_loss=%s)", *losses.tolist())
+        log.warning(
+            "skipped optimizer step: non-finite loss or gradient (forget_loss=%s, retain_loss=%s)",
+            *losses.tolist(),
+        )
         if self.consecutive_bad_steps >= self.max_consecutive_bad_steps:
             raise TrainingDiverged(
                 f"{self.consecutive_bad_steps} consecutive optimizer steps had NaN/inf losses or gradients "
@@ -367,8 +411,15 @@ class UnlearningModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         assert self.model is not None
         dm = getattr(self.trainer, "datamodule", None)
-        name = dm.val_names[dataloader_idx] if dm is not None and hasattr(dm, "val_names") else str(dataloader_idx)
-        nll = mean_nll(self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        name = (
+            dm.val_names[dataloader_idx]
+            if dm is not None and hasattr(dm, "val_names")
+            else str(dataloader_idx)
+        )
+        nll = mean_nll(
+            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+        )
         self.log(f"val/{name}_nll", nll, add_dataloader_idx=False, sync_dist=True)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -395,7 +446,9 @@ class UnlearningModule(L.LightningModule):
             "consecutive_bad_steps": self.consecutive_bad_steps,
             "retain_baseline": self.retain_baseline,
             "batch_layout": self._global_batch(),
-            "objectives": {t: o.state_dict() for t, o in zip(TASKS, (self.forget_objective, self.retain_objective))},
+            "objectives": {
+                t: o.state_dict() for t, o in zip(TASKS, (self.forget_objective, self.retain_objective))
+            },
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -404,9 +457,12 @@ class UnlearningModule(L.LightningModule):
         if saved is not None and self._trainer is not None:
             now = self._global_batch()
             if saved != now:
+
                 def describe(d: dict[str, int]) -> str:
-                    return (f"{d['forget_per_device']}+{d['retain_per_device']} sequences per device x {d['world_size']} "
-                            f"process(es) x {d['accumulate_grad_batches']} micro-batch(es)")
+                    return (
+                        f"{d['forget_per_device']}+{d['retain_per_device']} sequences per device x {d['world_size']} "
+                        f"process(es) x {d['accumulate_grad_batches']} micro-batch(es)"
+                    )
 
                 raise UserError(
                     f"--ckpt_path: the checkpoint was trained with {describe(saved)}, this run uses {describe(now)}; "
@@ -425,13 +481,22 @@ class UnlearningModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         run_dir = run_directory(self.trainer)  # collective under DDP: every rank calls it
-        if not self.save_model or not self.trainer.is_global_zero or not hasattr(self.model, "save_pretrained"):
+        if (
+            not self.save_model
+            or not self.trainer.is_global_zero
+            or not hasattr(self.model, "save_pretrained")
+        ):
             return
         dm = getattr(self.trainer, "datamodule", None)
         try:
             self.saved_model_dir = save_pretrained_atomic(self.model, getattr(dm, "tokenizer", None), run_dir)
         except Exception as err:
-            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "no checkpoint (enable RunCheckpoint)"
-            raise SaveFailed(f"saving the unlearned model to {run_dir} failed ({type(err).__name__}: {err}); the trained "
-                             f"state is in {ckpt}: fix the cause and run the same command with --ckpt_path {ckpt} to save it") from err
+            ckpt = (
+                getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+                or "no checkpoint (enable RunCheckpoint)"
+            )
+            raise SaveFailed(
+                f"saving the unlearned model to {run_dir} failed ({type(err).__name__}: {err}); the trained "
+                f"state is in {ckpt}: fix the cause and run the same command with --ckpt_path {ckpt} to save it"
+            ) from err
         print(f"lit-unlearn: unlearned model saved to {self.saved_model_dir}")

@@ -54,7 +54,9 @@ def check_run_directory(run_dir: str, resuming: bool) -> None:
     if not resuming and os.path.exists(os.path.join(run_dir, "config.yaml")):
         last = os.path.join(run_dir, "checkpoints", "last.ckpt")
         hint = f"resume it with --ckpt_path {last}" if os.path.exists(last) else "move it away"
-        raise UserError(f"run directory {run_dir} holds an unfinished run: {hint}, or choose another directory")
+        raise UserError(
+            f"run directory {run_dir} holds an unfinished run: {hint}, or choose another directory"
+        )
 
 
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:

@@ -36,7 +36,11 @@ DEFAULT_DIR = os.path.join(".cache", "lit_unlearn", "synthetic-target")
 SCHEME = "synthetic://"
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"output_dir": DEFAULT_DIR},
-    "smoke": {"output_dir": os.path.join(".cache", "lit_unlearn", "synthetic-smoke"), "num_people": 20, "steps": 150},
+    "smoke": {
+        "output_dir": os.path.join(".cache", "lit_unlearn", "synthetic-smoke"),
+        "num_people": 20,
+        "steps": 150,
+    },
 }
 
 
@@ -72,7 +76,9 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.pad_id = tokenizer.pad_token_id
         n_general = round(recipe.general_fraction * recipe.batch_size)
         gen = torch.Generator().manual_seed(recipe.train_seed)
-        self.knowledge_idx = torch.randint(len(self.knowledge), (recipe.steps, recipe.batch_size - n_general), generator=gen)
+        self.knowledge_idx = torch.randint(
+            len(self.knowledge), (recipe.steps, recipe.batch_size - n_general), generator=gen
+        )
         self.general_idx = torch.randint(len(self.general), (recipe.steps, n_general), generator=gen)
 
     def __len__(self) -> int:
@@ -155,8 +161,14 @@ def build_target(
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         progress: show Lightning's progress bar.
     """
-    recipe = TargetRecipe(num_people=num_people, forget_fraction=forget_fraction, corpus_seed=corpus_seed,
-                          train_seed=train_seed, steps=steps, oracle=oracle)
+    recipe = TargetRecipe(
+        num_people=num_people,
+        forget_fraction=forget_fraction,
+        corpus_seed=corpus_seed,
+        train_seed=train_seed,
+        steps=steps,
+        oracle=oracle,
+    )
     out = Path(output_dir)
     if not force and (metrics := _cached(out, recipe)) is not None:
         print(f"target: reusing cached model in {out}")
@@ -169,13 +181,30 @@ def build_target(
     L.seed_everything(train_seed, verbose=False)
     corpus = generate_corpus(num_people, forget_fraction, corpus_seed)
     tokenizer = build_tokenizer(corpus)
-    model = tiny_llama(len(tokenizer), recipe.hidden, recipe.intermediate, recipe.layers, recipe.heads,
-                       recipe.max_positions, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = tiny_llama(
+        len(tokenizer),
+        recipe.hidden,
+        recipe.intermediate,
+        recipe.layers,
+        recipe.heads,
+        recipe.max_positions,
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
     module = CausalLMPretraining(model, recipe)
-    loader = torch.utils.data.DataLoader(PretrainBatches(corpus, tokenizer, recipe), batch_size=None, shuffle=False)
+    loader = torch.utils.data.DataLoader(
+        PretrainBatches(corpus, tokenizer, recipe), batch_size=None, shuffle=False
+    )
     trainer = L.Trainer(
-        max_steps=steps, accelerator=accelerator, devices=1, gradient_clip_val=1.0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+        max_steps=steps,
+        accelerator=accelerator,
+        devices=1,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
     )
     trainer.fit(module, loader)
     model = module.model.cpu().eval()
@@ -205,7 +234,9 @@ def resolve_synthetic(name_or_path: str) -> str:
         return name_or_path
     preset = name_or_path[len(SCHEME) :]
     if preset not in PRESETS:
-        raise ValueError(f"unknown synthetic target {name_or_path!r}; expected one of {[SCHEME + p for p in PRESETS]}")
+        raise ValueError(
+            f"unknown synthetic target {name_or_path!r}; expected one of {[SCHEME + p for p in PRESETS]}"
+        )
     build_target(**PRESETS[preset], threads=None)
     return str(PRESETS[preset]["output_dir"])
 

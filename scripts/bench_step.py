@@ -38,8 +38,14 @@ def worker(args: argparse.Namespace) -> dict:
     from lit_unlearn.synthesis import RULES
 
     torch.manual_seed(0)
-    model = tiny_llama(args.vocab, hidden=args.hidden, intermediate=int(args.hidden * 2.6875), layers=args.layers,
-                       heads=max(1, args.hidden // 64), max_positions=args.seq)
+    model = tiny_llama(
+        args.vocab,
+        hidden=args.hidden,
+        intermediate=int(args.hidden * 2.6875),
+        layers=args.layers,
+        heads=max(1, args.hidden // 64),
+        max_positions=args.seq,
+    )
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(1)
     n_batches = args.steps + args.warmup
@@ -72,8 +78,12 @@ def worker(args: argparse.Namespace) -> dict:
 
         def training_step(self, batch, idx):
             f, r = batch["forget"], batch["retain"]
-            lf = -mean_nll(self.model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"])
-            lr_ = mean_nll(self.model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"])
+            lf = -mean_nll(
+                self.model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"]
+            )
+            lr_ = mean_nll(
+                self.model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"]
+            )
             return lf + lr_
 
         def configure_optimizers(self):
@@ -83,12 +93,27 @@ def worker(args: argparse.Namespace) -> dict:
         module = Summed()
     else:
         rule = {cls.__name__: cls for cls in RULES}[args.mode]()
-        module = UnlearningModule(model, synthesizer=rule, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
-                                  diagnostics_every_n_steps=0, save_model=False)
+        module = UnlearningModule(
+            model,
+            synthesizer=rule,
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
+            diagnostics_every_n_steps=0,
+            save_model=False,
+        )
     timer = Timer()
-    trainer = L.Trainer(max_steps=n_batches, accelerator=args.device, devices=1, precision=args.precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, callbacks=[timer], log_every_n_steps=10**6)
+    trainer = L.Trainer(
+        max_steps=n_batches,
+        accelerator=args.device,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[timer],
+        log_every_n_steps=10**6,
+    )
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, loader)
@@ -99,12 +124,20 @@ def worker(args: argparse.Namespace) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = getattr(module, "grads", None)
     engine_extra = grads.extra_bytes() / param_bytes if grads is not None else 0.0
-    return {"mode": args.mode, "ms": statistics.median(timer.times[args.warmup:]) * 1e3, "peak_bytes": peak,
-            "params": n_params, "param_bytes": param_bytes, "engine_buffers": engine_extra}
+    return {
+        "mode": args.mode,
+        "ms": statistics.median(timer.times[args.warmup :]) * 1e3,
+        "peak_bytes": peak,
+        "params": n_params,
+        "param_bytes": param_bytes,
+        "engine_buffers": engine_extra,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
@@ -125,7 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
         cmd = [sys.executable, __file__, "--mode", mode] + [
             f"--{k}={v}" for k, v in vars(args).items() if k not in ("mode", "out")
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -135,16 +170,30 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         row["x_weighted_sum"] = round(row["ms"] / ws["ms"], 3)
         row["x_automatic"] = round(row["ms"] / auto["ms"], 3)
-        row["extra_buffers_vs_automatic"] = round((row["peak_bytes"] - auto["peak_bytes"]) / auto["param_bytes"], 2)
-    result = {"device": args.device, "precision": args.precision, "params": auto["params"], "config": vars(args) | {"out": str(args.out)}, "rows": rows}
-    print(f"{auto['params'] / 1e6:.1f} M parameters, {args.device}, {args.precision}, batch {args.batch}+{args.batch} x {args.seq} tokens")
-    header = (f"{'mode':<18}{'ms/step':>10}{'x WeightedSum':>15}{'x automatic':>13}{'peak MB':>10}"
-              f"{'extra buffers':>15}{'engine buffers':>16}")
+        row["extra_buffers_vs_automatic"] = round(
+            (row["peak_bytes"] - auto["peak_bytes"]) / auto["param_bytes"], 2
+        )
+    result = {
+        "device": args.device,
+        "precision": args.precision,
+        "params": auto["params"],
+        "config": vars(args) | {"out": str(args.out)},
+        "rows": rows,
+    }
+    print(
+        f"{auto['params'] / 1e6:.1f} M parameters, {args.device}, {args.precision}, batch {args.batch}+{args.batch} x {args.seq} tokens"
+    )
+    header = (
+        f"{'mode':<18}{'ms/step':>10}{'x WeightedSum':>15}{'x automatic':>13}{'peak MB':>10}"
+        f"{'extra buffers':>15}{'engine buffers':>16}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['mode']:<18}{row['ms']:>10.1f}{row['x_weighted_sum']:>15.3f}{row['x_automatic']:>13.3f}"
-              f"{row['peak_bytes'] / 2**20:>10.0f}{row['extra_buffers_vs_automatic']:>15.2f}{row['engine_buffers']:>16.2f}")
+        print(
+            f"{row['mode']:<18}{row['ms']:>10.1f}{row['x_weighted_sum']:>15.3f}{row['x_automatic']:>13.3f}"
+            f"{row['peak_bytes'] / 2**20:>10.0f}{row['extra_buffers_vs_automatic']:>15.2f}{row['engine_buffers']:>16.2f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -100,7 +100,9 @@ def timed(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def timed_against_floor(fn: Callable[[], object], floor: Callable[[], object], reps: int) -> tuple[float, float]:
+def timed_against_floor(
+    fn: Callable[[], object], floor: Callable[[], object], reps: int
+) -> tuple[float, float]:
     """Interleave rule and floor runs so both see the same machine load; return both medians (ms)."""
     fn()
     floor()
@@ -116,7 +118,9 @@ def timed_against_floor(fn: Callable[[], object], floor: Callable[[], object], r
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=1536)
@@ -146,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         rule: Synthesizer = cls(forget_weight=g, retain_weight=a)
         ms, floor_ms = timed_against_floor(lambda rule=rule: rule(forget, retain, out=out), floor, args.reps)
         floor_all.append(floor_ms)
-        ref_ms = timed(lambda name=cls.__name__: REFERENCES[name](forget, retain, a, g), max(2, args.reps // 2))
+        ref_ms = timed(
+            lambda name=cls.__name__: REFERENCES[name](forget, retain, a, g), max(2, args.reps // 2)
+        )
         check = REFERENCES[cls.__name__](forget, retain, a, g)
         max_err = max((u - c).abs().max().item() for u, c in zip(rule(forget, retain), check))
         rows.append(
@@ -175,9 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
         "naive_where_sago_x_floor": round(where_ms / where_floor, 2),
         "rules": rows,
     }
-    print(f"{len(shapes)} tensors, {numel / 1e6:.1f} M fp32 elements, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"floor (torch.add out=): {floor_ms:.1f} ms, {result['floor_gb_per_s']} GB/s;"
-          f" naive torch.where SAGO: {result['naive_where_sago_x_floor']}x floor")
+    print(
+        f"{len(shapes)} tensors, {numel / 1e6:.1f} M fp32 elements, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"floor (torch.add out=): {floor_ms:.1f} ms, {result['floor_gb_per_s']} GB/s;"
+        f" naive torch.where SAGO: {result['naive_where_sago_x_floor']}x floor"
+    )
     header = f"{'rule':<18}{'gran.':<9}{'ms':>9}{'GB/s':>8}{'x floor':>9}{'ref ms':>10}{'speed-up':>10}"
     print(header)
     print("-" * len(header))

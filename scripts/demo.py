@@ -6,9 +6,11 @@
 Steps, each an ordinary command you can copy:
 1. ``lit-unlearn-target`` builds (first time, ~1 minute) or reuses the cached target: a tiny Llama
    that knows 200 fictitious people;
-2. for each synthesizer, ``lit-unlearn fit`` with GradDiff at lr 1e-3, evaluating every 10 steps
-   and stopping when forget Q/A accuracy <= 0.2 (cap 200 steps): the matched-forgetting protocol;
-3. ``scripts/compare_runs.py`` prints the comparison and saves the Pareto plot;
+2. for each synthesizer and each of 3 seeds (the seed fixes the data order), ``lit-unlearn fit``
+   with GradDiff at lr 1e-3, evaluating every 10 steps and stopping when forget Q/A accuracy <= 0.2
+   (cap 200 steps): the matched-forgetting protocol;
+3. ``scripts/compare_runs.py`` prints every run and the mean ± std per synthesizer, and saves the
+   Pareto plot;
 4. with ``--oracle``, ``lit-unlearn-target --oracle true`` builds the retrain oracle as a reference.
 """
 
@@ -24,7 +26,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-STACK = ["configs/trainer/cpu.yaml", "configs/model/synthetic_target.yaml", "configs/data/synthetic.yaml", "configs/eval/synthetic.yaml"]
+STACK = [
+    "configs/trainer/cpu.yaml",
+    "configs/model/synthetic_target.yaml",
+    "configs/data/synthetic.yaml",
+    "configs/eval/synthetic.yaml",
+]
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
@@ -42,48 +49,96 @@ def free_directory(out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="where the runs, TensorBoard logs and plot go (if it already "
-                        "holds runs, the next free runs/demo-2, -3, ... is used: earlier runs are never overwritten)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        default="runs/demo",
+        help="where the runs, TensorBoard logs and plot go (if it already "
+        "holds runs, the next free runs/demo-2, -3, ... is used: earlier runs are never overwritten)",
+    )
     parser.add_argument("--objective", default="graddiff", choices=["ga", "graddiff", "npo", "simnpo", "rmu"])
-    parser.add_argument("--synthesizers", nargs="+", default=["naive", "pcgrad", "sago"],
-                        choices=["naive", "pcgrad", "pcgrad_global", "sago"])
-    parser.add_argument("--oracle", action="store_true",
-                        help="also build the retrain oracle (never saw the forget people; ~1 minute) and print it "
-                             "as the reference: forget accuracy near its value is 'forgotten', below it over-forgetting")
+    parser.add_argument(
+        "--synthesizers",
+        nargs="+",
+        default=["naive", "pcgrad", "sago"],
+        choices=["naive", "pcgrad", "pcgrad_global", "sago"],
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0, 1, 2],
+        help="one run per seed and synthesizer (the seed fixes the data order); the table shows mean ± std",
+    )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also build the retrain oracle (never saw the forget people; ~1 minute) and print it "
+        "as the reference: forget accuracy near its value is 'forgotten', below it over-forgetting",
+    )
     args = parser.parse_args(argv)
     args.out = free_directory(args.out)
     # One thread is 3-5x faster than two for this 160k-parameter model on a shared 2-core CPU.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PYTHONWARNINGS": "ignore",
+    }
     start = time.perf_counter()
     run([os.path.join(BIN, "lit-unlearn-target")], env)
     run_dirs = []
     for synth in args.synthesizers:
-        out = os.path.join(args.out, synth)
-        cmd = [os.path.join(BIN, "lit-unlearn"), "fit"]
-        for cfg in STACK + [f"configs/experiments/synthetic/{args.objective}_{synth}.yaml"]:
-            cmd += ["--config", cfg]
-        cmd += ["--trainer.default_root_dir", out, "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
-                "--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", "", "--trainer.logger.init_args.version", ""]
-        run(cmd, env)
-        run_dirs.append(out)
-    print("\n$ " + shlex.join([sys.executable, "scripts/compare_runs.py", *run_dirs, "--out", f"{args.out}/pareto.png"]))
-    from lit_unlearn.eval.report import compare_runs
+        for seed in args.seeds:
+            out = os.path.join(args.out, synth, f"seed{seed}")
+            cmd = [os.path.join(BIN, "lit-unlearn"), "fit"]
+            for cfg in STACK + [f"configs/experiments/synthetic/{args.objective}_{synth}.yaml"]:
+                cmd += ["--config", cfg]
+            cmd += [
+                "--seed_everything",
+                str(seed),
+                "--trainer.default_root_dir",
+                out,
+                "--trainer.logger.class_path",
+                "lightning.pytorch.loggers.TensorBoardLogger",
+                "--trainer.logger.init_args.save_dir",
+                out,
+                "--trainer.logger.init_args.name",
+                "",
+                "--trainer.logger.init_args.version",
+                "",
+            ]
+            run(cmd, env)
+            run_dirs.append(out)
+    print(
+        "\n$ "
+        + shlex.join([sys.executable, "scripts/compare_runs.py", args.out, "--out", f"{args.out}/pareto.png"])
+    )
+    from lit_unlearn.eval.report import compare_runs, summarize_seeds
 
     print()
-    rows = compare_runs([os.path.join(ROOT, d) for d in run_dirs], out_png=os.path.join(ROOT, args.out, "pareto.png"))
-    summary: dict = {"runs": rows}
+    rows = compare_runs(
+        [os.path.join(ROOT, d) for d in run_dirs], out_png=os.path.join(ROOT, args.out, "pareto.png")
+    )
+    print(f"\nmean ± std over seeds {args.seeds}, at matched forgetting (forget Q/A <= 0.2):")
+    groups = summarize_seeds(rows)
+    summary: dict = {"runs": rows, "by_synthesizer": groups}
     if args.oracle:
         oracle_dir = os.path.join(".cache", "lit_unlearn", "synthetic-oracle")
         run([os.path.join(BIN, "lit-unlearn-target"), "--oracle", "true", "--output_dir", oracle_dir], env)
         with open(os.path.join(ROOT, oracle_dir, "metrics.json")) as handle:
             oracle = json.load(handle)
         summary["oracle"] = oracle
-        print(f"\nretrain oracle (reference): forget {oracle['forget_qa']:.3f}  retain {oracle['retain_qa']:.3f}  "
-              f"general {oracle['general_arithmetic']:.3f}")
+        print(
+            f"\nretrain oracle (reference): forget {oracle['forget_qa']:.3f}  retain {oracle['retain_qa']:.3f}  "
+            f"general {oracle['general_arithmetic']:.3f}"
+        )
     with open(os.path.join(ROOT, args.out, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    print(f"\nTensorBoard: tensorboard --logdir {args.out}   (custom scalars: trade-off and geometry; HParams; images)")
+    print(
+        f"\nTensorBoard: tensorboard --logdir {args.out}   (custom scalars: trade-off and geometry; HParams; images)"
+    )
     print(f"total: {time.perf_counter() - start:.0f} s")
 
 

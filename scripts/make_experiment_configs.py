@@ -18,24 +18,30 @@ OBJECTIVES = ["ga", "graddiff", "npo", "simnpo", "rmu"]
 SYNTHESIZERS = {"naive": "WeightedSum", "pcgrad": "PCGrad", "pcgrad_global": "PCGradGlobal", "sago": "SAGO"}
 STACKS = {
     "wmdp_bio": "configs/base.yaml --config configs/trainer/gpu_ddp.yaml --config configs/model/zephyr_7b_beta.yaml "
-                "--config configs/data/wmdp_bio.yaml --config configs/eval/wmdp_bio.yaml",
+    "--config configs/data/wmdp_bio.yaml --config configs/eval/wmdp_bio.yaml",
     "wmdp_cyber": "configs/base.yaml --config configs/trainer/gpu_ddp.yaml --config configs/model/zephyr_7b_beta.yaml "
-                  "--config configs/data/wmdp_cyber.yaml --config configs/eval/wmdp_cyber.yaml",
+    "--config configs/data/wmdp_cyber.yaml --config configs/eval/wmdp_cyber.yaml",
     "rwku": "configs/base.yaml --config configs/trainer/gpu_ddp.yaml --config configs/model/llama3_8b_instruct.yaml "
-            "--config configs/data/rwku.yaml --config configs/eval/rwku.yaml",
+    "--config configs/data/rwku.yaml --config configs/eval/rwku.yaml",
     "synthetic": "configs/trainer/cpu.yaml --config configs/model/synthetic_target.yaml --config configs/data/synthetic.yaml "
-                 "--config configs/eval/synthetic.yaml",
+    "--config configs/eval/synthetic.yaml",
 }
 
 # (benchmark, objective, synthesizer) -> settings, as the paper lists them.
 PAPER: dict[tuple[str, str, str], dict[str, Any]] = {}
 for bench in ("bio", "cyber"):
     PAPER[(bench, "ga", "naive")] = dict(lr=5e-7, steps=100, alpha=0.0, gamma=1.0)
-    PAPER[(bench, "graddiff", "naive")] = dict(lr=3e-6 if bench == "bio" else 5e-6, steps=100, alpha=1.0, gamma=1.0)
+    PAPER[(bench, "graddiff", "naive")] = dict(
+        lr=3e-6 if bench == "bio" else 5e-6, steps=100, alpha=1.0, gamma=1.0
+    )
     PAPER[(bench, "graddiff", "pcgrad")] = dict(lr=1e-5, steps=100, alpha=1.0, gamma=1.0)
     PAPER[(bench, "npo", "naive")] = dict(lr=1e-5, steps=100, alpha=0.1, gamma=1.0, beta=0.01)
-    PAPER[(bench, "simnpo", "naive")] = dict(lr=1e-5, steps=100, alpha=0.1, gamma=1.0, beta=0.7 if bench == "bio" else 0.75, delta=0.1)
-    PAPER[(bench, "rmu", "naive")] = dict(lr=5e-5, steps=80, alpha=2.5 if bench == "bio" else 1.0, gamma=1.0, constant_lr=True)
+    PAPER[(bench, "simnpo", "naive")] = dict(
+        lr=1e-5, steps=100, alpha=0.1, gamma=1.0, beta=0.7 if bench == "bio" else 0.75, delta=0.1
+    )
+    PAPER[(bench, "rmu", "naive")] = dict(
+        lr=5e-5, steps=80, alpha=2.5 if bench == "bio" else 1.0, gamma=1.0, constant_lr=True
+    )
 PAPER[("bio", "graddiff", "sago")] = dict(lr=1e-5, steps=500, alpha=0.5, gamma=1.0)
 PAPER[("cyber", "graddiff", "sago")] = dict(lr=1e-5, steps=500, alpha=1.0, gamma=1.0)
 PAPER[("bio", "npo", "sago")] = dict(lr=1e-5, steps=150, alpha=1.0, gamma=0.1, beta=1e-4)
@@ -51,7 +57,10 @@ RWKU_PAPER = {
 }
 # docs/benchmark.md: value-token losses, AdamW lr 1e-3, alpha = gamma = 1, NPO beta 0.1, SimNPO beta 2.5.
 SYNTHETIC = {
-    "ga": dict(alpha=0.0), "graddiff": dict(), "npo": dict(beta=0.1), "simnpo": dict(beta=2.5, delta=0.0),
+    "ga": dict(alpha=0.0),
+    "graddiff": dict(),
+    "npo": dict(beta=0.1),
+    "simnpo": dict(beta=2.5, delta=0.0),
     "rmu": dict(layer=1, steering_coeff=8.0, regex=r"layers\.(0|1)\.mlp\.down_proj"),
 }
 
@@ -65,7 +74,9 @@ def wmdp_settings(bench: str, objective: str, synth: str) -> tuple[dict[str, Any
         if candidate in PAPER:
             return PAPER[candidate], f"not in the paper: reuses {candidate[1]} + {candidate[2]} ({bench})"
     if objective == "ga":  # GA under a synthesizer: the retain gradient only constrains the direction
-        return dict(lr=1e-5, steps=100, alpha=0.0, gamma=1.0), "not in the paper: GA with alpha = 0 at the PCGrad/SAGO lr"
+        return dict(
+            lr=1e-5, steps=100, alpha=0.0, gamma=1.0
+        ), "not in the paper: GA with alpha = 0 at the PCGrad/SAGO lr"
     base = PAPER[(bench, objective, "naive")]
     return base, f"not in the paper: reuses the {objective} baseline ({bench})"
 
@@ -77,11 +88,21 @@ def objective_block(objective: str, s: dict[str, Any], layer: int = 7, coeff: fl
     elif objective == "npo":
         lines += ["    class_path: lit_unlearn.objectives.NPO", f"    init_args: {{beta: {s['beta']}}}"]
     elif objective == "simnpo":
-        lines += ["    class_path: lit_unlearn.objectives.SimNPO", f"    init_args: {{beta: {s['beta']}, delta: {s.get('delta', 0.0)}}}"]
+        lines += [
+            "    class_path: lit_unlearn.objectives.SimNPO",
+            f"    init_args: {{beta: {s['beta']}, delta: {s.get('delta', 0.0)}}}",
+        ]
     else:
-        lines += ["    class_path: lit_unlearn.objectives.RMU", f"    init_args: {{layer: {layer}, steering_coeff: {coeff}}}"]
+        lines += [
+            "    class_path: lit_unlearn.objectives.RMU",
+            f"    init_args: {{layer: {layer}, steering_coeff: {coeff}}}",
+        ]
     if objective == "rmu":
-        lines += ["  retain_objective:", "    class_path: lit_unlearn.objectives.EmbedDiff", f"    init_args: {{layer: {layer}}}"]
+        lines += [
+            "  retain_objective:",
+            "    class_path: lit_unlearn.objectives.EmbedDiff",
+            f"    init_args: {{layer: {layer}}}",
+        ]
     else:
         lines += ["  retain_objective:", "    class_path: lit_unlearn.objectives.NLL"]
     return lines
@@ -104,9 +125,12 @@ def render(bench: str, objective: str, synth: str) -> str:
         s = {k: v for k, v in s.items() if k != "steps"}
     else:
         s, source = wmdp_settings(bench.split("_")[1], objective, synth)
-    purpose = {"wmdp_bio": "WMDP-Bio on Zephyr-7B-beta", "wmdp_cyber": "WMDP-Cyber on Zephyr-7B-beta",
-               "rwku": "RWKU (targets 1-50, retain 151-200) on Llama-3-8B-Instruct, 2 epochs",
-               "synthetic": "the embedded fictitious-knowledge benchmark (CPU, minutes)"}[bench]
+    purpose = {
+        "wmdp_bio": "WMDP-Bio on Zephyr-7B-beta",
+        "wmdp_cyber": "WMDP-Cyber on Zephyr-7B-beta",
+        "rwku": "RWKU (targets 1-50, retain 151-200) on Llama-3-8B-Instruct, 2 epochs",
+        "synthetic": "the embedded fictitious-knowledge benchmark (CPU, minutes)",
+    }[bench]
     lines = [
         f"# Purpose: {objective} forget loss, synthesizer {SYNTHESIZERS[synth]}, {purpose}.",
         f"# Hyper-parameters: {source}.",
@@ -148,7 +172,9 @@ def all_files() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", default=ROOT)
     args = parser.parse_args(argv)
     for rel, text in all_files().items():

@@ -33,8 +33,10 @@ def _load(name: str, config: str | None, split: str = "train") -> Any:
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, gated, renamed: say which and stop
-        sys.exit(f"prepare_data: cannot load {name}{'/' + config if config else ''} ({type(err).__name__}: {str(err)[:200]}); "
-                 "this step needs network access to the Hugging Face Hub (and access to gated datasets)")
+        sys.exit(
+            f"prepare_data: cannot load {name}{'/' + config if config else ''} ({type(err).__name__}: {str(err)[:200]}); "
+            "this step needs network access to the Hugging Face Hub (and access to gated datasets)"
+        )
 
 
 def _write_jsonl(path: str, texts: Iterable[str]) -> int:
@@ -50,8 +52,12 @@ def _write_jsonl(path: str, texts: Iterable[str]) -> int:
 
 
 def prepare_wmdp(out: str) -> None:
-    jobs = [("bio-forget-corpus", WMDP_BIO_FORGET, None), ("bio-retain-corpus", WMDP_CORPORA, "bio-retain-corpus"),
-            ("cyber-forget-corpus", WMDP_CORPORA, "cyber-forget-corpus"), ("cyber-retain-corpus", WMDP_CORPORA, "cyber-retain-corpus")]
+    jobs = [
+        ("bio-forget-corpus", WMDP_BIO_FORGET, None),
+        ("bio-retain-corpus", WMDP_CORPORA, "bio-retain-corpus"),
+        ("cyber-forget-corpus", WMDP_CORPORA, "cyber-forget-corpus"),
+        ("cyber-retain-corpus", WMDP_CORPORA, "cyber-retain-corpus"),
+    ]
     for name, repo, config in jobs:
         ds = _load(repo, config)
         n = _write_jsonl(os.path.join(out, f"{name}.jsonl"), ds["text"])
@@ -64,8 +70,14 @@ def prepare_rwku(out: str) -> None:
     forget_names, retain_names = set(names[:50]), set(names[150:200])
     passages = _load(RWKU, "train_original_passage")
     rows = list(passages)
-    n_f = _write_jsonl(os.path.join(out, "forget_targets_1-50.jsonl"), (r["text"] for r in rows if r["subject"] in forget_names))
-    n_r = _write_jsonl(os.path.join(out, "retain_targets_151-200.jsonl"), (r["text"] for r in rows if r["subject"] in retain_names))
+    n_f = _write_jsonl(
+        os.path.join(out, "forget_targets_1-50.jsonl"),
+        (r["text"] for r in rows if r["subject"] in forget_names),
+    )
+    n_r = _write_jsonl(
+        os.path.join(out, "retain_targets_151-200.jsonl"),
+        (r["text"] for r in rows if r["subject"] in retain_names),
+    )
     print(f"RWKU passages: {n_f} forget, {n_r} retain")
     for level in RWKU_LEVELS:
         ds = _load(RWKU, level, split="test")
@@ -79,7 +91,9 @@ def prepare_rwku(out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("dataset", choices=["wmdp", "rwku"])
     parser.add_argument("--out", default=None, help="output folder (default data/<dataset>)")
     args = parser.parse_args(argv)

@@ -32,17 +32,30 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
             cmd = [os.path.join(BIN, "lit-unlearn"), "fit"]
             for cfg in STACKS[args.benchmark].split(" --config "):
                 cmd += ["--config", cfg]
-            cmd += ["--config", f"configs/experiments/{args.benchmark}/{args.objective}_{synth}.yaml",
-                    "--model.optimizer.init_args.lr", f"{lr:g}", "--trainer.default_root_dir", run_dir,
-                    "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
-                    "--trainer.logger.init_args.save_dir", run_dir, "--trainer.logger.init_args.name", "",
-                    "--trainer.logger.init_args.version", ""]
+            cmd += [
+                "--config",
+                f"configs/experiments/{args.benchmark}/{args.objective}_{synth}.yaml",
+                "--model.optimizer.init_args.lr",
+                f"{lr:g}",
+                "--trainer.default_root_dir",
+                run_dir,
+                "--trainer.logger.class_path",
+                "lightning.pytorch.loggers.TensorBoardLogger",
+                "--trainer.logger.init_args.save_dir",
+                run_dir,
+                "--trainer.logger.init_args.name",
+                "",
+                "--trainer.logger.init_args.version",
+                "",
+            ]
             out.append((run_dir, cmd + list(args.extra)))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--benchmark", default="synthetic", choices=sorted(STACKS))
     parser.add_argument("--objective", default="graddiff", choices=["ga", "graddiff", "npo", "simnpo", "rmu"])
     parser.add_argument("--synthesizers", nargs="+", default=["naive", "pcgrad", "sago"])

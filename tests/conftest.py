@@ -54,9 +54,15 @@ def bpe_tokenizer_dir(tmp_path_factory) -> str:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = ["the quick brown fox jumps over the lazy dog", "pathogens and viruses are studied in labs",
-            "the capital of france is paris", "question answer pairs for unlearning"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = [
+        "the quick brown fox jumps over the lazy dog",
+        "pathogens and viruses are studied in labs",
+        "the capital of france is paris",
+        "question answer pairs for unlearning",
+    ] * 20
     core.train_from_iterator(text, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
     out = tmp_path_factory.mktemp("tok") / "bpe"

@@ -54,17 +54,38 @@ def write_varlen_pairs(directory: str) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def make_model(tokenizer_dir: str, dtype: torch.dtype = torch.float64, seed: int = 0, hidden: int = 32) -> torch.nn.Module:
+def make_model(
+    tokenizer_dir: str, dtype: torch.dtype = torch.float64, seed: int = 0, hidden: int = 32
+) -> torch.nn.Module:
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
-    model = tiny_llama(len(tok), hidden=hidden, intermediate=64, layers=2, heads=2, max_positions=64,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = tiny_llama(
+        len(tok),
+        hidden=hidden,
+        intermediate=64,
+        layers=2,
+        heads=2,
+        max_positions=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return model.to(dtype).train()
 
 
-def make_dm(tokenizer_dir: str, forget_path: str, retain_path: str, batch: int = 2, seed: int = 0, **kw: Any) -> UnlearningDataModule:
-    return UnlearningDataModule(tokenizer_dir, QAPairs(forget_path), QAPairs(retain_path), max_length=32,
-                                forget_batch_size=batch, retain_batch_size=batch, seed=seed, **kw)
+def make_dm(
+    tokenizer_dir: str, forget_path: str, retain_path: str, batch: int = 2, seed: int = 0, **kw: Any
+) -> UnlearningDataModule:
+    return UnlearningDataModule(
+        tokenizer_dir,
+        QAPairs(forget_path),
+        QAPairs(retain_path),
+        max_length=32,
+        forget_batch_size=batch,
+        retain_batch_size=batch,
+        seed=seed,
+        **kw,
+    )
 
 
 def sgd(lr: float = 0.1):
@@ -72,9 +93,17 @@ def sgd(lr: float = 0.1):
 
 
 def fit(module: UnlearningModule, dm: UnlearningDataModule, max_steps: int, **trainer_kw: Any) -> L.Trainer:
-    kw: dict[str, Any] = dict(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                              enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                              log_every_n_steps=1)
+    kw: dict[str, Any] = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
+    )
     kw.update(trainer_kw)
     trainer = L.Trainer(**kw)
     trainer.fit(module, dm)
@@ -95,7 +124,9 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
+def relative_difference(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> float:
     """max |a - b| over all weights, relative to the largest change of ``b`` from ``initial``."""
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     update = max((b[k] - initial[k]).abs().max().item() for k in a)

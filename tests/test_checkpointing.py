@@ -32,20 +32,37 @@ class FailAt(L.Callback):
 
 
 def _module(tokenizer_dir):
-    return UnlearningModule(make_model(tokenizer_dir), synthesizer=SAGO(retain_weight=0.5),
-                            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), accumulate_grad_batches=2,
-                            grad_buffer_dtype="param", save_model=False)
+    return UnlearningModule(
+        make_model(tokenizer_dir),
+        synthesizer=SAGO(retain_weight=0.5),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        accumulate_grad_batches=2,
+        grad_buffer_dtype="param",
+        save_model=False,
+    )
 
 
 def _trainer(tmp_path, *callbacks, max_steps=6):
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False, precision="64-true", callbacks=[*callbacks], default_root_dir=str(tmp_path))
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        precision="64-true",
+        callbacks=[*callbacks],
+        default_root_dir=str(tmp_path),
+    )
 
 
-def test_an_error_at_a_step_boundary_leaves_a_last_ckpt_that_resumes_exactly(synthetic_tokenizer_dir, varlen, tmp_path):
+def test_an_error_at_a_step_boundary_leaves_a_last_ckpt_that_resumes_exactly(
+    synthetic_tokenizer_dir, varlen, tmp_path
+):
     full = _module(synthetic_tokenizer_dir)
     _trainer(tmp_path / "full", RunCheckpoint(every_n_train_steps=0, dirpath=str(tmp_path / "full"))).fit(
-        full, make_dm(synthetic_tokenizer_dir, *varlen))
+        full, make_dm(synthetic_tokenizer_dir, *varlen)
+    )
 
     broken = _module(synthetic_tokenizer_dir)
     ckpt_cb = RunCheckpoint(every_n_train_steps=0, dirpath=str(tmp_path / "cut"))
@@ -55,12 +72,15 @@ def test_an_error_at_a_step_boundary_leaves_a_last_ckpt_that_resumes_exactly(syn
     assert torch.load(last, weights_only=False)["global_step"] == 3
 
     resumed = _module(synthetic_tokenizer_dir)
-    _trainer(tmp_path / "resumed", RunCheckpoint(every_n_train_steps=0, dirpath=str(tmp_path / "resumed"))).fit(
-        resumed, make_dm(synthetic_tokenizer_dir, *varlen), ckpt_path=str(last))
+    _trainer(
+        tmp_path / "resumed", RunCheckpoint(every_n_train_steps=0, dirpath=str(tmp_path / "resumed"))
+    ).fit(resumed, make_dm(synthetic_tokenizer_dir, *varlen), ckpt_path=str(last))
     assert_same_weights(weights(full.model), weights(resumed.model), atol=0)
 
 
-def test_a_diverged_run_does_not_overwrite_the_last_good_checkpoint(synthetic_tokenizer_dir, varlen, tmp_path):
+def test_a_diverged_run_does_not_overwrite_the_last_good_checkpoint(
+    synthetic_tokenizer_dir, varlen, tmp_path
+):
     module = _module(synthetic_tokenizer_dir)
     ckpt_cb = RunCheckpoint(every_n_train_steps=2, dirpath=str(tmp_path))
 
@@ -81,34 +101,54 @@ def _with_baseline(module: UnlearningModule, first: float) -> UnlearningModule:
 
 
 def test_collapse_guard_trips_near_a_uniform_prediction_and_only_there(synthetic_tokenizer_dir):
-    module = _with_baseline(UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=NLL(), collapse_threshold=0.8), 0.001)
+    module = _with_baseline(
+        UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=NLL(), collapse_threshold=0.8),
+        0.001,
+    )
     ln_v = math.log(module.model.config.vocab_size)
     assert not module._diverged(torch.tensor(2.0))  # 2000 x the start, still far from uniform: not collapse
     assert not module._diverged(torch.tensor(0.79 * ln_v))
     assert module._diverged(torch.tensor(0.81 * ln_v))
-    untrained = _with_baseline(UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=0.8), 0.95 * ln_v)
+    untrained = _with_baseline(
+        UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=0.8), 0.95 * ln_v
+    )
     assert not untrained._diverged(torch.tensor(1.8 * ln_v))  # < 2 x its start
     assert untrained._diverged(torch.tensor(2.0 * ln_v))
-    kl = _with_baseline(UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=KL(), collapse_threshold=0.8), 0.0)
+    kl = _with_baseline(
+        UnlearningModule(make_model(synthetic_tokenizer_dir), retain_objective=KL(), collapse_threshold=0.8),
+        0.0,
+    )
     assert not kl._diverged(torch.tensor(50.0))  # no uniform loss: not checked
     off = _with_baseline(UnlearningModule(make_model(synthetic_tokenizer_dir), collapse_threshold=None), 0.1)
     assert not off._diverged(torch.tensor(100.0))
 
 
-def test_a_failing_final_save_names_last_ckpt_and_resuming_from_it_saves(synthetic_tokenizer_dir, varlen, tmp_path, monkeypatch):
+def test_a_failing_final_save_names_last_ckpt_and_resuming_from_it_saves(
+    synthetic_tokenizer_dir, varlen, tmp_path, monkeypatch
+):
     from lit_unlearn.errors import SaveFailed
 
-    module = UnlearningModule(make_model(synthetic_tokenizer_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    module = UnlearningModule(
+        make_model(synthetic_tokenizer_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+    )
 
     def broken(*args, **kwargs):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(module.model, "save_pretrained", broken)
     with pytest.raises(SaveFailed, match="last.ckpt") as err:
-        _trainer(tmp_path / "a", RunCheckpoint(every_n_train_steps=0), max_steps=3).fit(module, make_dm(synthetic_tokenizer_dir, *varlen))
+        _trainer(tmp_path / "a", RunCheckpoint(every_n_train_steps=0), max_steps=3).fit(
+            module, make_dm(synthetic_tokenizer_dir, *varlen)
+        )
     ckpt = str(err.value).rsplit("--ckpt_path ", 1)[1].split(" ")[0]
-    assert not list((tmp_path / "a").rglob("unlearned_model")) and not list((tmp_path / "a").rglob(".unlearned_model-*"))
-    again = UnlearningModule(make_model(synthetic_tokenizer_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    _trainer(tmp_path / "b", RunCheckpoint(every_n_train_steps=0), max_steps=3).fit(again, make_dm(synthetic_tokenizer_dir, *varlen), ckpt_path=ckpt)
+    assert not list((tmp_path / "a").rglob("unlearned_model")) and not list(
+        (tmp_path / "a").rglob(".unlearned_model-*")
+    )
+    again = UnlearningModule(
+        make_model(synthetic_tokenizer_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+    )
+    _trainer(tmp_path / "b", RunCheckpoint(every_n_train_steps=0), max_steps=3).fit(
+        again, make_dm(synthetic_tokenizer_dir, *varlen), ckpt_path=ckpt
+    )
     assert again.saved_model_dir is not None
     assert_same_weights(weights(module.model), weights(again.model), atol=0)

@@ -27,32 +27,61 @@ def test_tiny_config_fit_leaves_model_logs_config_and_manifest(tmp_path, capsys)
     assert os.path.exists(os.path.join(out, "unlearned_model", "config.json"))
     assert os.path.exists(os.path.join(out, "unlearned_model", "tokenizer.json"))
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    assert manifest["world_size"] == 1 and manifest["batch_size"]["forget"] == {"per_device": 8, "effective": 8}
+    assert manifest["world_size"] == 1 and manifest["batch_size"]["forget"] == {
+        "per_device": 8,
+        "effective": 8,
+    }
     assert manifest["versions"]["torch"] and manifest["seed"] == 0
     assert "unlearned model saved to" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("rule", ["WeightedSum", "PCGrad", "PCGradGlobal", "SAGO", "SAGOPreferRetain"])
 def test_synthesizer_swaps_by_flag(tmp_path, rule):
-    main(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2",
-          "--model.synthesizer", rule, "--model.save_model", "false"])
+    main(
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.max_steps",
+            "2",
+            "--model.synthesizer",
+            rule,
+            "--model.save_model",
+            "false",
+        ]
+    )
     config = open(os.path.join(run_dir(tmp_path), "config.yaml")).read()
-    assert f"class_path: lit_unlearn.synthesis.{rule}" in config.replace("synthesis.weighted.", "synthesis.").replace(
-        "synthesis.projection.", "synthesis.").replace("synthesis.gating.", "synthesis.")
+    assert f"class_path: lit_unlearn.synthesis.{rule}" in config.replace(
+        "synthesis.weighted.", "synthesis."
+    ).replace("synthesis.projection.", "synthesis.").replace("synthesis.gating.", "synthesis.")
 
 
 def test_print_config_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--print_config"])
     out = capsys.readouterr().out
-    for expected in ("class_path: lit_unlearn.synthesis.WeightedSum", "class_path: lit_unlearn.objectives.GradientAscent",
-                     "accumulate_grad_batches: 1", "grad_buffer_dtype: float32", "use_distributed_sampler: false"):
+    for expected in (
+        "class_path: lit_unlearn.synthesis.WeightedSum",
+        "class_path: lit_unlearn.objectives.GradientAscent",
+        "accumulate_grad_batches: 1",
+        "grad_buffer_dtype: float32",
+        "use_distributed_sampler: false",
+    ):
         assert expected in out
 
 
-@pytest.mark.parametrize(("flag", "replacement"), [("gradient_clip_val=1.0", "--model.gradient_clip_val"),
-                                                   ("accumulate_grad_batches=4", "--model.accumulate_grad_batches")])
-def test_trainer_flags_refused_under_manual_optimization_name_the_module_flag(tmp_path, capsys, flag, replacement):
+@pytest.mark.parametrize(
+    ("flag", "replacement"),
+    [
+        ("gradient_clip_val=1.0", "--model.gradient_clip_val"),
+        ("accumulate_grad_batches=4", "--model.accumulate_grad_batches"),
+    ],
+)
+def test_trainer_flags_refused_under_manual_optimization_name_the_module_flag(
+    tmp_path, capsys, flag, replacement
+):
     with pytest.raises(SystemExit):
         main(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path), f"--trainer.{flag}"])
     assert replacement in capsys.readouterr().err

@@ -13,8 +13,20 @@ from lit_unlearn.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "configs", "experiments", "*", "*.yaml")))
-BLOCKS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True) if "/experiments/" not in p)
-MINIMAL = ["fit", "--config", "configs/trainer/cpu.yaml", "--config", "configs/model/synthetic_target.yaml", "--config", "configs/data/synthetic.yaml"]
+BLOCKS = sorted(
+    p
+    for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+    if "/experiments/" not in p
+)
+MINIMAL = [
+    "fit",
+    "--config",
+    "configs/trainer/cpu.yaml",
+    "--config",
+    "configs/model/synthetic_target.yaml",
+    "--config",
+    "configs/data/synthetic.yaml",
+]
 
 
 def documented_command(path: str) -> list[str]:
@@ -65,6 +77,11 @@ SYNTHETIC = sorted(p for p in EXPERIMENTS if "/synthetic/" in p)
 @pytest.mark.parametrize("path", SYNTHETIC, ids=lambda p: os.path.basename(p)[:-5])
 def test_objective_synthesizer_combination_runs_two_steps(path, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    args = documented_command(path) + ["--config", "configs/debug/overlay.yaml", "--trainer.default_root_dir", str(tmp_path)]
+    args = documented_command(path) + [
+        "--config",
+        "configs/debug/overlay.yaml",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     main(args)
     assert os.path.exists(tmp_path / "results.json")

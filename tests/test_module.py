@@ -46,8 +46,12 @@ class SummedLoss(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         f, r = batch["forget"], batch["retain"]
-        lf = -mean_nll(self.model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"])
-        lr_ = mean_nll(self.model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"])
+        lf = -mean_nll(
+            self.model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"]
+        )
+        lr_ = mean_nll(
+            self.model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits, r["labels"]
+        )
         return self.gamma * lf + self.alpha * lr_
 
     def configure_optimizers(self):
@@ -58,9 +62,15 @@ def test_weighted_sum_manual_equals_automatic_summed_loss(synthetic_tokenizer_di
     gamma, alpha = 0.7, 1.3
     auto = SummedLoss(make_model(synthetic_tokenizer_dir), gamma, alpha, lr=0.1)
     fit(auto, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=5, precision="64-true")
-    manual = UnlearningModule(make_model(synthetic_tokenizer_dir), GradientAscent(), NLL(),
-                              WeightedSum(forget_weight=gamma, retain_weight=alpha), optimizer=sgd(0.1),
-                              grad_buffer_dtype="param", save_model=False)
+    manual = UnlearningModule(
+        make_model(synthetic_tokenizer_dir),
+        GradientAscent(),
+        NLL(),
+        WeightedSum(forget_weight=gamma, retain_weight=alpha),
+        optimizer=sgd(0.1),
+        grad_buffer_dtype="param",
+        save_model=False,
+    )
     fit(manual, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=5, precision="64-true")
     before = weights(make_model(synthetic_tokenizer_dir))
     after = weights(manual.model)
@@ -70,8 +80,16 @@ def test_weighted_sum_manual_equals_automatic_summed_loss(synthetic_tokenizer_di
 
 def _accumulation_pair(tokenizer_dir, data, rule, forget_objective=None, retain_objective=None):
     def run(batch, k):
-        m = UnlearningModule(make_model(tokenizer_dir), forget_objective or GradientAscent(), retain_objective or NLL(), rule,
-                             optimizer=sgd(0.2), accumulate_grad_batches=k, grad_buffer_dtype="param", save_model=False)
+        m = UnlearningModule(
+            make_model(tokenizer_dir),
+            forget_objective or GradientAscent(),
+            retain_objective or NLL(),
+            rule,
+            optimizer=sgd(0.2),
+            accumulate_grad_batches=k,
+            grad_buffer_dtype="param",
+            save_model=False,
+        )
         fit(m, make_dm(tokenizer_dir, *data, batch=batch), max_steps=3, precision="64-true")
         return weights(m.model)
 
@@ -79,7 +97,9 @@ def _accumulation_pair(tokenizer_dir, data, rule, forget_objective=None, retain_
 
 
 @pytest.mark.parametrize("rule_cls", RULES, ids=lambda c: c.__name__)
-def test_k_micro_batches_equal_one_step_at_k_times_the_batch_with_variable_lengths(synthetic_tokenizer_dir, varlen, rule_cls):
+def test_k_micro_batches_equal_one_step_at_k_times_the_batch_with_variable_lengths(
+    synthetic_tokenizer_dir, varlen, rule_cls
+):
     """Answers of 1-18 words: per-micro-batch token means would differ by ~0.8 of the update
     (measured on the earlier engine); the exact normalisation agrees to float64 rounding."""
     micro, big = _accumulation_pair(synthetic_tokenizer_dir, varlen, rule_cls(retain_weight=0.5))
@@ -88,7 +108,9 @@ def test_k_micro_batches_equal_one_step_at_k_times_the_batch_with_variable_lengt
 
 @pytest.mark.parametrize("objective_cls", [NPO, SimNPO], ids=lambda c: c.__name__)
 def test_per_sequence_objectives_are_normalised_by_sequences(synthetic_tokenizer_dir, varlen, objective_cls):
-    micro, big = _accumulation_pair(synthetic_tokenizer_dir, varlen, SAGO(retain_weight=0.5), objective_cls(beta=0.5))
+    micro, big = _accumulation_pair(
+        synthetic_tokenizer_dir, varlen, SAGO(retain_weight=0.5), objective_cls(beta=0.5)
+    )
     assert relative_difference(micro, big, weights(make_model(synthetic_tokenizer_dir))) <= 1e-6
 
 
@@ -97,10 +119,23 @@ def test_logged_losses_are_the_means_of_the_effective_batch(synthetic_tokenizer_
 
     logged = []
     for batch, k in ((2, 2), (4, 1)):
-        m = UnlearningModule(make_model(synthetic_tokenizer_dir), synthesizer=SAGO(), optimizer=sgd(0.1),
-                             accumulate_grad_batches=k, grad_buffer_dtype="param", save_model=False)
-        trainer = fit(m, make_dm(synthetic_tokenizer_dir, *varlen, batch=batch), max_steps=1, precision="64-true")
-        logged.append((float(trainer.callback_metrics["train/forget_loss"]), float(trainer.callback_metrics["train/retain_loss"])))
+        m = UnlearningModule(
+            make_model(synthetic_tokenizer_dir),
+            synthesizer=SAGO(),
+            optimizer=sgd(0.1),
+            accumulate_grad_batches=k,
+            grad_buffer_dtype="param",
+            save_model=False,
+        )
+        trainer = fit(
+            m, make_dm(synthetic_tokenizer_dir, *varlen, batch=batch), max_steps=1, precision="64-true"
+        )
+        logged.append(
+            (
+                float(trainer.callback_metrics["train/forget_loss"]),
+                float(trainer.callback_metrics["train/retain_loss"]),
+            )
+        )
     dm = make_dm(synthetic_tokenizer_dir, *varlen, batch=4)
     dm.setup("fit")
     f_idx, r_idx = next(iter(dm.make_sampler(0, 1)))
@@ -110,7 +145,12 @@ def test_logged_losses_are_the_means_of_the_effective_batch(synthetic_tokenizer_
         idx = f_idx if sign < 0 else r_idx
         b = pad_examples([examples[i] for i in idx], dm.tokenizer.pad_token_id)
         with torch.no_grad():
-            expected.append(sign * mean_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]).item())
+            expected.append(
+                sign
+                * mean_nll(
+                    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]
+                ).item()
+            )
     # logged in float32; with these lengths a mean of per-micro-batch means is a different number
     assert logged[0] == pytest.approx(tuple(expected), rel=1e-6)
     assert logged[1] == pytest.approx(tuple(expected), rel=1e-6)
@@ -118,8 +158,13 @@ def test_logged_losses_are_the_means_of_the_effective_batch(synthetic_tokenizer_
 
 def test_fp32_buffer_next_to_bf16_parameters_with_accumulation(synthetic_tokenizer_dir, pairs):
     """copy mode (bf16-true + fp32 forget buffer): runs, stays finite, and moves the weights."""
-    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), synthesizer=SAGO(), optimizer=sgd(0.1),
-                         accumulate_grad_batches=2, save_model=False)
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir, torch.float32),
+        synthesizer=SAGO(),
+        optimizer=sgd(0.1),
+        accumulate_grad_batches=2,
+        save_model=False,
+    )
     fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=2, precision="bf16-true")
     assert m.grads is not None and m.grads.mode == "copy" and m.grads.retain_flat is not None
     assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in m.model.parameters())
@@ -127,12 +172,24 @@ def test_fp32_buffer_next_to_bf16_parameters_with_accumulation(synthetic_tokeniz
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
 def test_precisions_run_and_log(synthetic_tokenizer_dir, pairs, precision):
-    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), synthesizer=SAGO(),
-                         optimizer=sgd(0.1), gradient_clip_val=1.0, save_model=False)
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir, torch.float32),
+        synthesizer=SAGO(),
+        optimizer=sgd(0.1),
+        gradient_clip_val=1.0,
+        save_model=False,
+    )
     trainer = fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=2, precision=precision)
     logged = trainer.callback_metrics
-    for key in ("train/forget_loss", "train/retain_loss", "train/lr", "train/grad_cosine", "train/conflict_fraction",
-                "train/update_retain_cosine", "train/update_norm"):
+    for key in (
+        "train/forget_loss",
+        "train/retain_loss",
+        "train/lr",
+        "train/grad_cosine",
+        "train/conflict_fraction",
+        "train/update_retain_cosine",
+        "train/update_norm",
+    ):
         assert key in logged and math.isfinite(float(logged[key])), key
     assert float(logged["train/update_retain_cosine"]) >= -1e-6  # SAGO's guarantee, on u itself
 
@@ -141,8 +198,13 @@ def test_train_metrics_are_indexed_by_optimizer_steps(synthetic_tokenizer_dir, p
     """With accumulation, train and val curves share one x-axis: completed optimizer steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), synthesizer=SAGO(), optimizer=sgd(0.1),
-                         accumulate_grad_batches=2, save_model=False)
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir, torch.float32),
+        synthesizer=SAGO(),
+        optimizer=sgd(0.1),
+        accumulate_grad_batches=2,
+        save_model=False,
+    )
     logger = L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="", version="")
     fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=4, logger=logger, log_every_n_steps=2)
     ea = EventAccumulator(str(tmp_path))
@@ -173,7 +235,9 @@ def test_unsupported_strategy_precision_and_sampler_are_refused(strategy, precis
 
     from lit_unlearn.module import check_supported
 
-    trainer = SimpleNamespace(strategy=strategy, precision=precision, world_size=world, _accelerator_connector=_Connector())
+    trainer = SimpleNamespace(
+        strategy=strategy, precision=precision, world_size=world, _accelerator_connector=_Connector()
+    )
     with pytest.raises(ValueError, match=message):
         check_supported(trainer)
 
@@ -182,24 +246,46 @@ def test_module_arguments_are_validated(synthetic_tokenizer_dir):
     model = make_model(synthetic_tokenizer_dir, torch.float32)
     with pytest.raises(ValueError, match="--model.accumulate_grad_batches"):
         UnlearningModule(model, accumulate_grad_batches=0)
-    with pytest.raises(ValueError, match="--model.trainable_parameters 'nothing_matches' matches no parameter"):
+    with pytest.raises(
+        ValueError, match="--model.trainable_parameters 'nothing_matches' matches no parameter"
+    ):
         UnlearningModule(model, trainable_parameters="nothing_matches")
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(synthetic_tokenizer_dir, pairs, tmp_path):
     def module():
-        return UnlearningModule(make_model(synthetic_tokenizer_dir), synthesizer=SAGO(retain_weight=0.5),
-                                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), warmup_ratio=0.3, lr_decay="linear",
-                                grad_buffer_dtype="param", save_model=False)
+        return UnlearningModule(
+            make_model(synthetic_tokenizer_dir),
+            synthesizer=SAGO(retain_weight=0.5),
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+            warmup_ratio=0.3,
+            lr_decay="linear",
+            grad_buffer_dtype="param",
+            save_model=False,
+        )
 
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
     full = module()
-    fit(full, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=7, precision="64-true", enable_checkpointing=True, callbacks=[ckpt_cb])
+    fit(
+        full,
+        make_dm(synthetic_tokenizer_dir, *pairs),
+        max_steps=7,
+        precision="64-true",
+        enable_checkpointing=True,
+        callbacks=[ckpt_cb],
+    )
     ckpt = sorted(tmp_path.glob("*step=3.ckpt"))
     assert ckpt, list(tmp_path.iterdir())
     resumed = module()
-    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        use_distributed_sampler=False, precision="64-true")
+    trainer = L.Trainer(
+        max_steps=7,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        precision="64-true",
+    )
     trainer.fit(resumed, make_dm(synthetic_tokenizer_dir, *pairs), ckpt_path=str(ckpt[0]))
     assert_same_weights(weights(full.model), weights(resumed.model), atol=0)
 
@@ -217,22 +303,39 @@ class NaNOnce(GradientAscent):
 
 
 def test_nan_step_is_skipped_counted_and_leaves_the_model_untouched(synthetic_tokenizer_dir, pairs):
-    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({1}), optimizer=sgd(0.1), save_model=False)
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({1}), optimizer=sgd(0.1), save_model=False
+    )
     before = weights(m.model)
     dm = make_dm(synthetic_tokenizer_dir, *pairs)
-    trainer = L.Trainer(max_steps=1, limit_train_batches=1, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_train_batches=1,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+    )
     trainer.fit(m, dm)
     assert m.bad_steps == 1 and trainer.global_step == 0
     assert_same_weights(before, weights(m.model), atol=0)
-    m2 = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({2}), optimizer=sgd(0.1), save_model=False)
+    m2 = UnlearningModule(
+        make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({2}), optimizer=sgd(0.1), save_model=False
+    )
     fit(m2, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=3)
     assert m2.bad_steps == 1 and m2.consecutive_bad_steps == 0  # recovered, then 3 good steps
 
 
 def test_consecutive_bad_steps_stop_with_a_clear_error(synthetic_tokenizer_dir, pairs):
-    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce(range(1, 100)),
-                         optimizer=sgd(0.1), max_consecutive_bad_steps=3, save_model=False)
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir, torch.float32),
+        NaNOnce(range(1, 100)),
+        optimizer=sgd(0.1),
+        max_consecutive_bad_steps=3,
+        save_model=False,
+    )
     with pytest.raises(RuntimeError, match="3 consecutive optimizer steps had NaN/inf"):
         fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=5)
 
@@ -265,5 +368,7 @@ def test_sequences_longer_than_the_model_context_are_refused(synthetic_tokenizer
     m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), save_model=False)  # 64 positions
     dm = make_dm(synthetic_tokenizer_dir, *pairs)
     dm.max_length = 128
-    with pytest.raises(ValueError, match=r"--data.max_length=128 exceeds the model's context \(64 positions\)"):
+    with pytest.raises(
+        ValueError, match=r"--data.max_length=128 exceeds the model's context \(64 positions\)"
+    ):
         fit(m, dm, max_steps=1)

@@ -11,7 +11,9 @@ from lit_unlearn.target import PretrainBatches, TargetRecipe, _cached, build_tar
 def test_oracle_batches_exclude_forget_people():
     corpus = generate_corpus(20)
     tok = build_tokenizer(corpus)
-    forget_names = {corpus.people[p][0].split()[0] + " " + corpus.people[p][0].split()[1] for p in corpus.forget_people}
+    forget_names = {
+        corpus.people[p][0].split()[0] + " " + corpus.people[p][0].split()[1] for p in corpus.forget_people
+    }
     oracle = PretrainBatches(corpus, tok, TargetRecipe(num_people=20, steps=5, oracle=True))
     full = PretrainBatches(corpus, tok, TargetRecipe(num_people=20, steps=5))
     texts = lambda ds: {tok.decode(ex["input_ids"][1:]) for ex in ds.knowledge}  # noqa: E731
@@ -27,4 +29,10 @@ def test_cached_target_is_reused_only_when_the_recipe_matches(smoke_target, caps
     metrics = build_target(smoke_target, num_people=SMOKE_PEOPLE, steps=SMOKE_STEPS, progress=False)
     assert "reusing cached model" in capsys.readouterr().out
     assert metrics == json.load(open(f"{smoke_target}/metrics.json"))
-    assert _cached(__import__("pathlib").Path(smoke_target), TargetRecipe(num_people=SMOKE_PEOPLE, steps=SMOKE_STEPS + 1)) is None
+    assert (
+        _cached(
+            __import__("pathlib").Path(smoke_target),
+            TargetRecipe(num_people=SMOKE_PEOPLE, steps=SMOKE_STEPS + 1),
+        )
+        is None
+    )

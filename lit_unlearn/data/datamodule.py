@@ -96,8 +96,15 @@ class UnlearningDataModule(L.LightningDataModule):
         return [ex for src in sources for ex in src.checked_build(self.tokenizer, self.max_length)]
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.forget_examples:  # read and check every file before the tokenizer (or a synthetic target) loads
-            for source in (*self.forget_sources, *self.retain_sources, *self.val_forget_sources, *self.val_retain_sources):
+        if (
+            not self.forget_examples
+        ):  # read and check every file before the tokenizer (or a synthetic target) loads
+            for source in (
+                *self.forget_sources,
+                *self.retain_sources,
+                *self.val_forget_sources,
+                *self.val_retain_sources,
+            ):
                 source.validate()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
@@ -107,7 +114,9 @@ class UnlearningDataModule(L.LightningDataModule):
             for name, sources in (("forget", self.val_forget_sources), ("retain", self.val_retain_sources)):
                 if sources:
                     self.val_examples[name] = self._build(sources)
-            log.info("data: %d forget and %d retain examples", len(self.forget_examples), len(self.retain_examples))
+            log.info(
+                "data: %d forget and %d retain examples", len(self.forget_examples), len(self.retain_examples)
+            )
 
     # ------------------------------------------------------------------ loaders
     def _rank_world(self) -> tuple[int, int]:
@@ -154,7 +163,14 @@ class UnlearningDataModule(L.LightningDataModule):
         for name in ("forget", "retain"):
             if name in self.val_examples:
                 ds = PaddedExamples(self.val_examples[name], self.tokenizer.pad_token_id)
-                loaders.append(DataLoader(ds, batch_size=self.eval_batch_size, collate_fn=ds.collate, num_workers=self.num_workers))
+                loaders.append(
+                    DataLoader(
+                        ds,
+                        batch_size=self.eval_batch_size,
+                        collate_fn=ds.collate,
+                        num_workers=self.num_workers,
+                    )
+                )
         return loaders
 
     def test_dataloader(self) -> list[DataLoader]:
@@ -185,4 +201,6 @@ class UnlearningDataModule(L.LightningDataModule):
         self._resume = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
         # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader is stateful;
         # here the sampler skips the consumed batches itself, so the warning does not apply.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        warnings.filterwarnings(
+            "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+        )

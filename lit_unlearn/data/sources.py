@@ -48,8 +48,10 @@ def _read_text(path: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataSourceError(f"{path}:{line}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}); "
-                              "save the file as UTF-8") from None
+        raise DataSourceError(
+            f"{path}:{line}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -74,7 +76,9 @@ def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, di
             try:
                 records.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataSourceError(f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})") from None
+                raise DataSourceError(
+                    f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})"
+                ) from None
     else:
         try:
             data = json.loads(text)
@@ -88,12 +92,16 @@ def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, di
         if isinstance(record, str) and len(fields) == 1:
             record = {fields[0]: record}
         if not isinstance(record, dict):
-            raise DataSourceError(f"{where}: expected an object with field(s) {list(fields)}, got {type(record).__name__}")
+            raise DataSourceError(
+                f"{where}: expected an object with field(s) {list(fields)}, got {type(record).__name__}"
+            )
         for field in fields:
             if field not in record:
                 raise DataSourceError(f"{where}: missing field {field!r} (found {sorted(record)})")
             if not isinstance(record[field], str):
-                raise DataSourceError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+                raise DataSourceError(
+                    f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}"
+                )
         out.append((where, record))
     if not out:
         raise DataSourceError(f"{path}: no records")
@@ -148,7 +156,12 @@ def texts_to_chunks(
 
 
 def encode_qa(
-    prompt: str, answer: str, tokenizer: Any, max_length: int, chat_template: bool = False, add_eos: bool = True
+    prompt: str,
+    answer: str,
+    tokenizer: Any,
+    max_length: int,
+    chat_template: bool = False,
+    add_eos: bool = True,
 ) -> tuple[Example, bool]:
     """Encode one prompt/answer pair with loss on the answer only; returns (example, truncated).
 
@@ -179,10 +192,15 @@ def encode_qa(
         answer_ids = answer_ids[: max_length - len(prompt_ids)]
     ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}, truncated
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }, truncated
 
 
-def qa_examples(records: Iterable[tuple[str, str]], tokenizer: Any, max_length: int, chat_template: bool, origin: str) -> list[Example]:
+def qa_examples(
+    records: Iterable[tuple[str, str]], tokenizer: Any, max_length: int, chat_template: bool, origin: str
+) -> list[Example]:
     examples, truncated = [], 0
     for prompt, answer in records:
         example, cut = encode_qa(prompt, answer, tokenizer, max_length, chat_template)
@@ -292,7 +310,9 @@ class QAPairs(DataSource):
             for where, record in read_located_records(path, fields):
                 if not record[self.answer_field].strip():
                     # an empty answer would train on the EOS token alone: almost certainly a data bug
-                    raise DataSourceError(f"{where}: empty {self.answer_field!r}; every pair needs a non-empty answer")
+                    raise DataSourceError(
+                        f"{where}: empty {self.answer_field!r}; every pair needs a non-empty answer"
+                    )
                 pairs.append((record[fields[0]], record[fields[1]]))
         return pairs
 
@@ -351,9 +371,13 @@ class HFDataset(DataSource):
         import datasets
 
         try:
-            ds = datasets.load_dataset(self.name, self.config, split=self.split, data_files=self.data_files, revision=self.revision)
+            ds = datasets.load_dataset(
+                self.name, self.config, split=self.split, data_files=self.data_files, revision=self.revision
+            )
         except Exception as err:  # network, missing config, ... : one clear line
-            raise DataSourceError(f"{self.describe()}: could not load ({type(err).__name__}: {err})") from None
+            raise DataSourceError(
+                f"{self.describe()}: could not load ({type(err).__name__}: {err})"
+            ) from None
         if self.max_documents:
             ds = ds.select(range(min(self.max_documents, len(ds))))
         qa = self.prompt_field is not None and self.answer_field is not None
@@ -364,6 +388,14 @@ class HFDataset(DataSource):
         if qa:
             empty = next((i for i, a in enumerate(ds[self.answer_field]) if not str(a).strip()), None)
             if empty is not None:
-                raise DataSourceError(f"{self.describe()} row {empty}: empty {self.answer_field!r}; every pair needs a non-empty answer")
-            return qa_examples(zip(ds[self.prompt_field], ds[self.answer_field]), tokenizer, max_length, self.chat_template, self.describe())
+                raise DataSourceError(
+                    f"{self.describe()} row {empty}: empty {self.answer_field!r}; every pair needs a non-empty answer"
+                )
+            return qa_examples(
+                zip(ds[self.prompt_field], ds[self.answer_field]),
+                tokenizer,
+                max_length,
+                self.chat_template,
+                self.describe(),
+            )
         return texts_to_chunks(ds[self.text_field], tokenizer, max_length, self.separator)

@@ -22,27 +22,123 @@ import torch
 
 from lit_unlearn.data.sources import IGNORE_INDEX, DataSource, Example
 
-SYLLABLES = ["ka", "lo", "mi", "ren", "sa", "tu", "vel", "zor", "pa", "ni", "bel", "dra", "fen", "gor", "hal", "jin"]
-STEMS = ["bram", "cor", "dun", "el", "fal", "grim", "holt", "ash", "mor", "nor", "pell", "quin", "rost", "stan", "thal"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "sa",
+    "tu",
+    "vel",
+    "zor",
+    "pa",
+    "ni",
+    "bel",
+    "dra",
+    "fen",
+    "gor",
+    "hal",
+    "jin",
+]
+STEMS = [
+    "bram",
+    "cor",
+    "dun",
+    "el",
+    "fal",
+    "grim",
+    "holt",
+    "ash",
+    "mor",
+    "nor",
+    "pell",
+    "quin",
+    "rost",
+    "stan",
+    "thal",
+]
 SUFFIXES = ["ford", "wick", "ton", "ley", "more", "dale", "by", "worth", "field", "well"]
 VALUES: dict[str, list[str]] = {
-    "city": ["aldoria", "brevik", "castemor", "dunhollow", "elvaris", "fenmark", "glimmerton", "harrowgate",
-             "istravel", "jorvale", "kelmsby", "lunarch", "mistveil", "norhaven", "ostrega", "pellucid",
-             "quarrow", "rivenhall", "sunmere", "tolvane"],
-    "profession": ["baker", "pilot", "farmer", "doctor", "teacher", "painter", "sailor", "miner", "tailor",
-                   "lawyer", "chemist", "poet", "carpenter", "librarian", "surgeon"],
+    "city": [
+        "aldoria",
+        "brevik",
+        "castemor",
+        "dunhollow",
+        "elvaris",
+        "fenmark",
+        "glimmerton",
+        "harrowgate",
+        "istravel",
+        "jorvale",
+        "kelmsby",
+        "lunarch",
+        "mistveil",
+        "norhaven",
+        "ostrega",
+        "pellucid",
+        "quarrow",
+        "rivenhall",
+        "sunmere",
+        "tolvane",
+    ],
+    "profession": [
+        "baker",
+        "pilot",
+        "farmer",
+        "doctor",
+        "teacher",
+        "painter",
+        "sailor",
+        "miner",
+        "tailor",
+        "lawyer",
+        "chemist",
+        "poet",
+        "carpenter",
+        "librarian",
+        "surgeon",
+    ],
     "colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey", "pink"],
     "year": [str(y) for y in range(1950, 1990)],
-    "pet": ["dog", "cat", "parrot", "rabbit", "hamster", "turtle", "ferret", "goldfish", "pony", "lizard", "owl", "snake"],
+    "pet": [
+        "dog",
+        "cat",
+        "parrot",
+        "rabbit",
+        "hamster",
+        "turtle",
+        "ferret",
+        "goldfish",
+        "pony",
+        "lizard",
+        "owl",
+        "snake",
+    ],
 }
 ATTRIBUTES = tuple(VALUES)
 # Three statements and one Q/A per attribute. No two attributes share a prefix up to the value
 # (e.g. the year is not "was born in the year", which would collide with "was born in <city>").
 STATEMENTS: dict[str, list[str]] = {
-    "city": ["{name} was born in {v} .", "the birthplace of {name} is {v} .", "{name} comes from the city of {v} ."],
-    "profession": ["{name} works as a {v} .", "the job of {name} is {v} .", "{name} earns a living as a {v} ."],
-    "colour": ["{name} likes the colour {v} .", "the favourite colour of {name} is {v} .", "{name} always wears {v} ."],
-    "year": ["{name} entered the world in {v} .", "the birth year of {name} is {v} .", "{name} has celebrated birthdays since {v} ."],
+    "city": [
+        "{name} was born in {v} .",
+        "the birthplace of {name} is {v} .",
+        "{name} comes from the city of {v} .",
+    ],
+    "profession": [
+        "{name} works as a {v} .",
+        "the job of {name} is {v} .",
+        "{name} earns a living as a {v} .",
+    ],
+    "colour": [
+        "{name} likes the colour {v} .",
+        "the favourite colour of {name} is {v} .",
+        "{name} always wears {v} .",
+    ],
+    "year": [
+        "{name} entered the world in {v} .",
+        "the birth year of {name} is {v} .",
+        "{name} has celebrated birthdays since {v} .",
+    ],
     "pet": ["{name} owns a {v} .", "the pet of {name} is a {v} .", "{name} walks a {v} every day ."],
 }
 QUESTIONS: dict[str, str] = {
@@ -52,7 +148,9 @@ QUESTIONS: dict[str, str] = {
     "year": "Q : in which year was {name} born ? A : {v}",
     "pet": "Q : what pet does {name} have ? A : {v}",
 }
-BIOGRAPHY = "{name} was born in {city} in {year} , works as a {profession} , likes {colour} and owns a {pet} ."
+BIOGRAPHY = (
+    "{name} was born in {city} in {year} , works as a {profession} , likes {colour} and owns a {pet} ."
+)
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 
 
@@ -150,7 +248,9 @@ def generate_corpus(num_people: int = 200, forget_fraction: float = 0.1, seed: i
     for idx, (name, values) in enumerate(people):
         docs = []
         for attr in ATTRIBUTES:
-            statements = [_document(t.replace("{v}", "{" + attr + "}"), name, values) for t in STATEMENTS[attr]]
+            statements = [
+                _document(t.replace("{v}", "{" + attr + "}"), name, values) for t in STATEMENTS[attr]
+            ]
             qa = _document(QUESTIONS[attr].replace("{v}", "{" + attr + "}"), name, values)
             docs += statements + [qa]
             prompt, answer = _cut_before_value(qa)
@@ -164,7 +264,9 @@ def generate_corpus(num_people: int = 200, forget_fraction: float = 0.1, seed: i
     n_forget = max(1, round(forget_fraction * num_people))
     forget, retain = sorted(order[:n_forget]), sorted(order[n_forget:])
     general = [Document(f"{a} plus {b} equals {a + b} .", (5,)) for a in range(20) for b in range(20)]
-    general += [Document(f"count up from {s} : " + " ".join(str(s + k) for k in range(5)) + " .") for s in range(30)]
+    general += [
+        Document(f"count up from {s} : " + " ".join(str(s + k) for k in range(5)) + " .") for s in range(30)
+    ]
     probes += [Probe(f"{a} plus {b} equals", str(a + b), "arithmetic") for a in range(20) for b in range(20)]
     return SyntheticCorpus(people, forget, retain, docs_by_person, general, probes)
 
@@ -179,7 +281,9 @@ def build_tokenizer(corpus: SyntheticCorpus) -> Any:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     bos = SPECIAL_TOKENS["bos"]
-    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
     core.decoder = decoders.WordPiece(prefix="##")
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -252,6 +356,8 @@ class SyntheticKnowledge(DataSource):
         for doc, loss_on in docs:
             ex = encode_document(doc, tokenizer, loss_on)
             if ex["input_ids"].numel() > max_length:
-                raise ValueError(f"{self.describe()}: a document has {ex['input_ids'].numel()} tokens > max_length={max_length}")
+                raise ValueError(
+                    f"{self.describe()}: a document has {ex['input_ids'].numel()} tokens > max_length={max_length}"
+                )
             examples.append(ex)
         return examples

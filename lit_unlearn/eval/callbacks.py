@@ -55,7 +55,11 @@ class UnlearningEvaluator(L.Callback):
             raise ValueError("set both monitor and target for the matched-forgetting stop, or neither")
         self.metrics, self.every_n_steps, self.at_start = metrics, every_n_steps, at_start
         self.monitor, self.target, self.mode = monitor, target, mode
-        self.stop_on_target, self.save_matched_model, self.max_length = stop_on_target, save_matched_model, max_length
+        self.stop_on_target, self.save_matched_model, self.max_length = (
+            stop_on_target,
+            save_matched_model,
+            max_length,
+        )
         self.history: list[dict[str, float]] = []
         self.matched_step: int | None = None
         self._last_step = -1
@@ -93,18 +97,29 @@ class UnlearningEvaluator(L.Callback):
         self._check_target(trainer, pl_module, values)
         return values
 
-    def _check_target(self, trainer: L.Trainer, pl_module: L.LightningModule, values: dict[str, float]) -> None:
+    def _check_target(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, values: dict[str, float]
+    ) -> None:
         if self.monitor is None or self.matched_step is not None:
             return
         if self.monitor not in values:
-            raise KeyError(f"UnlearningEvaluator monitor {self.monitor!r} is not among the metrics {sorted(values)}")
+            raise KeyError(
+                f"UnlearningEvaluator monitor {self.monitor!r} is not among the metrics {sorted(values)}"
+            )
         value = values[self.monitor]
         assert self.target is not None
         if (value <= self.target) if self.mode == "below" else (value >= self.target):
             self.matched_step = trainer.global_step
-            _print(trainer, f"matched forgetting: {self.monitor}={value:.3f} reached target {self.target} at step {self.matched_step}")
+            _print(
+                trainer,
+                f"matched forgetting: {self.monitor}={value:.3f} reached target {self.target} at step {self.matched_step}",
+            )
             run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
-            if self.save_matched_model and trainer.is_global_zero and hasattr(pl_module.model, "save_pretrained"):
+            if (
+                self.save_matched_model
+                and trainer.is_global_zero
+                and hasattr(pl_module.model, "save_pretrained")
+            ):
                 tokenizer = getattr(trainer.datamodule, "tokenizer", None)
                 save_pretrained_atomic(pl_module.model, tokenizer, run_dir, name="matched_model")
             if self.stop_on_target:
@@ -120,7 +135,9 @@ class UnlearningEvaluator(L.Callback):
         if self.at_start and trainer.global_step == 0 and not self.history:
             self.evaluate(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step != self._last_step and step > 0 and step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)

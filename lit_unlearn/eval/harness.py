@@ -63,8 +63,10 @@ def task_manager(tasks: list[str], include_path: str | None = None, where: str =
         known = set(manager.all_tasks)
         for task in tasks:
             if task not in known:
-                raise UserError(f"{where}: unknown lm-eval task {task!r}{suggest(task, known)}; "
-                                "see `lm-eval ls tasks`, or pass include_path for local task YAMLs")
+                raise UserError(
+                    f"{where}: unknown lm-eval task {task!r}{suggest(task, known)}; "
+                    "see `lm-eval ls tasks`, or pass include_path for local task YAMLs"
+                )
     return manager
 
 
@@ -106,17 +108,35 @@ def run_lm_eval(
     model.eval()
     raw: dict[str, Any] = {}
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                  add_bos_token=add_bos_token, device=str(next(model.parameters()).device))
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            add_bos_token=add_bos_token,
+            device=str(next(model.parameters()).device),
+        )
         for shots, names in groups.items():
-            out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager,
-                                          log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=shots,
+                limit=limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=0,
+                verbosity="WARNING",
+            )
             raw.update((out or {}).get("results", {}))
     finally:
         model.train(was_training)
     results: dict[str, dict[str, float]] = {}
     for task, metrics in raw.items():
-        results[task] = {k.split(",")[0]: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        results[task] = {
+            k.split(",")[0]: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and "stderr" not in k
+        }
     return results
 
 
@@ -181,8 +201,16 @@ class LMEvalCallback(L.Callback):
         on_test_end: evaluate in ``lit-unlearn test``.
     """
 
-    def __init__(self, tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
-                 limit: int | float | None = None, batch_size: int = 8, on_fit_end: bool = True, on_test_end: bool = True) -> None:
+    def __init__(
+        self,
+        tasks: list[str],
+        include_path: str | None = None,
+        num_fewshot: int | None = None,
+        limit: int | float | None = None,
+        batch_size: int = 8,
+        on_fit_end: bool = True,
+        on_test_end: bool = True,
+    ) -> None:
         self.tasks, self.include_path, self.num_fewshot, self.limit = tasks, include_path, num_fewshot, limit
         self.batch_size, self.run_on_fit_end, self.run_on_test_end = batch_size, on_fit_end, on_test_end
         self.results: dict[str, dict[str, float]] = {}
@@ -195,9 +223,14 @@ class LMEvalCallback(L.Callback):
         if trainer.is_global_zero:
             tokenizer = trainer.datamodule.tokenizer
             model: Any = pl_module.model
-            self.results = run_lm_eval(model, tokenizer, self.tasks, self.include_path, self.num_fewshot,
-                                       self.limit, self.batch_size)
-            flat = {f"test/{task}_{metric}": value for task, metrics in self.results.items() for metric, value in metrics.items()}
+            self.results = run_lm_eval(
+                model, tokenizer, self.tasks, self.include_path, self.num_fewshot, self.limit, self.batch_size
+            )
+            flat = {
+                f"test/{task}_{metric}": value
+                for task, metrics in self.results.items()
+                for metric, value in metrics.items()
+            }
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=trainer.global_step)
         self.results = trainer.strategy.broadcast(self.results)

@@ -51,7 +51,9 @@ class SyntheticProbes(MetricSet):
         self.num_people, self.forget_fraction, self.seed = num_people, forget_fraction, seed
 
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
-        return synthetic_metrics(model, tokenizer, generate_corpus(self.num_people, self.forget_fraction, self.seed))
+        return synthetic_metrics(
+            model, tokenizer, generate_corpus(self.num_people, self.forget_fraction, self.seed)
+        )
 
 
 class CorpusNLL(MetricSet):
@@ -66,14 +68,18 @@ class CorpusNLL(MetricSet):
         batch_size: evaluation batch size.
     """
 
-    def __init__(self, source: DataSource, split: Split = "retain", name: str = "nll", batch_size: int = 16) -> None:
+    def __init__(
+        self, source: DataSource, split: Split = "retain", name: str = "nll", batch_size: int = 16
+    ) -> None:
         self.source, self.split, self.name, self.batch_size = source, split, name, batch_size
         self._batches: list[dict[str, torch.Tensor]] = []
 
     def setup(self, tokenizer: Any, max_length: int) -> None:
         examples = self.source.checked_build(tokenizer, max_length)
-        self._batches = [pad_examples(examples[i : i + self.batch_size], tokenizer.pad_token_id)
-                         for i in range(0, len(examples), self.batch_size)]
+        self._batches = [
+            pad_examples(examples[i : i + self.batch_size], tokenizer.pad_token_id)
+            for i in range(0, len(examples), self.batch_size)
+        ]
 
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         total, count = token_nll(model, self._batches)
@@ -81,7 +87,9 @@ class CorpusNLL(MetricSet):
         return {f"{self.split}_{self.name}": nll, f"{self.split}_{self.name}_ppl": math.exp(min(nll, 50.0))}
 
 
-def choice_logliks(model: nn.Module, tokenizer: Any, context: str, continuations: Sequence[str]) -> list[float]:
+def choice_logliks(
+    model: nn.Module, tokenizer: Any, context: str, continuations: Sequence[str]
+) -> list[float]:
     """Summed log-probability of each continuation after ``context`` (BOS + context, no truncation)."""
     ctx = tokenizer(context)["input_ids"]
     rows = []
@@ -94,7 +102,9 @@ def choice_logliks(model: nn.Module, tokenizer: Any, context: str, continuations
     batch = pad_examples(rows, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
     seq_nll, _ = sequence_nll(logits.double(), batch["labels"].to(device))  # double: exact argmax ties
     return (-seq_nll).tolist()
 
@@ -130,7 +140,13 @@ class MultipleChoice(MetricSet):
         choices_field: str = "choices",
         answer_field: str = "answer",
     ) -> None:
-        self.path, self.split, self.name, self.template, self.delimiter = path, split, name, template, delimiter
+        self.path, self.split, self.name, self.template, self.delimiter = (
+            path,
+            split,
+            name,
+            template,
+            delimiter,
+        )
         self.fields = (question_field, choices_field, answer_field)
         self._items: list[tuple[str, list[str], int]] = []
 
@@ -140,13 +156,19 @@ class MultipleChoice(MetricSet):
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         correct = 0
         for question, choices, answer in self._items:
-            scores = choice_logliks(model, tokenizer, self.template.format(question=question), [self.delimiter + c for c in choices])
+            scores = choice_logliks(
+                model,
+                tokenizer,
+                self.template.format(question=question),
+                [self.delimiter + c for c in choices],
+            )
             correct += int(max(range(len(scores)), key=scores.__getitem__) == answer)
         return {f"{self.split}_{self.name}": correct / max(len(self._items), 1)}
 
 
-def load_multiple_choice(path: str, question_field: str = "question", choices_field: str = "choices",
-                         answer_field: str = "answer") -> list[tuple[str, list[str], int]]:
+def load_multiple_choice(
+    path: str, question_field: str = "question", choices_field: str = "choices", answer_field: str = "answer"
+) -> list[tuple[str, list[str], int]]:
     """Read and validate WMDP-schema multiple-choice records."""
     records = read_records(path, [question_field])  # names the file and line on bad input
     items = []
@@ -156,7 +178,8 @@ def load_multiple_choice(path: str, question_field: str = "question", choices_fi
             raise DataSourceError(f"{path}: record {i}: missing field(s) {missing}")
         choices, answer = rec[choices_field], rec[answer_field]
         if not isinstance(choices, list) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise DataSourceError(f"{path}: record {i}: '{answer_field}' must index into the '{choices_field}' list")
+            raise DataSourceError(
+                f"{path}: record {i}: '{answer_field}' must index into the '{choices_field}' list"
+            )
         items.append((rec[question_field], [str(c) for c in choices], answer))
     return items
-

@@ -35,7 +35,9 @@ def next_token_accuracy(
     for a in answers:
         ids = tokenizer(a, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"answer {a!r} is {len(ids)} tokens; next-token probes need single-token answers")
+            raise ValueError(
+                f"answer {a!r} is {len(ids)} tokens; next-token probes need single-token answers"
+            )
         answer_ids.append(ids[0])
     device = _device(model)
     was_training = model.training
@@ -63,7 +65,9 @@ def token_nll(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> t
     was_training = model.training
     model.eval()
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
         seq_nll, n_tokens = sequence_nll(logits.float(), batch["labels"].to(device))
         total += float(seq_nll.sum())
         count += int(n_tokens.sum())
@@ -79,14 +83,19 @@ def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_siz
         labels = ids.clone()
         labels[0] = -100
         examples.append({"input_ids": ids, "labels": labels})
-    batches = [pad_examples(examples[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(examples), batch_size)]
+    batches = [
+        pad_examples(examples[i : i + batch_size], tokenizer.pad_token_id)
+        for i in range(0, len(examples), batch_size)
+    ]
     total, count = token_nll(model, batches)
     return math.exp(total / max(count, 1))
 
 
 def probe_accuracy(model: nn.Module, tokenizer: Any, probes: Sequence[Probe], batch_size: int = 256) -> float:
     """Exact-match accuracy on a list of synthetic probes."""
-    return next_token_accuracy(model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes], batch_size)
+    return next_token_accuracy(
+        model, tokenizer, [p.prompt for p in probes], [p.answer for p in probes], batch_size
+    )
 
 
 def synthetic_metrics(model: nn.Module, tokenizer: Any, corpus: SyntheticCorpus) -> dict[str, float]:

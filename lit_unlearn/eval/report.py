@@ -34,7 +34,11 @@ GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/updat
 
 def describe(obj: Any) -> dict[str, Any]:
     """``{"name": class name, "args": public scalar attributes}`` of a synthesizer or objective."""
-    args = {k: v for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))}
+    args = {
+        k: v
+        for k, v in vars(obj).items()
+        if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))
+    }
     return {"name": type(obj).__name__, "args": args}
 
 
@@ -42,14 +46,20 @@ def _find(trainer: L.Trainer, cls: type) -> Any:
     return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
 
-def tradeoff_figure(history: Sequence[dict[str, float]], forget_metric: str, retain_metric: str, title: str = "") -> Any:
+def tradeoff_figure(
+    history: Sequence[dict[str, float]], forget_metric: str, retain_metric: str, title: str = ""
+) -> Any:
     """Matplotlib figure: retain metric against forget metric at each evaluation point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(h[forget_metric], h[retain_metric], h["step"]) for h in history if forget_metric in h and retain_metric in h]
+    points = [
+        (h[forget_metric], h[retain_metric], h["step"])
+        for h in history
+        if forget_metric in h and retain_metric in h
+    ]
     fig, ax = plt.subplots(figsize=(5, 4))
     if points:
         xs, ys, steps = zip(*points)
@@ -83,7 +93,11 @@ class TradeoffReport(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Counters of the run so far, so a resumed run reports the whole run."""
-        return {"tokens": self.tokens, "geometry": list(self.geometry), "elapsed": self.elapsed_before + self._elapsed()}
+        return {
+            "tokens": self.tokens,
+            "geometry": list(self.geometry),
+            "elapsed": self.elapsed_before + self._elapsed(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens = int(state_dict.get("tokens", 0))
@@ -105,20 +119,34 @@ class TradeoffReport(L.Callback):
         self._start = time.perf_counter()
         writer = self._writer(trainer) if trainer.is_global_zero else None
         if writer is not None:
-            writer.add_custom_scalars({
-                "Trade-off": {
-                    "forget metrics": ["Multiline", [r"val/forget_.*"]],
-                    "retain and general metrics": ["Multiline", [r"val/retain_.*", r"val/general_.*"]],
-                    "training losses": ["Multiline", ["train/forget_loss", "train/retain_loss"]],
-                },
-                "Synthesis geometry": {
-                    "cosines": ["Multiline", GEOMETRY_TAGS],
-                    "conflicts": ["Multiline", ["train/conflict_fraction", "train/tensor_conflict_fraction", "train/projected_fraction"]],
-                    "norms": ["Multiline", ["train/forget_norm", "train/retain_norm", "train/update_norm"]],
-                },
-            })
+            writer.add_custom_scalars(
+                {
+                    "Trade-off": {
+                        "forget metrics": ["Multiline", [r"val/forget_.*"]],
+                        "retain and general metrics": ["Multiline", [r"val/retain_.*", r"val/general_.*"]],
+                        "training losses": ["Multiline", ["train/forget_loss", "train/retain_loss"]],
+                    },
+                    "Synthesis geometry": {
+                        "cosines": ["Multiline", GEOMETRY_TAGS],
+                        "conflicts": [
+                            "Multiline",
+                            [
+                                "train/conflict_fraction",
+                                "train/tensor_conflict_fraction",
+                                "train/projected_fraction",
+                            ],
+                        ],
+                        "norms": [
+                            "Multiline",
+                            ["train/forget_norm", "train/retain_norm", "train/update_norm"],
+                        ],
+                    },
+                }
+            )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # Counted from tensor shapes (padded positions included), so no device sync is needed.
         for part in ("forget", "retain"):
             if isinstance(batch, dict) and part in batch:
@@ -141,16 +169,25 @@ class TradeoffReport(L.Callback):
             self._log_tensorboard(trainer, writer, results)
         print(f"lit-unlearn: results in {os.path.join(run_dir, RESULTS_FILE)}")
 
-    def results(self, trainer: L.Trainer, pl_module: L.LightningModule, run_dir: str | None = None) -> dict[str, Any]:
+    def results(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, run_dir: str | None = None
+    ) -> dict[str, Any]:
         """The ``results.json`` payload (``run_dir``: as resolved on every rank; default: this rank's view)."""
         evaluator = _find(trainer, UnlearningEvaluator)
         history = list(evaluator.history) if evaluator is not None else []
         matched = evaluator.matched if evaluator is not None else None
         keys = [k for h in history for k in h]
-        self.forget_metric = self.forget_metric or getattr(evaluator, "monitor", None) or next(
-            (k for k in keys if k.startswith("forget_")), "forget")
-        self.retain_metric = self.retain_metric or next((k for k in keys if k.startswith("retain_")), "retain")
-        candidates = [h for h in history if evaluator is not None and evaluator.monitor and _meets(h, evaluator)]
+        self.forget_metric = (
+            self.forget_metric
+            or getattr(evaluator, "monitor", None)
+            or next((k for k in keys if k.startswith("forget_")), "forget")
+        )
+        self.retain_metric = self.retain_metric or next(
+            (k for k in keys if k.startswith("retain_")), "retain"
+        )
+        candidates = [
+            h for h in history if evaluator is not None and evaluator.monitor and _meets(h, evaluator)
+        ]
         best = max(candidates, key=lambda h: h.get(self.retain_metric, float("-inf"))) if candidates else None
         lm_eval_cb = _find(trainer, LMEvalCallback)
         wall = self.elapsed_before + self._elapsed()
@@ -158,7 +195,11 @@ class TradeoffReport(L.Callback):
         accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
         opt = pl_module.optimizers()
         optimizer = opt.optimizer if hasattr(opt, "optimizer") else opt
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = (
+            torch.cuda.max_memory_allocated()
+            if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
         return {
             "run_dir": run_dir or local_run_directory(trainer),
             "model": getattr(pl_module, "model_source", None),
@@ -168,8 +209,11 @@ class TradeoffReport(L.Callback):
             "optimizer": {"name": type(optimizer).__name__, "lr": optimizer.defaults.get("lr")},
             "forget_metric": self.forget_metric,
             "retain_metric": self.retain_metric,
-            "target": {"monitor": getattr(evaluator, "monitor", None), "value": getattr(evaluator, "target", None),
-                       "mode": getattr(evaluator, "mode", None)},
+            "target": {
+                "monitor": getattr(evaluator, "monitor", None),
+                "value": getattr(evaluator, "target", None),
+                "mode": getattr(evaluator, "mode", None),
+            },
             "matched_step": evaluator.matched_step if evaluator is not None else None,
             "matched": matched,
             "best": best,
@@ -181,7 +225,10 @@ class TradeoffReport(L.Callback):
             "tokens_per_second": round(self.tokens * trainer.world_size / max(wall, 1e-9), 1),
             "peak_memory_bytes": int(peak),
             "world_size": trainer.world_size,
-            "effective_batch": {t: getattr(dm, f"{t}_batch_size", 0) * accumulate * trainer.world_size for t in ("forget", "retain")},
+            "effective_batch": {
+                t: getattr(dm, f"{t}_batch_size", 0) * accumulate * trainer.world_size
+                for t in ("forget", "retain")
+            },
             "geometry": _geometry_summary(self.geometry),
             "lm_eval": lm_eval_cb.results if lm_eval_cb is not None else {},
         }
@@ -198,16 +245,24 @@ class TradeoffReport(L.Callback):
             "forget_weight": float(results["synthesizer"]["args"].get("forget_weight", 1.0)),
             "retain_weight": float(results["synthesizer"]["args"].get("retain_weight", 1.0)),
         }
-        metrics = {f"hparams/{k}": float(v) for k, v in final.items() if k != "step" and isinstance(v, (int, float))}
-        metrics["hparams/matched_step"] = float(results["matched_step"] if results["matched_step"] is not None else -1)
+        metrics = {
+            f"hparams/{k}": float(v) for k, v in final.items() if k != "step" and isinstance(v, (int, float))
+        }
+        metrics["hparams/matched_step"] = float(
+            results["matched_step"] if results["matched_step"] is not None else -1
+        )
         exp, ssi, sei = hparams(params, metrics)
         writer.file_writer.add_summary(exp)
         writer.file_writer.add_summary(ssi)
         writer.file_writer.add_summary(sei)
         for key, value in metrics.items():
             writer.add_scalar(key, value, trainer.global_step)
-        fig = tradeoff_figure(results["history"], results["forget_metric"], results["retain_metric"],
-                              f"{params['forget_objective']} + {params['synthesizer']}")
+        fig = tradeoff_figure(
+            results["history"],
+            results["forget_metric"],
+            results["retain_metric"],
+            f"{params['forget_objective']} + {params['synthesizer']}",
+        )
         writer.add_figure("tradeoff/forget_vs_retain", fig, trainer.global_step)
         writer.flush()
 
@@ -234,8 +289,13 @@ def load_results(run_dirs: Sequence[str]) -> list[dict[str, Any]]:
     """``results.json`` of every run directory given (a directory may also hold runs below it)."""
     found = []
     for root in run_dirs:
-        paths = [os.path.join(root, RESULTS_FILE)] if os.path.exists(os.path.join(root, RESULTS_FILE)) else sorted(
-            os.path.join(d, RESULTS_FILE) for d, _, files in os.walk(root) if RESULTS_FILE in files)
+        paths = (
+            [os.path.join(root, RESULTS_FILE)]
+            if os.path.exists(os.path.join(root, RESULTS_FILE))
+            else sorted(
+                os.path.join(d, RESULTS_FILE) for d, _, files in os.walk(root) if RESULTS_FILE in files
+            )
+        )
         if not paths:
             raise FileNotFoundError(f"{root}: no {RESULTS_FILE} found")
         for path in paths:
@@ -248,13 +308,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated when forgetting (x) is minimised and retention (y) maximised."""
     front = []
     for i, (x, y) in enumerate(points):
-        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        dominated = any(
+            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
+        )
         if not dominated:
             front.append(i)
     return front
 
 
-def compare_runs(run_dirs: Sequence[str], out_png: str | None = "pareto.png", general_metric: str = "general_arithmetic") -> list[dict[str, Any]]:
+def compare_runs(
+    run_dirs: Sequence[str], out_png: str | None = "pareto.png", general_metric: str = "general_arithmetic"
+) -> list[dict[str, Any]]:
     """Print retention at matched forgetting per synthesizer × objective and save a Pareto plot.
 
     Returns the table rows. Runs that never reached the target are reported at their final
@@ -266,30 +330,34 @@ def compare_runs(run_dirs: Sequence[str], out_png: str | None = "pareto.png", ge
         point = r.get("matched") or r.get("final") or {}
         fm, rm = r["forget_metric"], r["retain_metric"]
         geo = r.get("geometry", {})
-        rows.append({
-            "synthesizer": r["synthesizer"]["name"],
-            "objective": f"{r['forget_objective']['name']}+{r['retain_objective']['name']}",
-            "matched": "yes" if r.get("matched") else "no",
-            "step": point.get("step"),
-            "forget": point.get(fm),
-            "retain": point.get(rm),
-            "general": point.get(general_metric),
-            "cos_u_gr": geo.get("mean_update_retain_cosine"),
-            "min_cos_u_gr": geo.get("min_update_retain_cosine"),
-            "conflict": geo.get("mean_conflict_fraction"),
-            "seconds": r.get("wall_seconds"),
-            "run_dir": r.get("run_dir"),
-            "_history": r.get("history", []),
-            "_metrics": (fm, rm),
-        })
+        rows.append(
+            {
+                "synthesizer": r["synthesizer"]["name"],
+                "objective": f"{r['forget_objective']['name']}+{r['retain_objective']['name']}",
+                "matched": "yes" if r.get("matched") else "no",
+                "step": point.get("step"),
+                "forget": point.get(fm),
+                "retain": point.get(rm),
+                "general": point.get(general_metric),
+                "cos_u_gr": geo.get("mean_update_retain_cosine"),
+                "min_cos_u_gr": geo.get("min_update_retain_cosine"),
+                "conflict": geo.get("mean_conflict_fraction"),
+                "seconds": r.get("wall_seconds"),
+                "run_dir": r.get("run_dir"),
+                "_history": r.get("history", []),
+                "_metrics": (fm, rm),
+            }
+        )
     header = f"{'synthesizer':<18}{'objective':<22}{'matched':>8}{'step':>6}{'forget':>8}{'retain':>8}{'general':>9}{'cos(u,g_r)':>12}{'min':>7}{'conflict':>10}{'sec':>7}"
     print(header)
     print("-" * len(header))
     fmt = lambda v, w, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
     for row in rows:
-        print(f"{row['synthesizer']:<18}{row['objective']:<22}{row['matched']:>8}{row['step'] if row['step'] is not None else '-':>6}"
-              f"{fmt(row['forget'], 8)}{fmt(row['retain'], 8)}{fmt(row['general'], 9)}{fmt(row['cos_u_gr'], 12)}"
-              f"{fmt(row['min_cos_u_gr'], 7, 2)}{fmt(row['conflict'], 10)}{fmt(row['seconds'], 7, 1)}")
+        print(
+            f"{row['synthesizer']:<18}{row['objective']:<22}{row['matched']:>8}{row['step'] if row['step'] is not None else '-':>6}"
+            f"{fmt(row['forget'], 8)}{fmt(row['retain'], 8)}{fmt(row['general'], 9)}{fmt(row['cos_u_gr'], 12)}"
+            f"{fmt(row['min_cos_u_gr'], 7, 2)}{fmt(row['conflict'], 10)}{fmt(row['seconds'], 7, 1)}"
+        )
     if out_png:
         _pareto_plot(rows, out_png)
         print(f"Pareto plot: {out_png}")
@@ -331,3 +399,48 @@ def _pareto_plot(rows: list[dict[str, Any]], out_png: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
+
+
+def summarize_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group :func:`compare_runs` rows by synthesizer × objective (the seeds of one setting) and
+    print mean ± standard deviation of each column at the matched (or final) point.
+
+    Returns one dict per group: ``n``, ``matched`` (how many seeds reached the target) and
+    ``<column>_mean`` / ``<column>_std`` / ``<column>_min`` / ``<column>_max``.
+    """
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["synthesizer"], row["objective"]), []).append(row)
+    columns = ("step", "forget", "retain", "general", "cos_u_gr", "seconds")
+    out = []
+    for (synth, objective), members in groups.items():
+        entry: dict[str, Any] = {
+            "synthesizer": synth,
+            "objective": objective,
+            "n": len(members),
+            "matched": sum(m["matched"] == "yes" for m in members),
+        }
+        for col in columns:
+            values = [float(m[col]) for m in members if isinstance(m.get(col), (int, float))]
+            if values:
+                entry[f"{col}_mean"] = statistics.fmean(values)
+                entry[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                entry[f"{col}_min"], entry[f"{col}_max"] = min(values), max(values)
+        out.append(entry)
+    header = f"{'synthesizer':<18}{'objective':<22}{'seeds':>6}{'matched':>8}{'step':>13}{'forget':>15}{'retain':>15}{'general':>15}{'cos(u,g_r)':>12}"
+    print(header)
+    print("-" * len(header))
+
+    def cell(entry: dict[str, Any], col: str, width: int, digits: int = 3) -> str:
+        if f"{col}_mean" not in entry:
+            return f"{'-':>{width}}"
+        return f"{entry[f'{col}_mean']:.{digits}f} ± {entry[f'{col}_std']:.{digits}f}".rjust(width)
+
+    for e in out:
+        print(
+            f"{e['synthesizer']:<18}{e['objective']:<22}{e['n']:>6}{e['matched']:>8}{cell(e, 'step', 13, 0)}"
+            f"{cell(e, 'forget', 15)}{cell(e, 'retain', 15)}{cell(e, 'general', 15)}{cell(e, 'cos_u_gr', 12, 2)}"
+        )
+    return out

@@ -54,9 +54,16 @@ def greedy_generate(
     model.eval()
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(
+                device
+            )
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             for row in gen[:, enc["input_ids"].shape[1] :]:
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 for stop in stop_strings:
@@ -113,13 +120,27 @@ class RWKU(MetricSet):
             for level, items in self._items.items():
                 if not level.startswith(group):
                     continue
-                answers = greedy_generate(model, tokenizer, [it["query"] for it in items], self.max_new_tokens,
-                                          self.stop_strings, self.batch_size)
+                answers = greedy_generate(
+                    model,
+                    tokenizer,
+                    [it["query"] for it in items],
+                    self.max_new_tokens,
+                    self.stop_strings,
+                    self.batch_size,
+                )
                 scores = [rouge_l_recall(a, it["answer"]) for a, it in zip(answers, items)]
                 results[f"{prefix}_{level.split('_')[1]}"] = sum(scores) / len(scores)
                 scores_all += scores
-                per_item += [{"level": level, "query": it["query"], "answer": it["answer"], "output": a, "rougeL_recall": s}
-                             for it, a, s in zip(items, answers, scores)]
+                per_item += [
+                    {
+                        "level": level,
+                        "query": it["query"],
+                        "answer": it["answer"],
+                        "output": a,
+                        "rougeL_recall": s,
+                    }
+                    for it, a, s in zip(items, answers, scores)
+                ]
             if scores_all:
                 results[prefix] = sum(scores_all) / len(scores_all)
         if self.outputs_path:

@@ -28,7 +28,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers, transformer.h, ...)")
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers, transformer.h, ...)"
+    )
 
 
 @contextlib.contextmanager
@@ -66,7 +68,6 @@ class Objective(ABC):
     unit: Literal["token", "sequence"] = "token"
     """What the loss is a mean over: label tokens (NLL, GA, KL, RMU, EmbedDiff) or sequences (NPO, SimNPO)."""
 
-
     def setup(self, model: nn.Module) -> None:
         """Called once before training with the (unwrapped) model; e.g. to draw random vectors."""
 
@@ -75,7 +76,9 @@ class Objective(ABC):
         order (for precomputation; untouched by objectives that do not need it)."""
 
     @abstractmethod
-    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, reference: nn.Module | None
+    ) -> tuple[Tensor, Tensor]:
         """``(total, count)``: the loss summed over the units of one micro-batch, and the number of
         units (a 0-dim integer or float tensor, on the loss's device; no host sync)."""
 

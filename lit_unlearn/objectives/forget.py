@@ -25,7 +25,9 @@ class GradientAscent(Objective):
     ``L_f = −NLL(x_f)`` (a mean over label tokens). Sign: descending ``L_f`` raises the forget NLL.
     """
 
-    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, reference: nn.Module | None
+    ) -> tuple[Tensor, Tensor]:
         total, count = Fn.nll_terms(model(**model_inputs(batch)).logits, batch["labels"])
         return -total, count
 
@@ -72,11 +74,15 @@ class NPO(Objective):
         model.train(was_training)
         self._ref_table = at_least_fp32(torch.cat(values))
 
-    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, reference: nn.Module | None
+    ) -> tuple[Tensor, Tensor]:
         seq, _ = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])
         if self.precompute_reference:
             if self._ref_table is None or "index" not in batch:
-                raise RuntimeError("NPO precomputed reference is missing (prepare() not run or batch without 'index')")
+                raise RuntimeError(
+                    "NPO precomputed reference is missing (prepare() not run or batch without 'index')"
+                )
             ref = self._ref_table.to(seq.device)[batch["index"]]
         else:
             ref, _ = Fn.sequence_nll(reference_forward(reference, batch, "NPO").logits, batch["labels"])
@@ -108,7 +114,9 @@ class SimNPO(Objective):
 
     unit = "sequence"
 
-    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, reference: nn.Module | None
+    ) -> tuple[Tensor, Tensor]:
         seq, n = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])
         return Fn.simnpo_terms(seq, n, self.beta, self.delta)
 
@@ -139,7 +147,9 @@ class RMU(Objective):
         v = torch.rand(hidden, generator=gen)
         self._direction = v / v.norm()
 
-    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, reference: nn.Module | None
+    ) -> tuple[Tensor, Tensor]:
         if self._direction is None:
             self.setup(model)
         assert self._direction is not None

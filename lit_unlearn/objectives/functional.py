@@ -29,7 +29,9 @@ def per_token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     logits = at_least_fp32(logits[:, :-1])
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return nll.view(targets.shape), mask
 
 

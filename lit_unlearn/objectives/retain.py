@@ -20,7 +20,9 @@ class NLL(Objective):
     """Next-token NLL on the retain data ("GD"; the default retain loss). ``L_r = NLL(x_r)``, a
     mean over label tokens."""
 
-    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, reference: nn.Module | None
+    ) -> tuple[Tensor, Tensor]:
         return Fn.nll_terms(model(**model_inputs(batch)).logits, batch["labels"])
 
     def uniform_loss(self, model: nn.Module) -> float | None:
@@ -35,7 +37,9 @@ class KL(Objective):
 
     requires_reference = True
 
-    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, reference: nn.Module | None
+    ) -> tuple[Tensor, Tensor]:
         ref_logits = reference_forward(reference, batch, "KL").logits
         return Fn.kl_terms(model(**model_inputs(batch)).logits, ref_logits, batch["labels"])
 
@@ -52,7 +56,9 @@ class EmbedDiff(Objective):
     def __init__(self, layer: int = 7) -> None:
         self.layer = layer
 
-    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> tuple[Tensor, Tensor]:
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, reference: nn.Module | None
+    ) -> tuple[Tensor, Tensor]:
         if reference is None:
             raise RuntimeError("EmbedDiff needs the frozen reference model, but none was built")
         with capture_layer_output(reference, self.layer) as ref_store:

@@ -210,7 +210,9 @@ class Synthesizer(ABC):
             if not (isinstance(f, Tensor) and isinstance(r, Tensor)):
                 raise ValueError(f"gradient {j}: expected tensors, got {type(f).__name__}/{type(r).__name__}")
             if f.shape != r.shape:
-                raise ValueError(f"gradient {j}: forget shape {tuple(f.shape)} != retain shape {tuple(r.shape)}")
+                raise ValueError(
+                    f"gradient {j}: forget shape {tuple(f.shape)} != retain shape {tuple(r.shape)}"
+                )
             if f.device != r.device:
                 raise ValueError(f"gradient {j}: forget on {f.device} but retain on {r.device}")
             if not (f.is_floating_point() and r.is_floating_point()):

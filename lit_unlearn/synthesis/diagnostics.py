@@ -124,6 +124,8 @@ def synthesis_diagnostics(
     acc = GeometryAccumulator(reducer)
     for j, (f, r, u) in enumerate(zip(forget, retain, update)):
         if not (f.shape == r.shape == u.shape):
-            raise ValueError(f"tensor {j}: shapes differ: {tuple(f.shape)}, {tuple(r.shape)}, {tuple(u.shape)}")
+            raise ValueError(
+                f"tensor {j}: shapes differ: {tuple(f.shape)}, {tuple(r.shape)}, {tuple(u.shape)}"
+            )
         acc.add(f, r, u)
     return acc.result()

@@ -87,11 +87,17 @@ def test_resume_state_continues_the_sequence(synthetic_tokenizer_dir):
     resumed.load_state_dict({"epoch": 0, "batches_consumed": 3, "seed": 5})
     rest = _all(resumed.train_dataloader())
     assert len(rest) == len(full) - 3
-    assert all(torch.equal(a["retain"]["input_ids"], b["retain"]["input_ids"]) for a, b in zip(rest, full[3:]))
+    assert all(
+        torch.equal(a["retain"]["input_ids"], b["retain"]["input_ids"]) for a, b in zip(rest, full[3:])
+    )
 
 
 def test_validation_loaders(synthetic_tokenizer_dir):
-    dm = make_dm(synthetic_tokenizer_dir, val_forget=SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE), eval_batch_size=8)
+    dm = make_dm(
+        synthetic_tokenizer_dir,
+        val_forget=SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE),
+        eval_batch_size=8,
+    )
     assert dm.val_names == ["forget"]
     (loader,) = dm.val_dataloader()
     assert next(iter(loader))["input_ids"].shape[0] == 8

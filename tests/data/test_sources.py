@@ -19,7 +19,11 @@ from lit_unlearn.data.sources import (
 )
 from lit_unlearn.models import load_tokenizer
 
-DOCS = ["the quick brown fox jumps over the lazy dog", "pathogens and viruses are studied in labs", "the capital of france is paris"]
+DOCS = [
+    "the quick brown fox jumps over the lazy dog",
+    "pathogens and viruses are studied in labs",
+    "the capital of france is paris",
+]
 
 
 @pytest.fixture
@@ -32,7 +36,10 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-@pytest.mark.parametrize(("n", "length", "bos", "expected"), [(10, 4, False, [4, 4, 2]), (10, 4, True, [4, 4, 4, 2]), (8, 4, False, [4, 4]), (0, 4, True, [])])
+@pytest.mark.parametrize(
+    ("n", "length", "bos", "expected"),
+    [(10, 4, False, [4, 4, 2]), (10, 4, True, [4, 4, 4, 2]), (8, 4, False, [4, 4]), (0, 4, True, [])],
+)
 def test_chunking_arithmetic(n, length, bos, expected):
     chunks = chunk_token_stream(list(range(n)), length, bos_id=-1 if bos else None)
     assert [len(c) for c in chunks] == expected

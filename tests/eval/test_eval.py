@@ -25,7 +25,12 @@ from lit_unlearn.module import UnlearningModule
 from tests.conftest import SMOKE_PEOPLE
 from tests.engine_helpers import make_dm, make_model, sgd, write_probe_pairs
 
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "debug", "tiny.yaml")
+TINY = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "configs",
+    "debug",
+    "tiny.yaml",
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +115,13 @@ def test_local_task_index_and_bad_mc_file(mc_task, tmp_path):
 
 @pytest.mark.parametrize(
     ("prediction", "reference", "expected"),
-    [("the cat sat on the mat", "the cat was on the mat", 5 / 6), ("Paris", "paris france", 0.5),
-     ("", "anything", 0.0), ("a b c", "c b a", 1 / 3), ("completely different", "nothing shared", 0.0)],
+    [
+        ("the cat sat on the mat", "the cat was on the mat", 5 / 6),
+        ("Paris", "paris france", 0.5),
+        ("", "anything", 0.0),
+        ("a b c", "c b a", 1 / 3),
+        ("completely different", "nothing shared", 0.0),
+    ],
 )
 def test_rouge_l_recall_hand_computed(prediction, reference, expected):
     assert rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-6)
@@ -121,7 +131,9 @@ def test_greedy_generation_is_left_padding_safe(target):
     model, tok = target
     prompts = ["Q : where was", "1 plus 2 equals", "count up from 3 : 3 4"]
     batched = greedy_generate(model, tok, prompts, max_new_tokens=5, stop_strings=[], batch_size=3)
-    single = [greedy_generate(model, tok, [p], max_new_tokens=5, stop_strings=[], batch_size=1)[0] for p in prompts]
+    single = [
+        greedy_generate(model, tok, [p], max_new_tokens=5, stop_strings=[], batch_size=1)[0] for p in prompts
+    ]
     assert batched == single
     assert tok.padding_side == "right"  # restored
 
@@ -131,12 +143,23 @@ def test_rwku_metric_set_scores_levels_and_saves_outputs(target, tmp_path):
     corpus = generate_corpus(SMOKE_PEOPLE)
     forget_probe = corpus.probes_for("qa", corpus.forget_people)[0]
     retain_probe = corpus.probes_for("qa", corpus.retain_people)[0]
-    (tmp_path / "forget_level2.json").write_text(json.dumps([{"query": forget_probe.prompt, "answer": forget_probe.answer}]))
-    (tmp_path / "neighbor_level2.json").write_text(json.dumps([{"query": retain_probe.prompt, "answer": retain_probe.answer}]))
-    rwku = RWKU(str(tmp_path), max_new_tokens=3, stop_strings=["."], outputs_path=str(tmp_path / "outputs.jsonl"))
+    (tmp_path / "forget_level2.json").write_text(
+        json.dumps([{"query": forget_probe.prompt, "answer": forget_probe.answer}])
+    )
+    (tmp_path / "neighbor_level2.json").write_text(
+        json.dumps([{"query": retain_probe.prompt, "answer": retain_probe.answer}])
+    )
+    rwku = RWKU(
+        str(tmp_path), max_new_tokens=3, stop_strings=["."], outputs_path=str(tmp_path / "outputs.jsonl")
+    )
     rwku.setup(tok, 64)
     scores = rwku.compute(model, tok)
-    assert set(scores) == {"forget_rougeL_level2", "forget_rougeL", "retain_neighbor_rougeL_level2", "retain_neighbor_rougeL"}
+    assert set(scores) == {
+        "forget_rougeL_level2",
+        "forget_rougeL",
+        "retain_neighbor_rougeL_level2",
+        "retain_neighbor_rougeL",
+    }
     assert scores["forget_rougeL"] == 1.0 and scores["retain_neighbor_rougeL"] == 1.0  # the target knows both
     outputs = [json.loads(line) for line in open(tmp_path / "outputs.jsonl")]
     assert [o["level"] for o in outputs] == ["forget_level2", "neighbor_level2"]
@@ -158,10 +181,21 @@ class Scripted(MetricSet):
 
 def test_matched_forgetting_stop_fires_at_the_right_step(synthetic_tokenizer_dir, tmp_path):
     pairs = write_probe_pairs(str(tmp_path))
-    evaluator = UnlearningEvaluator([Scripted([1.0, 0.8, 0.5, 0.15, 0.1])], every_n_steps=2, monitor="forget_score", target=0.2)
-    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), optimizer=sgd(0.01), save_model=False)
-    trainer = L.Trainer(max_steps=50, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        use_distributed_sampler=False, callbacks=[evaluator])
+    evaluator = UnlearningEvaluator(
+        [Scripted([1.0, 0.8, 0.5, 0.15, 0.1])], every_n_steps=2, monitor="forget_score", target=0.2
+    )
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir, torch.float32), optimizer=sgd(0.01), save_model=False
+    )
+    trainer = L.Trainer(
+        max_steps=50,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        callbacks=[evaluator],
+    )
     trainer.fit(m, make_dm(synthetic_tokenizer_dir, *pairs))
     assert evaluator.matched_step == 6 and trainer.global_step == 6  # evaluations at 0, 2, 4, 6
     assert [h["step"] for h in evaluator.history] == [0, 2, 4, 6]
@@ -177,8 +211,23 @@ def _tiny_run(tmp_path, synthesizer):
     from lit_unlearn.cli import main
 
     root = tmp_path / synthesizer
-    main(["fit", "--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.max_steps", "10",
-          "--model.synthesizer", synthesizer, "--model.save_model", "false", "--trainer.log_every_n_steps", "2"])
+    main(
+        [
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.max_steps",
+            "10",
+            "--model.synthesizer",
+            synthesizer,
+            "--model.save_model",
+            "false",
+            "--trainer.log_every_n_steps",
+            "2",
+        ]
+    )
     return str(next((root / "lightning_logs").iterdir()))
 
 
@@ -190,8 +239,22 @@ def tiny_runs(tmp_path_factory):
 
 def test_results_json_schema(tiny_runs):
     results = json.load(open(os.path.join(tiny_runs[1], "results.json")))
-    for key in ("final", "best", "matched_step", "matched", "history", "steps", "wall_seconds", "tokens_per_second",
-                "peak_memory_bytes", "effective_batch", "synthesizer", "forget_objective", "retain_objective", "geometry"):
+    for key in (
+        "final",
+        "best",
+        "matched_step",
+        "matched",
+        "history",
+        "steps",
+        "wall_seconds",
+        "tokens_per_second",
+        "peak_memory_bytes",
+        "effective_batch",
+        "synthesizer",
+        "forget_objective",
+        "retain_objective",
+        "geometry",
+    ):
         assert key in results, key
     assert results["synthesizer"] == {"name": "SAGO", "args": {"forget_weight": 1.0, "retain_weight": 1.0}}
     assert results["steps"] == 10 and results["effective_batch"] == {"forget": 8, "retain": 8}
@@ -204,8 +267,16 @@ def test_tensorboard_has_curves_geometry_layout_hparams_and_figure(tiny_runs):
     ea = EventAccumulator(tiny_runs[0], size_guidance={"images": 0, "tensors": 0})
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
-    assert {"val/forget_qa", "val/retain_qa", "train/forget_loss", "train/retain_loss", "train/grad_cosine",
-            "train/update_retain_cosine", "train/conflict_fraction", "hparams/retain_qa"} <= scalars
+    assert {
+        "val/forget_qa",
+        "val/retain_qa",
+        "train/forget_loss",
+        "train/retain_loss",
+        "train/grad_cosine",
+        "train/update_retain_cosine",
+        "train/conflict_fraction",
+        "hparams/retain_qa",
+    } <= scalars
     assert len(ea.Scalars("val/forget_qa")) == 3
     assert "tradeoff/forget_vs_retain" in ea.Tags()["images"]
     assert "custom_scalars__config__" in ea.PluginTagToContent("custom_scalars")
@@ -222,19 +293,27 @@ def test_compare_runs_prints_table_and_saves_png(tiny_runs, tmp_path, capsys):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_lm_eval_on_a_saved_model_and_in_lightning_test(target, mc_task, smoke_target, synthetic_tokenizer_dir, tmp_path):
+def test_lm_eval_on_a_saved_model_and_in_lightning_test(
+    target, mc_task, smoke_target, synthetic_tokenizer_dir, tmp_path
+):
     from lit_unlearn.data import SyntheticKnowledge, UnlearningDataModule
     from lit_unlearn.eval import LMEvalCallback
     from lit_unlearn.eval.harness import evaluate_saved
 
     task_dir = mc_task[0]
-    saved = evaluate_saved(smoke_target, ["synthetic_mc"], include_path=task_dir, output=str(tmp_path / "lm_eval.json"))
+    saved = evaluate_saved(
+        smoke_target, ["synthetic_mc"], include_path=task_dir, output=str(tmp_path / "lm_eval.json")
+    )
     assert json.load(open(tmp_path / "lm_eval.json")) == saved
     callback = LMEvalCallback(["synthetic_mc"], include_path=task_dir)
     module = UnlearningModule(smoke_target, save_model=False)
-    dm = UnlearningDataModule(smoke_target, SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE),
-                              SyntheticKnowledge("retain", num_people=SMOKE_PEOPLE), max_length=64,
-                              val_forget=SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE))
+    dm = UnlearningDataModule(
+        smoke_target,
+        SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE),
+        SyntheticKnowledge("retain", num_people=SMOKE_PEOPLE),
+        max_length=64,
+        val_forget=SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE),
+    )
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[callback])
     out = trainer.test(module, dm)
     assert "val/forget_nll" in out[0]

@@ -21,10 +21,15 @@ def target(smoke_target):
 
 def test_batched_accuracy_equals_one_by_one(target):
     model, tok = target
-    probes = generate_corpus(SMOKE_PEOPLE).probes_for("qa")[:30] + generate_corpus(SMOKE_PEOPLE).probes_for("arithmetic")[:30]
+    probes = (
+        generate_corpus(SMOKE_PEOPLE).probes_for("qa")[:30]
+        + generate_corpus(SMOKE_PEOPLE).probes_for("arithmetic")[:30]
+    )
     prompts, answers = [p.prompt for p in probes], [p.answer for p in probes]
     batched = next_token_accuracy(model, tok, prompts, answers, batch_size=64)
-    single = sum(next_token_accuracy(model, tok, [p], [a], batch_size=1) for p, a in zip(prompts, answers)) / len(prompts)
+    single = sum(
+        next_token_accuracy(model, tok, [p], [a], batch_size=1) for p, a in zip(prompts, answers)
+    ) / len(prompts)
     assert batched == pytest.approx(single)
 
 

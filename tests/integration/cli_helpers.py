@@ -22,7 +22,9 @@ def command(program: str, *args: str) -> list[str]:
 
 def run(program: str, *args: str, timeout: float = 300, cwd: str = ROOT) -> subprocess.CompletedProcess:
     """Run a console script to completion; a hang past ``timeout`` fails the test (TimeoutExpired)."""
-    return subprocess.run(command(program, *args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command(program, *args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def run_dirs(root: str) -> list[str]:

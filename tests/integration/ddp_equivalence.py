@@ -25,7 +25,10 @@ from lit_unlearn.synthesis import RULES, SAGO  # noqa: E402
 
 # (name, forget objective, synthesizer): every rule with a token-mean objective, and the
 # sequence-mean objectives once.
-CASES = [(rule.__name__, GradientAscent, rule) for rule in RULES] + [("NPO", NPO, SAGO), ("SimNPO", SimNPO, SAGO)]
+CASES = [(rule.__name__, GradientAscent, rule) for rule in RULES] + [
+    ("NPO", NPO, SAGO),
+    ("SimNPO", SimNPO, SAGO),
+]
 from tests.engine_helpers import make_dm, make_model, sgd  # noqa: E402
 
 
@@ -40,22 +43,40 @@ def main() -> None:
     torch.set_num_threads(1)
     for name, objective, rule in CASES:
         forget = objective(beta=0.5) if objective is not GradientAscent else objective()
-        module = UnlearningModule(make_model(args.tokenizer), forget, synthesizer=rule(retain_weight=0.5), optimizer=sgd(0.2),
-                                  grad_buffer_dtype="param", save_model=False)
+        module = UnlearningModule(
+            make_model(args.tokenizer),
+            forget,
+            synthesizer=rule(retain_weight=0.5),
+            optimizer=sgd(0.2),
+            grad_buffer_dtype="param",
+            save_model=False,
+        )
         # computed on rank 0, broadcast: every rank must hold the same history
         evaluator = UnlearningEvaluator([SyntheticProbes(num_people=20)], every_n_steps=1)
         trainer = L.Trainer(
-            max_steps=args.steps, accelerator="cpu", devices=args.devices,
-            strategy="ddp" if args.devices > 1 else "auto", precision="64-true", logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            use_distributed_sampler=False, callbacks=[evaluator],
+            max_steps=args.steps,
+            accelerator="cpu",
+            devices=args.devices,
+            strategy="ddp" if args.devices > 1 else "auto",
+            precision="64-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[evaluator],
         )
         trainer.fit(module, make_dm(args.tokenizer, args.forget, args.retain, batch=args.batch))
-        with open(os.path.join(args.out, f"eval-{name}-{args.devices}-rank{trainer.global_rank}.json"), "w") as handle:
+        with open(
+            os.path.join(args.out, f"eval-{name}-{args.devices}-rank{trainer.global_rank}.json"), "w"
+        ) as handle:
             json.dump(evaluator.history, handle)
         if trainer.is_global_zero:
-            result = {"world_size": trainer.world_size, "initial": make_model(args.tokenizer).state_dict(),
-                      "final": module.model.state_dict()}
+            result = {
+                "world_size": trainer.world_size,
+                "initial": make_model(args.tokenizer).state_dict(),
+                "final": module.model.state_dict(),
+            }
             torch.save(result, os.path.join(args.out, f"{name}-{args.devices}.pt"))
 
 

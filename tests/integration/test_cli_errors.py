@@ -28,7 +28,12 @@ LM_EVAL_OVERLAY = """trainer:
 
 
 def forget_file(name: str) -> Callable[[str], list[str]]:
-    return lambda d: ["--data.forget", "lit_unlearn.data.QAPairs", "--data.forget.path", os.path.join(d, name)]
+    return lambda d: [
+        "--data.forget",
+        "lit_unlearn.data.QAPairs",
+        "--data.forget.path",
+        os.path.join(d, name),
+    ]
 
 
 @dataclass
@@ -47,31 +52,97 @@ def _path(d: str, name: str) -> list[str]:
 
 
 CASES = [
-    Case("missing file", forget_file("missing.jsonl"), lambda d: [*_path(d, "missing.jsonl"), "file not found"]),
+    Case(
+        "missing file", forget_file("missing.jsonl"), lambda d: [*_path(d, "missing.jsonl"), "file not found"]
+    ),
     Case("empty file", forget_file("empty.jsonl"), lambda d: [*_path(d, "empty.jsonl"), "file is empty"]),
-    Case("not UTF-8", forget_file("latin1.jsonl"), lambda d: [os.path.join(d, "latin1.jsonl") + ":2", "not valid UTF-8"]),
-    Case("malformed JSON line", forget_file("malformed.jsonl"), lambda d: [os.path.join(d, "malformed.jsonl") + ":2", "malformed JSON"]),
-    Case("wrong keys", forget_file("wrong_keys.jsonl"), lambda d: [os.path.join(d, "wrong_keys.jsonl") + ":1", "missing field 'question'"]),
-    Case("empty answer", forget_file("empty_answer.jsonl"), lambda d: [os.path.join(d, "empty_answer.jsonl") + ":2", "empty 'answer'"]),
-    Case("invalid regex", lambda d: ["--model.trainable_parameters", "("], lambda d: ["--model.trainable_parameters", "regular expression"]),
-    Case("mistyped local model path", lambda d: ["--model.model", "runs/unlearned_modl"],
-         lambda d: ["--model.model", "runs/unlearned_modl", "does not exist"]),
-    Case("unknown synthesizer", lambda d: ["--model.synthesizer", "FooGrad"],
-         lambda d: ["--model.synthesizer", "FooGrad", "SAGO", "PCGrad", "WeightedSum"]),
-    Case("unknown objective", lambda d: ["--model.forget_objective", "NPOO"], lambda d: ["--model.forget_objective", "did you mean 'NPO'"]),
-    Case("unknown lm-eval task in a config", lambda d: ["--config", os.path.join(d, "lm_eval.yaml")],
-         lambda d: ["LMEvalCallback tasks", "wmdp_bioo", "did you mean 'wmdp_bio'"]),
-    Case("unknown lm-eval task in lit-unlearn-eval", lambda d: ["--model", os.path.join(d, "model"), "--tasks", "[wmdp_bioo]"],
-         lambda d: ["--tasks", "wmdp_bioo", "did you mean 'wmdp_bio'"], program="lit-unlearn-eval", fit=False),
-    Case("learning rate <= 0", lambda d: ["--model.optimizer.init_args.lr", "0"], lambda d: ["--model.optimizer.init_args.lr", "> 0"]),
-    Case("precision the CPU would change", lambda d: ["--trainer.precision", "16-mixed"], lambda d: ["--trainer.precision", "16-mixed"]),
+    Case(
+        "not UTF-8",
+        forget_file("latin1.jsonl"),
+        lambda d: [os.path.join(d, "latin1.jsonl") + ":2", "not valid UTF-8"],
+    ),
+    Case(
+        "malformed JSON line",
+        forget_file("malformed.jsonl"),
+        lambda d: [os.path.join(d, "malformed.jsonl") + ":2", "malformed JSON"],
+    ),
+    Case(
+        "wrong keys",
+        forget_file("wrong_keys.jsonl"),
+        lambda d: [os.path.join(d, "wrong_keys.jsonl") + ":1", "missing field 'question'"],
+    ),
+    Case(
+        "empty answer",
+        forget_file("empty_answer.jsonl"),
+        lambda d: [os.path.join(d, "empty_answer.jsonl") + ":2", "empty 'answer'"],
+    ),
+    Case(
+        "invalid regex",
+        lambda d: ["--model.trainable_parameters", "("],
+        lambda d: ["--model.trainable_parameters", "regular expression"],
+    ),
+    Case(
+        "mistyped local model path",
+        lambda d: ["--model.model", "runs/unlearned_modl"],
+        lambda d: ["--model.model", "runs/unlearned_modl", "does not exist"],
+    ),
+    Case(
+        "unknown synthesizer",
+        lambda d: ["--model.synthesizer", "FooGrad"],
+        lambda d: ["--model.synthesizer", "FooGrad", "SAGO", "PCGrad", "WeightedSum"],
+    ),
+    Case(
+        "unknown objective",
+        lambda d: ["--model.forget_objective", "NPOO"],
+        lambda d: ["--model.forget_objective", "did you mean 'NPO'"],
+    ),
+    Case(
+        "unknown lm-eval task in a config",
+        lambda d: ["--config", os.path.join(d, "lm_eval.yaml")],
+        lambda d: ["LMEvalCallback tasks", "wmdp_bioo", "did you mean 'wmdp_bio'"],
+    ),
+    Case(
+        "unknown lm-eval task in lit-unlearn-eval",
+        lambda d: ["--model", os.path.join(d, "model"), "--tasks", "[wmdp_bioo]"],
+        lambda d: ["--tasks", "wmdp_bioo", "did you mean 'wmdp_bio'"],
+        program="lit-unlearn-eval",
+        fit=False,
+    ),
+    Case(
+        "learning rate <= 0",
+        lambda d: ["--model.optimizer.init_args.lr", "0"],
+        lambda d: ["--model.optimizer.init_args.lr", "> 0"],
+    ),
+    Case(
+        "precision the CPU would change",
+        lambda d: ["--trainer.precision", "16-mixed"],
+        lambda d: ["--trainer.precision", "16-mixed"],
+    ),
     Case("top-level --optimizer", lambda d: ["--optimizer", "torch.optim.SGD"], lambda d: ["--optimizer"]),
-    Case("top-level --lr_scheduler", lambda d: ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR"], lambda d: ["--lr_scheduler"]),
-    Case("Trainer flag refused under manual optimization", lambda d: ["--trainer.gradient_clip_val", "1.0"],
-         lambda d: ["--trainer.gradient_clip_val", "--model.gradient_clip_val"]),
-    Case("sequence longer than the model", lambda d: ["--data.max_length", "4096"], lambda d: ["--data.max_length", "context"]),
-    Case("missing config file", lambda d: ["--config", os.path.join(d, "nope.yaml")], lambda d: ["nope.yaml"]),
-    Case("collapsed model (lr = 1e6)", lambda d: ["--model.optimizer.init_args.lr", "1e6"], lambda d: ["collapsed", "learning rate"], code=3),
+    Case(
+        "top-level --lr_scheduler",
+        lambda d: ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR"],
+        lambda d: ["--lr_scheduler"],
+    ),
+    Case(
+        "Trainer flag refused under manual optimization",
+        lambda d: ["--trainer.gradient_clip_val", "1.0"],
+        lambda d: ["--trainer.gradient_clip_val", "--model.gradient_clip_val"],
+    ),
+    Case(
+        "sequence longer than the model",
+        lambda d: ["--data.max_length", "4096"],
+        lambda d: ["--data.max_length", "context"],
+    ),
+    Case(
+        "missing config file", lambda d: ["--config", os.path.join(d, "nope.yaml")], lambda d: ["nope.yaml"]
+    ),
+    Case(
+        "collapsed model (lr = 1e6)",
+        lambda d: ["--model.optimizer.init_args.lr", "1e6"],
+        lambda d: ["collapsed", "learning rate"],
+        code=3,
+    ),
 ]
 
 
@@ -91,7 +162,9 @@ def case_dir(tmp_path_factory) -> str:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_one_line_naming_the_culprit(case, case_dir):
     root = os.path.join(case_dir, "out-" + case.name.replace(" ", "_").replace("/", "_"))
-    args = (["fit", "--config", TINY, "--trainer.default_root_dir", root] if case.fit else []) + case.args(case_dir)
+    args = (["fit", "--config", TINY, "--trainer.default_root_dir", root] if case.fit else []) + case.args(
+        case_dir
+    )
     start = time.perf_counter()
     proc = run(case.program, *args, timeout=180, cwd=case_dir)
     seconds = time.perf_counter() - start
@@ -102,21 +175,48 @@ def test_bad_input_is_one_line_naming_the_culprit(case, case_dir):
     assert sum(line.startswith(f"{case.program}: error") for line in lines) == 1
     for expected in case.expect(case_dir):
         assert expected in lines[-1], (expected, lines[-1])
-    written = [os.path.join(d, n) for d, names, _ in os.walk(case_dir) for n in names if n == "unlearned_model"]
+    written = [
+        os.path.join(d, n) for d, names, _ in os.walk(case_dir) for n in names if n == "unlearned_model"
+    ]
     assert not written, written
     print(f"\n{case.name}: {seconds:.1f} s to the error")
 
 
 @pytest.mark.integration
 def test_resuming_with_a_different_global_batch_is_refused(tmp_path):
-    first = run("lit-unlearn", "fit", "--config", TINY, "--trainer.max_steps", "5", "--trainer.default_root_dir", str(tmp_path))
+    first = run(
+        "lit-unlearn",
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.max_steps",
+        "5",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = os.path.join(tmp_path, "lightning_logs", "version_0", "checkpoints", "last.ckpt")
-    proc = run("lit-unlearn", "fit", "--config", TINY, "--trainer.max_steps", "10", "--trainer.default_root_dir", str(tmp_path),
-               "--data.forget_batch_size", "4", "--ckpt_path", ckpt)
+    proc = run(
+        "lit-unlearn",
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.max_steps",
+        "10",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.forget_batch_size",
+        "4",
+        "--ckpt_path",
+        ckpt,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("lit-unlearn: error: --ckpt_path") and "8+8 sequences per device" in line and "4+8" in line
+    assert (
+        line.startswith("lit-unlearn: error: --ckpt_path")
+        and "8+8 sequences per device" in line
+        and "4+8" in line
+    )
     assert not os.path.exists(os.path.join(tmp_path, "lightning_logs", "version_1", "unlearned_model"))
 
 

@@ -28,12 +28,33 @@ def _initial_weights() -> dict[str, torch.Tensor]:
 @pytest.mark.integration
 def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path):
     common = ["fit", "--config", TINY, "--trainer.max_steps", "6", *SGD]
-    one = run("lit-unlearn", *common, "--trainer.default_root_dir", str(tmp_path / "one"),
-              "--data.forget_batch_size", "8", "--data.retain_batch_size", "8")
+    one = run(
+        "lit-unlearn",
+        *common,
+        "--trainer.default_root_dir",
+        str(tmp_path / "one"),
+        "--data.forget_batch_size",
+        "8",
+        "--data.retain_batch_size",
+        "8",
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     # The timeout is the deadlock detector: a rank stuck in a collective fails here within minutes.
-    two = run("lit-unlearn", *common, "--trainer.default_root_dir", str(tmp_path / "two"), "--trainer.devices", "2",
-              "--trainer.strategy", "ddp", "--data.forget_batch_size", "4", "--data.retain_batch_size", "4", timeout=240)
+    two = run(
+        "lit-unlearn",
+        *common,
+        "--trainer.default_root_dir",
+        str(tmp_path / "two"),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--data.forget_batch_size",
+        "4",
+        "--data.retain_batch_size",
+        "4",
+        timeout=240,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     (a,), (b,) = run_dirs(str(tmp_path / "one")), run_dirs(str(tmp_path / "two"))
     ra, rb = results(a), results(b)
@@ -45,7 +66,9 @@ def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path):
         for key in ha:
             assert hb[key] == pytest.approx(ha[key], rel=1e-4, abs=1e-6), key
     assert rb["geometry"]["points"] == ra["geometry"]["points"] > 0
-    assert rb["geometry"]["mean_update_retain_cosine"] == pytest.approx(ra["geometry"]["mean_update_retain_cosine"], abs=1e-4)
+    assert rb["geometry"]["mean_update_retain_cosine"] == pytest.approx(
+        ra["geometry"]["mean_update_retain_cosine"], abs=1e-4
+    )
     wa, wb = saved_weights(a), saved_weights(b)
     assert relative_difference(wb, wa, _initial_weights()) <= 1e-4
     for d in (a, b):
@@ -58,12 +81,20 @@ def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path):
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
     """The shipped tiny config, no checkpoint flags: last.ckpt is written on SIGTERM and resumes exactly."""
     steps = ["--trainer.max_steps", "60"]
-    full = run("lit-unlearn", "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(tmp_path / "full"))
+    full = run(
+        "lit-unlearn", "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(tmp_path / "full")
+    )
     assert full.returncode == 0, full.stderr[-3000:]
 
     root = tmp_path / "cut"
-    proc = subprocess.Popen(command("lit-unlearn", "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(root)),
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command("lit-unlearn", "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(root)),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -73,11 +104,23 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert proc.returncode == 143, err[-3000:]
     assert "stopped by SIGTERM after step" in err and "--ckpt_path" in err
     (cut,) = run_dirs(str(root))
-    assert not os.path.exists(os.path.join(cut, "unlearned_model")) and not os.path.exists(os.path.join(cut, "results.json"))
+    assert not os.path.exists(os.path.join(cut, "unlearned_model")) and not os.path.exists(
+        os.path.join(cut, "results.json")
+    )
     stopped_at = torch.load(ckpt, weights_only=False)["global_step"]
     assert 5 <= stopped_at < 60
 
-    resumed = run("lit-unlearn", "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(root), "--ckpt_path", str(ckpt))
+    resumed = run(
+        "lit-unlearn",
+        "fit",
+        "--config",
+        TINY,
+        *steps,
+        "--trainer.default_root_dir",
+        str(root),
+        "--ckpt_path",
+        str(ckpt),
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (full_dir,), (_, resumed_dir) = run_dirs(str(tmp_path / "full")), run_dirs(str(root))
     a, b = results(full_dir), results(resumed_dir)
@@ -89,10 +132,23 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.integration
 def test_a_finished_run_directory_is_never_overwritten(tmp_path):
-    fixed = ["fit", "--config", TINY, "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
-             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
-             "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "",
-             "--trainer.logger.init_args.version", "fixed"]
+    fixed = [
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.class_path",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.name",
+        "",
+        "--trainer.logger.init_args.version",
+        "fixed",
+    ]
     first = run("lit-unlearn", *fixed)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "fixed"
@@ -109,9 +165,23 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
 
 @pytest.mark.integration
 def test_ctrl_c_finishes_the_step_saves_last_ckpt_and_exits_130(tmp_path):
-    proc = subprocess.Popen(command("lit-unlearn", "fit", "--config", TINY, "--trainer.max_steps", "60",
-                                    "--trainer.default_root_dir", str(tmp_path)),
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(
+            "lit-unlearn",
+            "fit",
+            "--config",
+            TINY,
+            "--trainer.max_steps",
+            "60",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 180
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -22,8 +22,22 @@ def test_two_rank_ddp_equals_one_rank_at_the_same_effective_batch(synthetic_toke
     forget, retain = write_varlen_pairs(str(tmp_path))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for devices, batch in ((1, 4), (2, 2)):
-        cmd = [sys.executable, SCRIPT, "--tokenizer", synthetic_tokenizer_dir, "--forget", forget, "--retain", retain,
-               "--out", str(tmp_path), "--devices", str(devices), "--batch", str(batch)]
+        cmd = [
+            sys.executable,
+            SCRIPT,
+            "--tokenizer",
+            synthetic_tokenizer_dir,
+            "--forget",
+            forget,
+            "--retain",
+            retain,
+            "--out",
+            str(tmp_path),
+            "--devices",
+            str(devices),
+            "--batch",
+            str(batch),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     for rule, _, _ in CASES:

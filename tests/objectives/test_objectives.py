@@ -43,7 +43,9 @@ def test_functional_values_by_hand():
     assert Fn.mean_nll(logits, labels).item() == pytest.approx(seq.item() / 2, rel=1e-6)
     # NPO: -(2/β) log σ(β (S - S_ref)); SimNPO: -(2/β) log σ(β (S/|y| - δ))
     s, s_ref, beta = torch.tensor([3.0]), torch.tensor([1.0]), 0.5
-    assert Fn.npo_loss(s, s_ref, beta).item() == pytest.approx(-(2 / beta) * math.log(1 / (1 + math.exp(-beta * 2.0))))
+    assert Fn.npo_loss(s, s_ref, beta).item() == pytest.approx(
+        -(2 / beta) * math.log(1 / (1 + math.exp(-beta * 2.0)))
+    )
     assert Fn.simnpo_loss(s, torch.tensor([2]), beta, 0.1).item() == pytest.approx(
         -(2 / beta) * math.log(1 / (1 + math.exp(-beta * (1.5 - 0.1))))
     )
@@ -54,7 +56,10 @@ def test_functional_values_by_hand():
 
 def forget_nll(model, batch):
     with torch.no_grad():
-        return Fn.mean_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]).item()
+        return Fn.mean_nll(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+        ).item()
 
 
 @pytest.mark.parametrize(
@@ -104,7 +109,11 @@ def test_reference_needing_objectives_fail_clearly_without_it(synthetic_tokenize
 def test_layer_capture_matches_hidden_states(synthetic_tokenizer_dir, forget_batch):
     model = make_model(synthetic_tokenizer_dir, torch.float32)
     with capture_layer_output(model, 0) as store:
-        out = model(input_ids=forget_batch["input_ids"], attention_mask=forget_batch["attention_mask"], output_hidden_states=True)
+        out = model(
+            input_ids=forget_batch["input_ids"],
+            attention_mask=forget_batch["attention_mask"],
+            output_hidden_states=True,
+        )
     torch.testing.assert_close(store["hidden"], out.hidden_states[1])
     assert len(decoder_layers(model)) == 2
     with pytest.raises(ValueError, match="out of range"):
@@ -115,8 +124,15 @@ def test_layer_capture_matches_hidden_states(synthetic_tokenizer_dir, forget_bat
 def test_rmu_changes_only_regex_selected_parameters(synthetic_tokenizer_dir, pairs):
     model = make_model(synthetic_tokenizer_dir, torch.float32)
     before = weights(model)
-    m = UnlearningModule(model, RMU(layer=1, steering_coeff=5.0), EmbedDiff(layer=1), SAGO(retain_weight=1.0),
-                         optimizer=sgd(0.5), trainable_parameters=r"layers\.(0|1)\.mlp\.down_proj", save_model=False)
+    m = UnlearningModule(
+        model,
+        RMU(layer=1, steering_coeff=5.0),
+        EmbedDiff(layer=1),
+        SAGO(retain_weight=1.0),
+        optimizer=sgd(0.5),
+        trainable_parameters=r"layers\.(0|1)\.mlp\.down_proj",
+        save_model=False,
+    )
     fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=3)
     after = weights(m.model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -127,8 +143,15 @@ def test_rmu_changes_only_regex_selected_parameters(synthetic_tokenizer_dir, pai
 
 def test_precomputed_reference_npo_equals_live_reference_npo(synthetic_tokenizer_dir, pairs):
     def run(precompute):
-        m = UnlearningModule(make_model(synthetic_tokenizer_dir), NPO(beta=0.1, precompute_reference=precompute), NLL(),
-                             SAGO(), optimizer=sgd(0.5), grad_buffer_dtype="param", save_model=False)
+        m = UnlearningModule(
+            make_model(synthetic_tokenizer_dir),
+            NPO(beta=0.1, precompute_reference=precompute),
+            NLL(),
+            SAGO(),
+            optimizer=sgd(0.5),
+            grad_buffer_dtype="param",
+            save_model=False,
+        )
         fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=4, precision="64-true")
         return m
 

@@ -191,12 +191,13 @@ def test_bad_out_and_weights_raise_value_error():
 
 
 def test_repr_is_short_and_names_the_weights():
-    assert repr(synthesis.SAGO(forget_weight=1.0, retain_weight=0.5)) == "SAGO(forget_weight=1, retain_weight=0.5)"
+    assert (
+        repr(synthesis.SAGO(forget_weight=1.0, retain_weight=0.5))
+        == "SAGO(forget_weight=1, retain_weight=0.5)"
+    )
 
 
-@pytest.mark.parametrize(
-    "module", ["base", "weighted", "projection", "gating", "diagnostics"], ids=str
-)
+@pytest.mark.parametrize("module", ["base", "weighted", "projection", "gating", "diagnostics"], ids=str)
 def test_docstring_examples(module):
     mod = importlib.import_module(f"lit_unlearn.synthesis.{module}")
     failures, _ = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -137,7 +137,9 @@ def test_sum_equals_summed_loss():
     loss_r = F.cross_entropy(model(xr), yr)
     g_f = torch.autograd.grad(loss_f, params)
     g_r = torch.autograd.grad(loss_r, params)
-    total = torch.autograd.grad(gamma * -F.cross_entropy(model(xf), yf) + alpha * F.cross_entropy(model(xr), yr), params)
+    total = torch.autograd.grad(
+        gamma * -F.cross_entropy(model(xf), yf) + alpha * F.cross_entropy(model(xr), yr), params
+    )
     update = WeightedSum(forget_weight=gamma, retain_weight=alpha)(g_f, g_r)
     for u, t in zip(update, total):
         torch.testing.assert_close(u, t, rtol=1e-12, atol=1e-12)
