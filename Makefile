@@ -24,7 +24,7 @@ venv: $(STAMP)  ## create .venv: torch first, then the project with its test ext
 test: $(STAMP)  ## run the whole test suite (unit + integration) on CPU
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)  ## the main job: build or reuse the synthetic target, unlearn it with naive, PCGrad and SAGO, print the table
+demo: $(STAMP)  ## the main job: build or reuse the synthetic target, unlearn it with naive, PCGrad and SAGO (3 seeds each), print the tables
 	$(BIN)/python scripts/demo.py
 
 target: $(STAMP)  ## build (or reuse) the cached synthetic target model

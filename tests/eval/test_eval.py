@@ -293,6 +293,33 @@ def test_compare_runs_prints_table_and_saves_png(tiny_runs, tmp_path, capsys):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_seed_summary_is_the_mean_and_spread_of_each_setting(capsys):
+    from lit_unlearn.eval.report import summarize_seeds
+
+    def row(synth, seed_retain, matched="yes"):
+        return {
+            "synthesizer": synth,
+            "objective": "GradientAscent+NLL",
+            "matched": matched,
+            "step": 40,
+            "forget": 0.2,
+            "retain": seed_retain,
+            "general": None,
+            "cos_u_gr": 0.4,
+            "seconds": 3.0,
+        }
+
+    groups = summarize_seeds(
+        [row("SAGO", 0.9), row("SAGO", 0.94), row("SAGO", 0.98), row("WeightedSum", 0.7, "no")]
+    )
+    sago, naive = groups
+    assert (sago["n"], sago["matched"], naive["n"], naive["matched"]) == (3, 3, 1, 0)
+    assert sago["retain_mean"] == pytest.approx(0.94) and sago["retain_std"] == pytest.approx(0.04)
+    assert (sago["retain_min"], sago["retain_max"]) == (0.9, 0.98)
+    assert "general_mean" not in sago  # no values: no column, not a zero
+    assert "0.940 ± 0.040" in capsys.readouterr().out
+
+
 def test_lm_eval_on_a_saved_model_and_in_lightning_test(
     target, mc_task, smoke_target, synthetic_tokenizer_dir, tmp_path
 ):
