@@ -150,6 +150,11 @@ class UnlearningModule(L.LightningModule):
             raise UserError(f"--model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise UserError(f"--model.gradient_clip_val must be > 0, got {gradient_clip_val}")
+        if lr_scheduler is not None and (warmup_ratio != 0.0 or lr_decay != "constant"):
+            raise UserError(
+                "--model.warmup_ratio / --model.lr_decay shape the built-in schedule and would be ignored next to "
+                "--model.lr_scheduler; set one or the other"
+            )
         if collapse_threshold is not None and not collapse_threshold > 0:
             raise UserError(
                 f"--model.collapse_threshold must be > 0 (or null to switch the guard off), got {collapse_threshold}"
@@ -449,6 +454,8 @@ class UnlearningModule(L.LightningModule):
             "objectives": {
                 t: o.state_dict() for t, o in zip(TASKS, (self.forget_objective, self.retain_objective))
             },
+            # a stateful rule (e.g. running statistics of the gradient geometry) opts in with state_dict()
+            "synthesizer": self.synthesizer.state_dict() if hasattr(self.synthesizer, "state_dict") else {},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -478,6 +485,8 @@ class UnlearningModule(L.LightningModule):
         self.retain_baseline = state.get("retain_baseline")
         for task, objective in zip(TASKS, (self.forget_objective, self.retain_objective)):
             objective.load_state_dict(state.get("objectives", {}).get(task, {}))
+        if state.get("synthesizer") and hasattr(self.synthesizer, "load_state_dict"):
+            self.synthesizer.load_state_dict(state["synthesizer"])
 
     def on_fit_end(self) -> None:
         run_dir = run_directory(self.trainer)  # collective under DDP: every rank calls it

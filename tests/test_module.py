@@ -372,3 +372,61 @@ def test_sequences_longer_than_the_model_context_are_refused(synthetic_tokenizer
         ValueError, match=r"--data.max_length=128 exceeds the model's context \(64 positions\)"
     ):
         fit(m, dm, max_steps=1)
+
+
+class CountingSAGO(SAGO):
+    """A stateful rule (test-only): counts its calls and keeps the count in checkpoints."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return super().__call__(*args, **kwargs)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_synthesizer_state_survives_a_checkpoint(synthetic_tokenizer_dir, pairs, tmp_path):
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir), synthesizer=CountingSAGO(), optimizer=sgd(0.1), save_model=False
+    )
+    fit(
+        m,
+        make_dm(synthetic_tokenizer_dir, *pairs),
+        max_steps=2,
+        enable_checkpointing=True,
+        callbacks=[ckpt_cb],
+    )
+    resumed = UnlearningModule(
+        make_model(synthetic_tokenizer_dir), synthesizer=CountingSAGO(), optimizer=sgd(0.1), save_model=False
+    )
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(
+        resumed, make_dm(synthetic_tokenizer_dir, *pairs), ckpt_path=str(next(tmp_path.glob("*.ckpt")))
+    )
+    assert resumed.synthesizer.calls == 3  # 2 restored + 1 new
+
+
+def test_an_injected_scheduler_refuses_the_built_in_schedule_flags(synthetic_tokenizer_dir):
+    from lit_unlearn.errors import UserError
+
+    def factory(opt):
+        return torch.optim.lr_scheduler.ConstantLR(opt)
+
+    with pytest.raises(UserError, match="--model.lr_scheduler"):
+        UnlearningModule(make_model(synthetic_tokenizer_dir), lr_scheduler=factory, warmup_ratio=0.1)
+    UnlearningModule(make_model(synthetic_tokenizer_dir), lr_scheduler=factory)  # alone it is fine

@@ -10,8 +10,28 @@ from torch import Tensor
 from lit_unlearn.data.sources import IGNORE_INDEX, Example
 
 
+def _stack_extra(key: str, values: list[Tensor]) -> Tensor:
+    """Stack one extra per-example field: scalars and equal shapes as they are; 1-D tensors of
+    different lengths right-padded with 0 (a ``<key>_mask`` would be the objective's business)."""
+    if all(v.shape == values[0].shape for v in values):
+        return torch.stack(values)
+    if all(v.dim() == 1 for v in values):
+        out = torch.zeros((len(values), max(v.numel() for v in values)), dtype=values[0].dtype)
+        for i, v in enumerate(values):
+            out[i, : v.numel()] = v
+        return out
+    raise ValueError(
+        f"example field {key!r}: cannot batch tensors of shapes {sorted({tuple(v.shape) for v in values})}"
+    )
+
+
 def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
-    """Stack examples into ``input_ids``, ``attention_mask`` and ``labels``, padded on the right."""
+    """Stack examples into ``input_ids``, ``attention_mask`` and ``labels``, padded on the right.
+
+    Any other tensor field the examples carry (e.g. a preference pair's second sequence, a
+    per-example weight) is passed through, stacked (1-D fields of different lengths padded with 0),
+    so a custom objective can read it from its batch.
+    """
     length = max(ex["input_ids"].numel() for ex in examples)
     batch = len(examples)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -22,7 +42,11 @@ def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
         input_ids[i, :n] = ex["input_ids"]
         labels[i, :n] = ex["labels"]
         mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    extra = [k for k in examples[0] if k not in out and isinstance(examples[0][k], Tensor)]
+    for key in extra:
+        out[key] = _stack_extra(key, [torch.as_tensor(ex[key]) for ex in examples])
+    return out
 
 
 class PairedBatches(torch.utils.data.Dataset):
