@@ -39,7 +39,7 @@ from lit_unlearn.errors import SaveFailed, TrainingDiverged, UserError
 from lit_unlearn.gradients import Task, TwoTaskGradients, no_backward_sync
 from lit_unlearn.models import DTYPES, check_model_path, frozen_copy, load_causal_lm
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
-from lit_unlearn.objectives.functional import mean_nll
+from lit_unlearn.objectives.functional import nll_terms
 from lit_unlearn.rundir import run_directory, save_pretrained_atomic
 from lit_unlearn.synthesis import GeometryAccumulator, Synthesizer, WeightedSum
 
@@ -421,11 +421,16 @@ class UnlearningModule(L.LightningModule):
             if dm is not None and hasattr(dm, "val_names")
             else str(dataloader_idx)
         )
-        nll = mean_nll(
+        total, count = nll_terms(
             self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
             batch["labels"],
         )
-        self.log(f"val/{name}_nll", nll, add_dataloader_idx=False, sync_dist=True)
+        # Weighted by label tokens (one host sync per validation batch), so the epoch value is the
+        # token mean of the whole split on every rank, not a mean of per-batch means.
+        tokens = max(int(count), 1)
+        self.log(
+            f"val/{name}_nll", total / tokens, batch_size=tokens, add_dataloader_idx=False, sync_dist=True
+        )
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """``lit-unlearn test``: the held-out losses again (lm-eval runs via ``LMEvalCallback``)."""

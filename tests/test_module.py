@@ -430,3 +430,25 @@ def test_an_injected_scheduler_refuses_the_built_in_schedule_flags(synthetic_tok
     with pytest.raises(UserError, match="--model.lr_scheduler"):
         UnlearningModule(make_model(synthetic_tokenizer_dir), lr_scheduler=factory, warmup_ratio=0.1)
     UnlearningModule(make_model(synthetic_tokenizer_dir), lr_scheduler=factory)  # alone it is fine
+
+
+def test_validation_nll_is_the_token_mean_of_the_whole_split(synthetic_tokenizer_dir, varlen):
+    from lit_unlearn.data import QAPairs
+    from lit_unlearn.data.collate import pad_examples
+
+    model = make_model(synthetic_tokenizer_dir)
+    m = UnlearningModule(model, save_model=False)
+    dm = make_dm(synthetic_tokenizer_dir, *varlen, val_forget=QAPairs(varlen[0]), eval_batch_size=3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        precision="64-true",
+    )
+    (metrics,) = trainer.validate(m, dm)
+    everything = pad_examples(dm.val_examples["forget"], dm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=everything["input_ids"], attention_mask=everything["attention_mask"]).logits
+    assert metrics["val/forget_nll"] == pytest.approx(mean_nll(logits, everything["labels"]).item(), rel=1e-6)
