@@ -32,7 +32,11 @@ def test_tiny_config_fit_leaves_model_logs_config_and_manifest(tmp_path, capsys)
         "effective": 8,
     }
     assert manifest["versions"]["torch"] and manifest["seed"] == 0
-    assert "unlearned model saved to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unlearned model saved to" in out
+    # the end-of-fit summary: steps and the three sides of the trade-off
+    assert "lit-unlearn: 6 optimizer steps; target not reached; last evaluation: forget_qa=" in out
+    assert "retain_qa=" in out and "general_arithmetic=" in out
 
 
 @pytest.mark.parametrize("rule", ["WeightedSum", "PCGrad", "PCGradGlobal", "SAGO", "SAGOPreferRetain"])

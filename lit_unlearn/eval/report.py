@@ -6,7 +6,8 @@ Per run (:class:`TradeoffReport`, rank 0):
   (CUDA allocator peak, or the process's peak RSS on CPU), effective batch, synthesizer and objectives with arguments,
   the evaluation history and a geometry summary;
 - TensorBoard: a custom-scalars layout (forget vs retain metrics on one chart, synthesis geometry
-  on another), an ``hparams`` entry with the final metrics for the HParams dashboard, and a
+  on another), an ``hparams`` entry (synthesizer, objectives, α, γ, lr, seed) whose metrics are the
+  ``val/*`` evaluation curves themselves (the dashboard reads their last value), and a
   trade-off figure (forget metric vs retain metric along the evaluation points).
 
 Across runs (:func:`compare_runs`, also ``scripts/compare_runs.py``): a table of retention at
@@ -29,6 +30,7 @@ from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import LMEvalCallback
 from lit_unlearn.rundir import RESULTS_FILE, local_run_directory, run_directory, write_json_atomic
 
+SCORE = r"val/{side}_(?!.*(ppl|nll)$).*"  # a side's metrics except perplexities and NLLs
 GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
 
 
@@ -122,8 +124,14 @@ class TradeoffReport(L.Callback):
             writer.add_custom_scalars(
                 {
                     "Trade-off": {
-                        "forget metrics": ["Multiline", [r"val/forget_.*"]],
-                        "retain and general metrics": ["Multiline", [r"val/retain_.*", r"val/general_.*"]],
+                        # Scores on one chart per side, perplexities and NLLs apart: a perplexity of ~6
+                        # would flatten accuracies in [0, 1].
+                        "forget scores": ["Multiline", [SCORE.format(side="forget")]],
+                        "retain and general scores": [
+                            "Multiline",
+                            [SCORE.format(side="retain"), SCORE.format(side="general")],
+                        ],
+                        "perplexities and NLLs": ["Multiline", [r"val/.*_(ppl|nll)$"]],
                         "training losses": ["Multiline", ["train/forget_loss", "train/retain_loss"]],
                     },
                     "Synthesis geometry": {
@@ -167,6 +175,7 @@ class TradeoffReport(L.Callback):
         writer = self._writer(trainer)
         if writer is not None:
             self._log_tensorboard(trainer, writer, results)
+        print(summary_line(results))
         print(f"lit-unlearn: results in {os.path.join(run_dir, RESULTS_FILE)}")
 
     def results(
@@ -236,7 +245,7 @@ class TradeoffReport(L.Callback):
     def _log_tensorboard(self, trainer: L.Trainer, writer: Any, results: dict[str, Any]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        final = results["matched"] or results["final"] or {}
+        final = results["final"] or {}
         params = {
             "synthesizer": results["synthesizer"]["name"],
             "forget_objective": results["forget_objective"]["name"],
@@ -244,19 +253,17 @@ class TradeoffReport(L.Callback):
             "lr": float(results["optimizer"]["lr"] or 0.0),
             "forget_weight": float(results["synthesizer"]["args"].get("forget_weight", 1.0)),
             "retain_weight": float(results["synthesizer"]["args"].get("retain_weight", 1.0)),
+            "seed": int(getattr(trainer.datamodule, "seed", 0) or 0),
         }
+        # The HParams dashboard reads the last value of each metric tag, so it points at the
+        # evaluation curves that already exist (val/*) instead of writing single-point copies.
         metrics = {
-            f"hparams/{k}": float(v) for k, v in final.items() if k != "step" and isinstance(v, (int, float))
+            f"val/{k}": float(v) for k, v in final.items() if k != "step" and isinstance(v, (int, float))
         }
-        metrics["hparams/matched_step"] = float(
-            results["matched_step"] if results["matched_step"] is not None else -1
-        )
         exp, ssi, sei = hparams(params, metrics)
         writer.file_writer.add_summary(exp)
         writer.file_writer.add_summary(ssi)
         writer.file_writer.add_summary(sei)
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, trainer.global_step)
         fig = tradeoff_figure(
             results["history"],
             results["forget_metric"],
@@ -265,6 +272,22 @@ class TradeoffReport(L.Callback):
         )
         writer.add_figure("tradeoff/forget_vs_retain", fig, trainer.global_step)
         writer.flush()
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    """One line for the end of fit: steps, and the forget / retain / general values at the matched
+    evaluation (or the last one if the target was not reached)."""
+    point = results.get("matched") or results.get("final") or {}
+    keys = [results.get("forget_metric"), results.get("retain_metric")]
+    keys += [k for k in point if k.startswith("general_") and k not in keys][:1]
+    values = ", ".join(f"{k}={point[k]:.3f}" for k in keys if k in point)
+    if results.get("matched_step") is not None:
+        where = f"matched forgetting at step {results['matched_step']}"
+    elif results.get("target", {}).get("monitor"):
+        where = "target not reached; last evaluation"
+    else:
+        where = "last evaluation"
+    return f"lit-unlearn: {results.get('steps')} optimizer steps; {where}: {values or 'no evaluations'}"
 
 
 def _meets(entry: dict[str, float], evaluator: Any) -> bool:

@@ -275,12 +275,40 @@ def test_tensorboard_has_curves_geometry_layout_hparams_and_figure(tiny_runs):
         "train/grad_cosine",
         "train/update_retain_cosine",
         "train/conflict_fraction",
-        "hparams/retain_qa",
     } <= scalars
+    assert not any(tag.startswith("hparams/") for tag in scalars)  # no single-point copies of the metrics
     assert len(ea.Scalars("val/forget_qa")) == 3
     assert "tradeoff/forget_vs_retain" in ea.Tags()["images"]
     assert "custom_scalars__config__" in ea.PluginTagToContent("custom_scalars")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(ea.PluginTagToContent("hparams"))
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout.FromString(
+        ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    # accuracies and perplexities never share an axis
+    assert any(re.fullmatch(charts["retain and general scores"][1], t) for t in ["val/general_arithmetic"])
+    assert not any(re.fullmatch(p, "val/general_ppl") for p in charts["retain and general scores"])
+    assert re.fullmatch(charts["perplexities and NLLs"][0], "val/general_ppl")
+    hp = ea.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hp)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/experiment"]).experiment
+    assert {h.name for h in experiment.hparam_infos} >= {
+        "synthesizer",
+        "forget_objective",
+        "lr",
+        "forget_weight",
+        "retain_weight",
+        "seed",
+    }
+    assert {m.name.tag for m in experiment.metric_infos} >= {
+        "val/forget_qa",
+        "val/retain_qa",
+    }  # existing curves
 
 
 def test_compare_runs_prints_table_and_saves_png(tiny_runs, tmp_path, capsys):
