@@ -92,7 +92,14 @@ def sgd(lr: float = 0.1):
     return lambda params: torch.optim.SGD(params, lr=lr)
 
 
-def fit(module: UnlearningModule, dm: UnlearningDataModule, max_steps: int, **trainer_kw: Any) -> L.Trainer:
+def fit(
+    module: UnlearningModule,
+    dm: UnlearningDataModule,
+    max_steps: int,
+    ckpt_path: str | None = None,
+    **trainer_kw: Any,
+) -> L.Trainer:
+    """A quiet one-device CPU Trainer; ``ckpt_path`` resumes."""
     kw: dict[str, Any] = dict(
         max_steps=max_steps,
         accelerator="cpu",
@@ -106,7 +113,7 @@ def fit(module: UnlearningModule, dm: UnlearningDataModule, max_steps: int, **tr
     )
     kw.update(trainer_kw)
     trainer = L.Trainer(**kw)
-    trainer.fit(module, dm)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer
 
 

@@ -277,16 +277,13 @@ def test_resume_from_checkpoint_equals_uninterrupted(synthetic_tokenizer_dir, pa
     ckpt = sorted(tmp_path.glob("*step=3.ckpt"))
     assert ckpt, list(tmp_path.iterdir())
     resumed = module()
-    trainer = L.Trainer(
+    fit(
+        resumed,
+        make_dm(synthetic_tokenizer_dir, *pairs),
         max_steps=7,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
+        ckpt_path=str(ckpt[0]),
         precision="64-true",
     )
-    trainer.fit(resumed, make_dm(synthetic_tokenizer_dir, *pairs), ckpt_path=str(ckpt[0]))
     assert_same_weights(weights(full.model), weights(resumed.model), atol=0)
 
 
@@ -407,16 +404,11 @@ def test_synthesizer_state_survives_a_checkpoint(synthetic_tokenizer_dir, pairs,
     resumed = UnlearningModule(
         make_model(synthetic_tokenizer_dir), synthesizer=CountingSAGO(), optimizer=sgd(0.1), save_model=False
     )
-    trainer = L.Trainer(
+    fit(
+        resumed,
+        make_dm(synthetic_tokenizer_dir, *pairs),
         max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
-    )
-    trainer.fit(
-        resumed, make_dm(synthetic_tokenizer_dir, *pairs), ckpt_path=str(next(tmp_path.glob("*.ckpt")))
+        ckpt_path=str(next(tmp_path.glob("*.ckpt"))),
     )
     assert resumed.synthesizer.calls == 3  # 2 restored + 1 new
 
