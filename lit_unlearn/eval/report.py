@@ -68,6 +68,11 @@ def tradeoff_figure(
         ax.plot(xs, ys, "-o", markersize=4)
         for x, y, s in zip(xs, ys, steps):
             ax.annotate(str(s), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if points and all(0.0 <= v <= 1.0 for x, y, _ in points for v in (x, y)):
+        # Scores in [0, 1] (accuracies, ROUGE): one fixed scale, so figures of different runs
+        # can be compared side by side without each one stretching its own range.
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(f"{forget_metric} (lower = more forgotten)")
     ax.set_ylabel(f"{retain_metric} (higher = more kept)")
     ax.set_title(title or "unlearning trade-off (labels: step)")

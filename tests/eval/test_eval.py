@@ -321,6 +321,19 @@ def test_compare_runs_prints_table_and_saves_png(tiny_runs, tmp_path, capsys):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tradeoff_figures_of_scores_share_one_scale():
+    from lit_unlearn.eval.report import tradeoff_figure
+
+    narrow = tradeoff_figure([{"step": 0, "f": 0.9, "r": 0.95}, {"step": 10, "f": 0.8, "r": 0.94}], "f", "r")
+    wide = tradeoff_figure([{"step": 0, "f": 1.0, "r": 1.0}, {"step": 10, "f": 0.1, "r": 0.3}], "f", "r")
+    assert narrow.axes[0].get_ylim() == wide.axes[0].get_ylim() == (-0.02, 1.02)
+    assert narrow.axes[0].get_xlim() == wide.axes[0].get_xlim() == (-0.02, 1.02)
+    perplexity = tradeoff_figure(
+        [{"step": 0, "f": 3.0, "r": 0.9}, {"step": 10, "f": 9.0, "r": 0.8}], "f", "r"
+    )
+    assert perplexity.axes[0].get_xlim()[1] > 8  # not a score: its own range
+
+
 def test_seed_summary_is_the_mean_and_spread_of_each_setting(capsys):
     from lit_unlearn.eval.report import summarize_seeds
 
