@@ -28,7 +28,15 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_unlearn.checkpointing import RunCheckpoint
 from lit_unlearn.data import UnlearningDataModule
-from lit_unlearn.errors import RunInterrupted, UserError, debug, fail, run_reporting_errors, suggest
+from lit_unlearn.errors import (
+    RunInterrupted,
+    UserError,
+    debug,
+    fail,
+    is_rank_zero,
+    run_reporting_errors,
+    suggest,
+)
 from lit_unlearn.eval.report import TradeoffReport
 from lit_unlearn.manifest import RunManifest
 from lit_unlearn.module import UnlearningModule
@@ -182,7 +190,7 @@ def main(args: list[str] | None = None) -> None:
                 args=args,
             )
         except RunInterrupted as stop:
-            if stop.checkpoint:
+            if stop.checkpoint and is_rank_zero():
                 print(
                     f"{PROGRAM}: stopped by {stop.signal_name} after step {stop.step}; state saved to {stop.checkpoint}; "
                     f"resume with the same command plus --ckpt_path {stop.checkpoint}",

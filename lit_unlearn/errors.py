@@ -56,9 +56,18 @@ def debug() -> bool:
     return os.environ.get("LIT_UNLEARN_DEBUG", "") not in ("", "0", "false")
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (from the launcher's environment; true when alone)."""
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        if os.environ.get(key, "0") != "0":
+            return False
+    return True
+
+
 def fail(program: str, message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
-    """Print ``program: error: message`` on one line to stderr and exit."""
-    print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    """Print ``program: error: message`` on one line to stderr (once, from rank 0) and exit."""
+    if is_rank_zero():
+        print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(code)
 
 

@@ -112,6 +112,9 @@ class UnlearningModule(L.LightningModule):
             far too high learning rate. 0.8 is ~8.3 nats for a 32 k vocabulary (perplexity
             ~4,000), far above any usable model. ``None`` = off. Applies to retain losses that
             define a uniform loss (``NLL``); KL and EmbedDiff start at 0 and are not checked.
+        collapse_patience: how many consecutive optimizer steps the retain loss must stay above
+            that bound before the run stops (one hard batch of long, unfamiliar answers can spike
+            the loss for a step; a collapsed model stays there).
         diagnostics_every_n_steps: log the synthesis geometry every N optimizer steps
             (``None`` = the Trainer's ``log_every_n_steps``; 0 = never). Training metrics are
             logged every ``log_every_n_steps`` *optimizer* steps, indexed by completed steps.
@@ -139,6 +142,7 @@ class UnlearningModule(L.LightningModule):
         grad_buffer_dtype: Literal["float32", "param"] = "float32",
         max_consecutive_bad_steps: int = 5,
         collapse_threshold: float | None = 0.8,
+        collapse_patience: int = 3,
         diagnostics_every_n_steps: int | None = None,
         save_model: bool = True,
     ) -> None:
@@ -155,6 +159,8 @@ class UnlearningModule(L.LightningModule):
                 "--model.warmup_ratio / --model.lr_decay shape the built-in schedule and would be ignored next to "
                 "--model.lr_scheduler; set one or the other"
             )
+        if collapse_patience < 1:
+            raise UserError(f"--model.collapse_patience must be >= 1, got {collapse_patience}")
         if collapse_threshold is not None and not collapse_threshold > 0:
             raise UserError(
                 f"--model.collapse_threshold must be > 0 (or null to switch the guard off), got {collapse_threshold}"
@@ -177,7 +183,8 @@ class UnlearningModule(L.LightningModule):
         self.accumulate_grad_batches, self.gradient_clip_val = accumulate_grad_batches, gradient_clip_val
         self.grad_buffer_dtype = grad_buffer_dtype
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
-        self.collapse_threshold = collapse_threshold
+        self.collapse_threshold, self.collapse_patience = collapse_threshold, collapse_patience
+        self.collapsed_steps = 0  # consecutive optimizer steps above the collapse bound
         self.diagnostics_every_n_steps, self.save_model = diagnostics_every_n_steps, save_model
         self.trainable_parameters = trainable_parameters
         self.grads: TwoTaskGradients | None = None
@@ -337,15 +344,7 @@ class UnlearningModule(L.LightningModule):
         self.stop_agreed = stop_votes > 0
         if not ok:
             return self._skip_step(losses)
-        if blown:
-            grads.zero()
-            assert self.model is not None
-            uniform = self.retain_objective.uniform_loss(self.model)
-            raise TrainingDiverged(
-                f"the retain loss reached {losses[1].item():.4g} at step {self.global_step + 1}, above "
-                f"--model.collapse_threshold={self.collapse_threshold} x the loss of a uniform prediction (ln V = {uniform:.4g}): "
-                "the model has collapsed (lower the learning rate); no unlearned model was saved"
-            )
+        self._check_collapse(bool(blown), losses[1])
         self.consecutive_bad_steps = 0
         if self._baseline is None:
             self._baseline = losses[1].detach().clone()
@@ -377,6 +376,22 @@ class UnlearningModule(L.LightningModule):
             self.last_geometry = {"step": done, **{k: float(v) for k, v in stats.items()}}
         if metrics:
             self._write_metrics({f"train/{k}": v for k, v in metrics.items()}, done)
+
+    def _check_collapse(self, above: bool, retain_loss: Tensor) -> None:
+        """Count consecutive steps above the collapse bound; stop after ``collapse_patience``."""
+        self.collapsed_steps = self.collapsed_steps + 1 if above else 0
+        if self.collapsed_steps < self.collapse_patience:
+            return
+        if self.grads is not None:
+            self.grads.zero()
+        assert self.model is not None
+        uniform = self.retain_objective.uniform_loss(self.model)
+        raise TrainingDiverged(
+            f"the retain loss stayed above --model.collapse_threshold={self.collapse_threshold} x the loss of a "
+            f"uniform prediction (ln V = {uniform:.4g}) for {self.collapsed_steps} optimizer steps (last: "
+            f"{float(retain_loss):.4g} at step {self.global_step + 1}): the model has collapsed (lower the learning "
+            "rate); no unlearned model was saved"
+        )
 
     def _diverged(self, retain_loss: Tensor) -> Tensor:
         """Device bool: the retain loss passed ``collapse_threshold`` × ln V (and twice its start)."""
@@ -455,6 +470,7 @@ class UnlearningModule(L.LightningModule):
             "bad_steps": self.bad_steps,
             "consecutive_bad_steps": self.consecutive_bad_steps,
             "retain_baseline": self.retain_baseline,
+            "collapsed_steps": self.collapsed_steps,
             "batch_layout": self._global_batch(),
             "objectives": {
                 t: o.state_dict() for t, o in zip(TASKS, (self.forget_objective, self.retain_objective))
@@ -488,6 +504,7 @@ class UnlearningModule(L.LightningModule):
         self.bad_steps = state.get("bad_steps", 0)
         self.consecutive_bad_steps = state.get("consecutive_bad_steps", 0)
         self.retain_baseline = state.get("retain_baseline")
+        self.collapsed_steps = state.get("collapsed_steps", 0)
         for task, objective in zip(TASKS, (self.forget_objective, self.retain_objective)):
             objective.load_state_dict(state.get("objectives", {}).get(task, {}))
         if state.get("synthesizer") and hasattr(self.synthesizer, "load_state_dict"):
