@@ -7,6 +7,7 @@ safetensors when the checkpoint has them (transformers' default preference).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from typing import Any
@@ -55,7 +56,9 @@ def _check_local(name_or_path: str, what: str, flag: str | None = None) -> None:
     _hub_preflight(name_or_path, flag)
 
 
+@functools.lru_cache(maxsize=1)
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One connection attempt per process (the model, its tokenizer and the early path check all ask)."""
     import socket
     from urllib.parse import urlparse
 
