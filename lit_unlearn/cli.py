@@ -40,13 +40,20 @@ from lit_unlearn.errors import (
 from lit_unlearn.eval.report import TradeoffReport
 from lit_unlearn.manifest import RunManifest
 from lit_unlearn.module import UnlearningModule
-from lit_unlearn.rundir import check_run_directory, local_run_directory, run_directory
+from lit_unlearn.rundir import (
+    MODEL_DIR,
+    RESULTS_FILE,
+    check_run_directory,
+    local_run_directory,
+    run_directory,
+)
 
 PROGRAM = "lit-unlearn"
 TRAINER_DEFAULTS: dict[str, Any] = {
     "use_distributed_sampler": False,  # UnlearningDataModule shards by rank itself
     "default_root_dir": "runs",
     "log_every_n_steps": 10,
+    "logger": {"class_path": "lit_unlearn.RunLogger"},  # run directories named after the run
 }
 REFUSED_TRAINER_FLAGS = {
     "accumulate_grad_batches": (1, "--model.accumulate_grad_batches"),
@@ -57,6 +64,65 @@ COMPONENTS = {
     "model.forget_objective": "lit_unlearn.objectives",
     "model.retain_objective": "lit_unlearn.objectives",
 }
+
+
+def _class_name(spec: Any, default: str) -> str:
+    path = _get(spec, "class_path") if spec is not None and not isinstance(spec, str) else spec
+    return str(path).rsplit(".", 1)[-1] if path else default
+
+
+def run_name(config: Any) -> tuple[str, str]:
+    """``(benchmark, method/lr_seed)`` for the run directory, from the parsed config."""
+    forget = _get(config, "data.forget")
+    kind = _class_name(forget, "")
+    path = _get(forget, "init_args.path") if forget is not None else None
+    if kind == "SyntheticKnowledge":
+        benchmark = "synthetic"
+    elif isinstance(path, str):
+        benchmark = os.path.basename(os.path.dirname(os.path.abspath(path))) or "run"
+    else:
+        benchmark = kind.lower() or "run"
+    method = "{}+{}_{}".format(
+        _class_name(_get(config, "model.forget_objective"), "GradientAscent"),
+        _class_name(_get(config, "model.retain_objective"), "NLL"),
+        _class_name(_get(config, "model.synthesizer"), "WeightedSum"),
+    )
+    lr = _get(config, "model.optimizer.init_args.lr")
+    lr_text = f"{lr:g}" if isinstance(lr, (int, float)) else "default"
+    return benchmark, f"{method}/lr{lr_text}_seed{_get(config, 'seed_everything')}"
+
+
+def fill_run_logger(config: Any, ckpt_path: str | None) -> None:
+    """Complete a RunLogger spec: root = default_root_dir, name = benchmark, version = the run,
+    or the directory of the checkpoint being resumed."""
+    logger = _get(config, "trainer.logger")
+    if _class_name(logger, "") != "RunLogger" or not str(_get(logger, "class_path")).startswith(
+        "lit_unlearn"
+    ):
+        return
+    args = logger.init_args
+    if args.get("version") is not None:
+        return
+    ckpt_dir = os.path.dirname(os.path.abspath(ckpt_path)) if isinstance(ckpt_path, str) else ""
+    run_dir = os.path.dirname(ckpt_dir)
+    if (
+        os.path.basename(ckpt_dir) == "checkpoints"
+        and os.path.exists(os.path.join(run_dir, "config.yaml"))
+        and not any(os.path.exists(os.path.join(run_dir, name)) for name in (RESULTS_FILE, MODEL_DIR))
+    ):  # resuming an unfinished run: continue in its own directory (a finished one gets a new one)
+        args.save_dir, args.name, args.version, args.unique = (
+            os.path.dirname(run_dir),
+            "",
+            os.path.basename(run_dir),
+            False,
+        )
+        return
+    benchmark, version = run_name(config)
+    if args.get("save_dir") in (None, "runs"):
+        args.save_dir = _get(config, "trainer.default_root_dir") or "runs"
+    if not args.get("name"):
+        args.name = benchmark
+    args.version = version
 
 
 def _get(config: Any, dotted: str) -> Any:
@@ -111,6 +177,7 @@ class UnlearnCLI(LightningCLI):
         lr = _get(config, "model.optimizer.init_args.lr")
         if isinstance(lr, (int, float)) and not lr > 0:
             raise UserError(f"--model.optimizer.init_args.lr must be > 0, got {lr}")
+        fill_run_logger(config, _get(config, "ckpt_path"))
         if self.subcommand == "fit" and _get(config, "trainer.enable_checkpointing") is False:
             raise UserError(
                 "--trainer.enable_checkpointing false is not supported by lit-unlearn fit (last.ckpt is what makes "

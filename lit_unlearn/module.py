@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from lit_unlearn.errors import SaveFailed, TrainingDiverged, UserError
 from lit_unlearn.gradients import Task, TwoTaskGradients, no_backward_sync
+from lit_unlearn.logs import log_at_step
 from lit_unlearn.models import DTYPES, check_model_path, frozen_copy, load_causal_lm
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
 from lit_unlearn.objectives.functional import nll_terms
@@ -81,9 +82,10 @@ class UnlearningModule(L.LightningModule):
     """LLM unlearning as an asymmetric two-task problem (arXiv 2604.14808).
 
     Args:
-        model: hub id or local directory of the causal LM to unlearn, ``synthetic://default`` /
-            ``synthetic://smoke`` for the embedded benchmark's target (built once, then cached), or
-            an ``nn.Module`` (for tests). Loaded in ``setup``, after the data have been read.
+        model: hub id or local directory of the causal LM to unlearn, or ``synthetic://default`` /
+            ``synthetic://smoke`` for the embedded benchmark's target (built once, then cached).
+            Loaded in ``setup``, after the data have been read. From Python, an already loaded
+            ``nn.Module`` is accepted too.
         forget_objective: the forget loss; descending it forgets.
         retain_objective: the retain loss.
         synthesizer: combines the two gradients (the paper's α is its
@@ -125,7 +127,7 @@ class UnlearningModule(L.LightningModule):
 
     def __init__(
         self,
-        model: str | nn.Module = DEFAULT_MODEL,
+        model: str = DEFAULT_MODEL,
         forget_objective: Objective = lazy_instance(GradientAscent),
         retain_objective: Objective = lazy_instance(NLL),
         synthesizer: Synthesizer = lazy_instance(WeightedSum),
@@ -147,6 +149,9 @@ class UnlearningModule(L.LightningModule):
         save_model: bool = True,
     ) -> None:
         super().__init__()
+        # hparams.yaml and the checkpoint record the configuration (under the CLI: the config as
+        # given, class paths and arguments); the model is recorded by name in model_source.
+        self.save_hyperparameters(ignore=["model"])
         self.automatic_optimization = False
         if accumulate_grad_batches < 1:
             raise UserError(f"--model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
@@ -375,7 +380,7 @@ class UnlearningModule(L.LightningModule):
             metrics.update(stats)
             self.last_geometry = {"step": done, **{k: float(v) for k, v in stats.items()}}
         if metrics:
-            self._write_metrics({f"train/{k}": v for k, v in metrics.items()}, done)
+            log_at_step(self.trainer, {f"train/{k}": v for k, v in metrics.items()}, done)
 
     def _check_collapse(self, above: bool, retain_loss: Tensor) -> None:
         """Count consecutive steps above the collapse bound; stop after ``collapse_patience``."""
@@ -403,20 +408,12 @@ class UnlearningModule(L.LightningModule):
             return torch.zeros((), dtype=torch.bool, device=retain_loss.device)
         return retain_loss > torch.clamp(2 * self._baseline, min=self.collapse_threshold * uniform)
 
-    def _write_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        """Send metrics to every logger at ``step`` (a host sync, only on logging steps) and keep
-        them in ``trainer.callback_metrics`` for callbacks and monitors."""
-        values = {k: float(v) for k, v in metrics.items()}
-        for logger in self.trainer.loggers:
-            logger.log_metrics(values, step=step)
-        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
-
     def _skip_step(self, losses: Tensor) -> None:
         assert self.grads is not None
         self.grads.zero()
         self.bad_steps += 1
         self.consecutive_bad_steps += 1
-        self._write_metrics({"train/skipped_steps": self.bad_steps}, self.global_step)
+        log_at_step(self.trainer, {"train/skipped_steps": self.bad_steps}, self.global_step)
         log.warning(
             "skipped optimizer step: non-finite loss or gradient (forget_loss=%s, retain_loss=%s)",
             *losses.tolist(),

@@ -1,5 +1,8 @@
 """The run directory: where a run's files go, and the rules that keep earlier runs safe.
 
+- :class:`RunLogger` (the CLI's default logger) names the directory after the run:
+  ``<root>/<benchmark>/<forget>+<retain>_<synthesizer>/lr<lr>_seed<seed>``, and takes the next
+  free ``-2``, ``-3``, ... rather than write into a directory that is in use.
 - :func:`run_directory` is the one way to ask for it (``trainer.log_dir`` broadcasts under DDP,
   so every rank must call it, never rank 0 alone).
 - :func:`check_run_directory` refuses a directory that holds a finished run (``results.json`` or
@@ -17,9 +20,13 @@ import shutil
 import tempfile
 from typing import Any
 
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
 from lit_unlearn.errors import UserError
 
 MODEL_DIR = "unlearned_model"
+_VERSION_ENV = "LIT_UNLEARN_RUN_VERSION"  # rank 0's choice, inherited by the processes it launches
 RESULTS_FILE = "results.json"
 
 
@@ -33,6 +40,81 @@ def local_run_directory(trainer: Any) -> str:
     """This rank's view of the run directory, without a collective (rank 0's is the one the
     others receive)."""
     return getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoard logger with a run directory named after what the run is.
+
+    The directory is ``<save_dir>/<name>/<version>``. ``lit-unlearn fit`` fills in what is left
+    unset: ``save_dir`` = ``--trainer.default_root_dir``, ``name`` = the benchmark (from the data),
+    ``version`` = ``<forget objective>+<retain objective>_<synthesizer>/lr<lr>_seed<seed>``, and
+    when resuming from ``<dir>/checkpoints/last.ckpt``, ``<dir>`` itself. A directory that already
+    holds files is never reused by a new run: the next free ``<version>-2``, ``-3``, ... is taken
+    (an explicit ``version`` is used as given, and a finished run there is refused).
+
+    Args:
+        save_dir: root folder of the runs (default: the CLI's ``--trainer.default_root_dir``).
+        name: first level below it, e.g. the benchmark (``wmdp_bio``).
+        version: the rest of the path; may contain ``/``.
+        unique: take the next free ``-N`` suffix instead of reusing a directory that holds files.
+        default_hp_metric: write TensorBoard's placeholder ``hp_metric`` (off: the HParams view
+            points at the evaluation curves instead).
+    """
+
+    def __init__(
+        self,
+        save_dir: str = "runs",
+        name: str = "",
+        version: str | None = None,
+        unique: bool = True,
+        default_hp_metric: bool = False,
+    ) -> None:
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=default_hp_metric)
+        self.unique = unique
+        self._resolved: str | None = None
+
+    @rank_zero_only
+    def log_hyperparams(
+        self, params: Any, metrics: dict[str, Any] | None = None, step: int | None = None
+    ) -> None:
+        """Record hyper-parameters (``hparams.yaml``); with ``metrics``, also the HParams view,
+        whose metric columns read the last value of those existing curves (no step-0 copies)."""
+        super().log_hyperparams(params, step=step)
+        if metrics:
+            from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+            from torch.utils.tensorboard.summary import hparams
+
+            flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
+            writer = self.experiment._get_file_writer()
+            for summary in hparams(flat, metrics):
+                writer.add_summary(summary)
+            writer.flush()
+
+    @property
+    def version(self) -> str | int:
+        """The version path; resolved once (rank 0 probes, processes it launches inherit it)."""
+        if self._resolved is None:
+            base = self._version if self._version is not None else f"version_{self._get_next_version()}"
+            self._resolved = self._free(str(base)) if self.unique else str(base)
+        return self._resolved
+
+    def _free(self, base: str) -> str:
+        # Processes launched by this one (DDP ranks re-running the command) must not probe: by
+        # then rank 0 may have created the directory, and they would pick the next suffix.
+        key = f"{self.root_dir}|{base}|"
+        parent, _, choice = os.environ.get(_VERSION_ENV, "").partition(":")
+        if parent == str(os.getppid()) and choice.startswith(key):
+            return choice[len(key) :]
+        candidate, n = base, 1
+        while _holds_files(os.path.join(self.root_dir, candidate)):
+            n += 1
+            candidate = f"{base}-{n}"
+        os.environ[_VERSION_ENV] = f"{os.getpid()}:{key}{candidate}"
+        return candidate
+
+
+def _holds_files(path: str) -> bool:
+    return os.path.isdir(path) and any(os.scandir(path))
 
 
 def _umask() -> int:

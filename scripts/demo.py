@@ -26,12 +26,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-STACK = [
-    "configs/trainer/cpu.yaml",
-    "configs/model/synthetic_target.yaml",
-    "configs/data/synthetic.yaml",
-    "configs/eval/synthetic.yaml",
-]
+BENCHMARK = (
+    "configs/benchmark/synthetic.yaml"  # target, data, probes, matched-forgetting stop, GradDiff lr 1e-3
+)
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
@@ -58,12 +55,11 @@ def main(argv: list[str] | None = None) -> None:
         help="where the runs, TensorBoard logs and plot go (if it already "
         "holds runs, the next free runs/demo-2, -3, ... is used: earlier runs are never overwritten)",
     )
-    parser.add_argument("--objective", default="graddiff", choices=["ga", "graddiff", "npo", "simnpo", "rmu"])
     parser.add_argument(
         "--synthesizers",
         nargs="+",
         default=["naive", "pcgrad", "sago"],
-        choices=["naive", "pcgrad", "pcgrad_global", "sago"],
+        help="component files under configs/synthesizer/ (by stem)",
     )
     parser.add_argument(
         "--seeds",
@@ -92,23 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     for synth in args.synthesizers:
         for seed in args.seeds:
             out = os.path.join(args.out, synth, f"seed{seed}")
-            cmd = [os.path.join(BIN, "lit-unlearn"), "fit"]
-            for cfg in STACK + [f"configs/experiments/synthetic/{args.objective}_{synth}.yaml"]:
-                cmd += ["--config", cfg]
+            cmd = [os.path.join(BIN, "lit-unlearn"), "fit", "--config", BENCHMARK]
             cmd += [
+                "--model.synthesizer",
+                f"configs/synthesizer/{synth}.yaml",
                 "--seed_everything",
                 str(seed),
-                "--trainer.default_root_dir",
-                out,
-                "--trainer.logger.class_path",
-                "lightning.pytorch.loggers.TensorBoardLogger",
-                "--trainer.logger.init_args.save_dir",
-                out,
-                "--trainer.logger.init_args.name",
-                "",
-                "--trainer.logger.init_args.version",
-                "",
             ]
+            cmd += ["--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", ""]
+            cmd += ["--trainer.logger.init_args.version", ""]
             run(cmd, env)
             run_dirs.append(out)
     print(

@@ -8,14 +8,15 @@ import os
 import pytest
 
 from lit_unlearn.cli import main
+from tests.integration.cli_helpers import run_dirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "debug", "tiny.yaml")
 
 
 def run_dir(root) -> str:
-    versions = sorted((root / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
-    return str(versions[-1])
+    """The newest run directory under ``root``."""
+    return run_dirs(root)[-1]
 
 
 def test_tiny_config_fit_leaves_model_logs_config_and_manifest(tmp_path, capsys):

@@ -12,9 +12,9 @@ import time
 from typing import Any, Literal
 
 import lightning as L
-import torch
 
 from lit_unlearn.eval.metrics import MetricSet
+from lit_unlearn.logs import log_at_step
 from lit_unlearn.rundir import run_directory, save_pretrained_atomic
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ class UnlearningEvaluator(L.Callback):
             summary = ", ".join(f"{k}={v:.3f}" for k, v in values.items())
             _print(trainer, f"eval @ step {step} ({time.perf_counter() - start:.1f}s): {summary}")
         values = trainer.strategy.broadcast(values)
-        for logger in trainer.loggers:
-            logger.log_metrics({f"val/{k}": v for k, v in values.items()}, step=step)
-        for k, v in values.items():
-            trainer.callback_metrics[f"val/{k}"] = torch.tensor(v)
+        log_at_step(trainer, {f"val/{k}": v for k, v in values.items()}, step)
         self.history.append({"step": step, **values})
         self._last_step = step
         self._check_target(trainer, pl_module, values)

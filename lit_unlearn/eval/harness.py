@@ -17,8 +17,9 @@ import lightning as L
 from torch import nn
 
 from lit_unlearn.errors import UserError, function_cli, suggest
+from lit_unlearn.logs import log_at_step
 
-HUB_TASKS = {"wmdp_bio": 0, "wmdp_cyber": 0, "mmlu": 5}  # task -> the paper's few-shot count
+FewShot = int | dict[str, int] | None  # one count for every task, or per task; None = task default
 
 
 def _local_task_names(include_path: str | None) -> set[str]:
@@ -75,7 +76,7 @@ def run_lm_eval(
     tokenizer: Any,
     tasks: list[str],
     include_path: str | None = None,
-    num_fewshot: int | None = None,
+    num_fewshot: FewShot = None,
     limit: int | float | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
@@ -88,8 +89,9 @@ def run_lm_eval(
         tokenizer: its tokenizer.
         tasks: lm-eval task names (hub or local).
         include_path: folder of local task YAMLs.
-        num_fewshot: few-shot examples for every task (``None`` = the paper's count for known hub
-            tasks — WMDP 0, MMLU 5 — and the task's own default otherwise).
+        num_fewshot: few-shot examples: one count for every task, or a mapping task -> count
+            (the paper: ``{wmdp_bio: 0, wmdp_cyber: 0, mmlu: 5}``); tasks not given, or ``None``,
+            use the task's own default.
         limit: evaluate only this many (or this fraction of) documents per task.
         batch_size: lm-eval batch size.
         max_length: context length given to lm-eval (default: the model's).
@@ -102,7 +104,7 @@ def run_lm_eval(
     # Group tasks by few-shot count: the paper runs WMDP zero-shot and MMLU 5-shot.
     groups: dict[int | None, list[str]] = {}
     for task in tasks:
-        shots = num_fewshot if num_fewshot is not None else HUB_TASKS.get(task)
+        shots = num_fewshot.get(task) if isinstance(num_fewshot, dict) else num_fewshot
         groups.setdefault(shots, []).append(task)
     was_training = model.training
     model.eval()
@@ -144,7 +146,7 @@ def evaluate_saved(
     model: str,
     tasks: list[str],
     include_path: str | None = None,
-    num_fewshot: int | None = None,
+    num_fewshot: FewShot = None,
     limit: float | None = None,
     batch_size: int = 8,
     dtype: str = "float32",
@@ -160,7 +162,8 @@ def evaluate_saved(
         model: local directory or hub id of the model (its tokenizer must be saved beside it).
         tasks: lm-eval task names.
         include_path: folder of local task YAMLs.
-        num_fewshot: few-shot count (``None`` = the paper's for WMDP/MMLU).
+        num_fewshot: few-shot count for every task, or per task (the paper:
+            ``'{wmdp_bio: 0, wmdp_cyber: 0, mmlu: 5}'``); ``None`` = each task's own default.
         limit: documents per task.
         batch_size: lm-eval batch size.
         dtype: weight dtype.
@@ -194,7 +197,8 @@ class LMEvalCallback(L.Callback):
     Args:
         tasks: task names, e.g. ``[wmdp_bio, mmlu]`` (hub) or local task names.
         include_path: folder of local task YAMLs.
-        num_fewshot: few-shot count (``None`` = paper defaults for hub tasks).
+        num_fewshot: few-shot count for every task, or per task (``{wmdp_bio: 0, mmlu: 5}``, as
+            the benchmark configs set it); ``None`` = each task's own default.
         limit: documents per task (``None`` = all).
         batch_size: lm-eval batch size.
         on_fit_end: evaluate after training.
@@ -205,12 +209,17 @@ class LMEvalCallback(L.Callback):
         self,
         tasks: list[str],
         include_path: str | None = None,
-        num_fewshot: int | None = None,
+        num_fewshot: FewShot = None,
         limit: int | float | None = None,
         batch_size: int = 8,
         on_fit_end: bool = True,
         on_test_end: bool = True,
     ) -> None:
+        if isinstance(num_fewshot, dict) and set(num_fewshot) - set(tasks):
+            raise UserError(
+                f"LMEvalCallback num_fewshot names {sorted(set(num_fewshot) - set(tasks))}, which are not among "
+                f"its tasks {tasks}"
+            )
         self.tasks, self.include_path, self.num_fewshot, self.limit = tasks, include_path, num_fewshot, limit
         self.batch_size, self.run_on_fit_end, self.run_on_test_end = batch_size, on_fit_end, on_test_end
         self.results: dict[str, dict[str, float]] = {}
@@ -231,8 +240,7 @@ class LMEvalCallback(L.Callback):
                 for task, metrics in self.results.items()
                 for metric, value in metrics.items()
             }
-            for logger in trainer.loggers:
-                logger.log_metrics(flat, step=trainer.global_step)
+            log_at_step(trainer, flat, trainer.global_step)
         self.results = trainer.strategy.broadcast(self.results)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

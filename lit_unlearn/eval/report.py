@@ -177,9 +177,10 @@ class TradeoffReport(L.Callback):
         if os.path.exists(path):  # the CLI refuses such directories up front; never replace silently
             raise FileExistsError(f"{path} already exists; an earlier run's results are never replaced")
         write_json_atomic(path, results)
+        self._log_hparams(trainer, results)
         writer = self._writer(trainer)
         if writer is not None:
-            self._log_tensorboard(trainer, writer, results)
+            self._log_figure(trainer, writer, results)
         print(summary_line(results))
         print(f"lit-unlearn: results in {os.path.join(run_dir, RESULTS_FILE)}")
 
@@ -247,8 +248,12 @@ class TradeoffReport(L.Callback):
             "lm_eval": lm_eval_cb.results if lm_eval_cb is not None else {},
         }
 
-    def _log_tensorboard(self, trainer: L.Trainer, writer: Any, results: dict[str, Any]) -> None:
-        from torch.utils.tensorboard.summary import hparams
+    def _log_hparams(self, trainer: L.Trainer, results: dict[str, Any]) -> None:
+        """The HParams view: one row per run, the columns that tell runs apart, and the final
+        evaluation values. Through each logger's ``log_hyperparams``; a :class:`RunLogger` points the
+        metric columns at the existing ``val/*`` curves (other loggers get the columns only, so
+        nothing writes single-point copies of the curves)."""
+        from lit_unlearn.rundir import RunLogger
 
         final = results["final"] or {}
         params = {
@@ -260,20 +265,21 @@ class TradeoffReport(L.Callback):
             "retain_weight": float(results["synthesizer"]["args"].get("retain_weight", 1.0)),
             "seed": int(getattr(trainer.datamodule, "seed", 0) or 0),
         }
-        # The HParams dashboard reads the last value of each metric tag, so it points at the
-        # evaluation curves that already exist (val/*) instead of writing single-point copies.
         metrics = {
             f"val/{k}": float(v) for k, v in final.items() if k != "step" and isinstance(v, (int, float))
         }
-        exp, ssi, sei = hparams(params, metrics)
-        writer.file_writer.add_summary(exp)
-        writer.file_writer.add_summary(ssi)
-        writer.file_writer.add_summary(sei)
+        for logger in trainer.loggers:
+            if isinstance(logger, RunLogger):
+                logger.log_hyperparams(params, metrics)
+            else:
+                logger.log_hyperparams(params)
+
+    def _log_figure(self, trainer: L.Trainer, writer: Any, results: dict[str, Any]) -> None:
         fig = tradeoff_figure(
             results["history"],
             results["forget_metric"],
             results["retain_metric"],
-            f"{params['forget_objective']} + {params['synthesizer']}",
+            f"{results['forget_objective']['name']} + {results['synthesizer']['name']}",
         )
         writer.add_figure("tradeoff/forget_vs_retain", fig, trainer.global_step)
         writer.flush()

@@ -24,6 +24,7 @@ from lit_unlearn.models import load_tokenizer
 from lit_unlearn.module import UnlearningModule
 from tests.conftest import SMOKE_PEOPLE
 from tests.engine_helpers import make_dm, make_model, sgd, write_probe_pairs
+from tests.integration.cli_helpers import run_dirs
 
 TINY = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -228,7 +229,7 @@ def _tiny_run(tmp_path, synthesizer):
             "2",
         ]
     )
-    return str(next((root / "lightning_logs").iterdir()))
+    return run_dirs(root)[0]
 
 
 @pytest.fixture(scope="module")

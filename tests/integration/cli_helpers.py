@@ -28,9 +28,15 @@ def run(program: str, *args: str, timeout: float = 300, cwd: str = ROOT) -> subp
 
 
 def run_dirs(root: str) -> list[str]:
-    """The run directories under a ``default_root_dir``, oldest first."""
-    found = glob.glob(os.path.join(root, "lightning_logs", "version_*"))
-    return sorted(found, key=lambda p: int(p.rsplit("_", 1)[1]))
+    """The run directories under a ``default_root_dir`` (those holding a config.yaml), oldest first."""
+    found = glob.glob(os.path.join(str(root), "**", "config.yaml"), recursive=True)
+    return [os.path.dirname(p) for p in sorted(found, key=os.path.getmtime)]
+
+
+def last_checkpoint(root: str) -> str | None:
+    """``checkpoints/last.ckpt`` of the (only) run under ``root``, if written yet."""
+    found = glob.glob(os.path.join(str(root), "**", "checkpoints", "last.ckpt"), recursive=True)
+    return found[0] if found else None
 
 
 def results(run_dir: str) -> dict[str, Any]:

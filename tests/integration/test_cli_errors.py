@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.integration.cli_helpers import ROOT, TINY, run
+from tests.integration.cli_helpers import ROOT, TINY, last_checkpoint, run, run_dirs
 
 GOOD = '{"question": "where was velpa ashworth born ?", "answer": "ostrega"}\n'
 FILES: dict[str, bytes] = {
@@ -195,7 +195,7 @@ def test_resuming_with_a_different_global_batch_is_refused(tmp_path):
         str(tmp_path),
     )
     assert first.returncode == 0, first.stderr[-2000:]
-    ckpt = os.path.join(tmp_path, "lightning_logs", "version_0", "checkpoints", "last.ckpt")
+    ckpt = last_checkpoint(tmp_path)
     proc = run(
         "lit-unlearn",
         "fit",
@@ -217,7 +217,7 @@ def test_resuming_with_a_different_global_batch_is_refused(tmp_path):
         and "8+8 sequences per device" in line
         and "4+8" in line
     )
-    assert not os.path.exists(os.path.join(tmp_path, "lightning_logs", "version_1", "unlearned_model"))
+    assert len(run_dirs(tmp_path)) == 1  # the refused resume left no second run behind
 
 
 def test_cases_cover_the_root_of_the_repository():

@@ -14,7 +14,17 @@ import pytest
 import torch
 
 from tests.engine_helpers import relative_difference
-from tests.integration.cli_helpers import ENV, ROOT, TINY, command, results, run, run_dirs, saved_weights
+from tests.integration.cli_helpers import (
+    ENV,
+    ROOT,
+    TINY,
+    command,
+    last_checkpoint,
+    results,
+    run,
+    run_dirs,
+    saved_weights,
+)
 
 SGD = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05"]
 
@@ -96,12 +106,13 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
         text=True,
     )
     deadline = time.monotonic() + 180
-    ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while last_checkpoint(root) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
+    ckpt = last_checkpoint(root)
+    assert ckpt is not None
     assert "stopped by SIGTERM after step" in err and "--ckpt_path" in err
     (cut,) = run_dirs(str(root))
     assert not os.path.exists(os.path.join(cut, "unlearned_model")) and not os.path.exists(
@@ -182,14 +193,15 @@ def test_ctrl_c_finishes_the_step_saves_last_ckpt_and_exits_130(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 180
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while last_checkpoint(tmp_path) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    ckpt = last_checkpoint(tmp_path)
+    assert ckpt is not None
     first_saved = torch.load(ckpt, weights_only=False)["global_step"]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "stopped by SIGINT" in err and "Traceback" not in err
     assert torch.load(ckpt, weights_only=False)["global_step"] >= first_saved
-    assert not (tmp_path / "lightning_logs" / "version_0" / "unlearned_model").exists()
+    assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "unlearned_model"))

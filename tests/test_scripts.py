@@ -1,0 +1,61 @@
+"""scripts/sweep.py composes blocks for any benchmark and resumes a sweep where it stopped."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+from tests.integration.cli_helpers import ENV, ROOT
+
+SWEEP = [sys.executable, os.path.join(ROOT, "scripts", "sweep.py")]
+
+
+def test_sweep_dry_run_composes_any_benchmark_without_code_edits(tmp_path):
+    out = subprocess.run(
+        SWEEP
+        + ["--benchmark", "wmdp_cyber", "--config", "configs/experiments/wmdp_cyber/npo_sago.yaml"]
+        + [
+            "--synthesizers",
+            "naive",
+            "configs/synthesizer/sago.yaml",
+            "--lrs",
+            "1e-5",
+            "2e-5",
+            "--seeds",
+            "0",
+            "1",
+        ]
+        + ["--out", str(tmp_path), "--dry-run", "--", "--trainer", "configs/trainer/gpu_ddp.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    commands = [line for line in out.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 * 2 * 2
+    assert all(
+        "configs/benchmark/wmdp_cyber.yaml" in c and "--trainer configs/trainer/gpu_ddp.yaml" in c
+        for c in commands
+    )
+    assert sum("--model.synthesizer configs/synthesizer/naive.yaml" in c for c in commands) == 4
+    assert any(f"save_dir {tmp_path}" in c and "version sago/lr2e-05_seed1" in c for c in commands)
+
+
+def test_sweep_runs_then_skips_finished_runs(tmp_path):
+    args = SWEEP + [
+        "--benchmark",
+        "configs/debug/tiny.yaml",
+        "--synthesizers",
+        "naive",
+        "sago",
+        "--lrs",
+        "1e-3",
+    ]
+    args += ["--out", str(tmp_path), "--", "--trainer.max_steps", "2", "--model.save_model", "false"]
+    first = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert len(glob.glob(os.path.join(tmp_path, "*", "lr0.001_seed0", "results.json"))) == 2
+    again = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("# done already") == 2
