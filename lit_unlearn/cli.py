@@ -38,6 +38,7 @@ from lit_unlearn.errors import (
     suggest,
 )
 from lit_unlearn.eval.report import TradeoffReport
+from lit_unlearn.export import ExportModel
 from lit_unlearn.manifest import RunManifest
 from lit_unlearn.module import UnlearningModule
 from lit_unlearn.rundir import (
@@ -150,6 +151,7 @@ class UnlearnCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ExportModel, "export")
         parser.link_arguments(
             "model.model", "data.tokenizer", compute_fn=lambda m: m if isinstance(m, str) else None
         )

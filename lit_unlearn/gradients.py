@@ -115,6 +115,7 @@ class TwoTaskGradients:
         # [forget loss sum, retain loss sum, forget units, retain units, stop requests]: one
         # collective at the boundary; float64 so unit counts stay exact.
         self.stats = torch.zeros(5, dtype=torch.float64, device=device)
+        self.last_counts = torch.ones(2, dtype=torch.float64, device=device)
         self._scale: dict[str, int] = {}
         self.pending = 0  # micro-batches accumulated since the last boundary
 
@@ -176,6 +177,7 @@ class TwoTaskGradients:
             for handle in handles:
                 handle.wait()
         counts = stats[2:4].clamp_min(1)
+        self.last_counts = counts  # units of the effective batch per task (for objective metrics)
         for i, buf in enumerate((self.forget_flat, self.retain_source)):
             scale = self._scale.get(("forget", "retain")[i])
             if scale is not None:

@@ -206,3 +206,13 @@ def tiny_llama(
         eos_token_id=eos_token_id,
     )
     return LlamaForCausalLM(config)
+
+
+def select_trainable(model: nn.Module, pattern: Any, flag: str = "trainable_parameters") -> None:
+    """Train only the parameters whose names match ``pattern`` (a compiled regex; ``None`` = all)."""
+    if pattern is None:
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad_(bool(pattern.search(name)))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"{flag} {pattern.pattern!r} matches no parameter name")

@@ -23,6 +23,8 @@ buffer management here assumes whole parameters; selecting one fails with a clea
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import re
@@ -35,13 +37,14 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lit_unlearn.errors import SaveFailed, TrainingDiverged, UserError
+from lit_unlearn.errors import TrainingDiverged, UserError
 from lit_unlearn.gradients import Task, TwoTaskGradients, no_backward_sync
 from lit_unlearn.logs import log_at_step
-from lit_unlearn.models import DTYPES, check_model_path, frozen_copy, load_causal_lm
+from lit_unlearn.models import DTYPES, check_model_path, frozen_copy, load_causal_lm, select_trainable
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
+from lit_unlearn.objectives.base import split_terms
 from lit_unlearn.objectives.functional import nll_terms
-from lit_unlearn.rundir import run_directory, save_pretrained_atomic
+from lit_unlearn.schedule import lr_schedule
 from lit_unlearn.synthesis import GeometryAccumulator, Synthesizer, WeightedSum
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,33 @@ def check_supported(trainer: Any) -> None:
         raise UserError(
             "set --trainer.use_distributed_sampler false: UnlearningDataModule shards batches by rank itself"
         )
+
+
+def describe(value: Any) -> Any:
+    """Plain data for a configuration value: numbers and strings as they are, containers
+    element-wise, objects as ``{class_path, init_args}`` (the arguments their constructor took and
+    kept as attributes), anything else by ``repr``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, functools.partial):  # an optimizer/scheduler factory
+        target = next((a for a in value.args if isinstance(a, type)), value.func)
+        return {"class_path": describe_path(target), "init_args": describe(value.keywords)}
+    cls = type(value)
+    if isinstance(value, (Objective, Synthesizer)):
+        params = inspect.signature(cls.__init__).parameters
+        args = {n: describe(getattr(value, n)) for n in params if n != "self" and hasattr(value, n)}
+        return {"class_path": describe_path(cls), "init_args": args}
+    if inspect.isfunction(value) or isinstance(value, type):
+        return describe_path(value)
+    return repr(value)
+
+
+def describe_path(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}".lstrip(".")
 
 
 def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
@@ -92,9 +122,11 @@ class UnlearningModule(L.LightningModule):
             ``retain_weight``, γ its ``forget_weight``).
         optimizer: optimizer factory (default: AdamW, lr 1e-5, weight decay 0, as in the paper).
         lr_scheduler: scheduler factory stepped once per optimizer step; ``None`` = the built-in
-            schedule given by ``warmup_ratio`` and ``lr_decay``.
-        warmup_ratio: share of optimizer steps with linear warm-up (paper: 0.1).
-        lr_decay: shape after warm-up: ``constant``, ``linear`` (paper) or ``cosine``.
+            schedule given by ``warmup_ratio`` and ``lr_decay`` (refused together with them).
+        warmup_ratio: share of optimizer steps with linear warm-up from 0, ``ceil(ratio x steps)``
+            steps as in the Hugging Face Trainer (paper: 0.1).
+        lr_decay: shape after warm-up: ``constant``, ``linear`` to 0 at the last step (paper) or
+            ``cosine`` (``transformers.get_scheduler``).
         accumulate_grad_batches: micro-batches per optimizer step (Lightning's Trainer flag is
             refused under manual optimization; this is its replacement).
         gradient_clip_val: max global L2 norm of the synthesized update (``None`` = no clipping).
@@ -120,9 +152,6 @@ class UnlearningModule(L.LightningModule):
         diagnostics_every_n_steps: log the synthesis geometry every N optimizer steps
             (``None`` = the Trainer's ``log_every_n_steps``; 0 = never). Training metrics are
             logged every ``log_every_n_steps`` *optimizer* steps, indexed by completed steps.
-        save_model: save the unlearned model and tokenizer (``save_pretrained``) to
-            ``<run dir>/unlearned_model`` at the end of fit (written to a temporary directory,
-            then renamed: never half-written, never over an earlier run's model).
     """
 
     def __init__(
@@ -146,12 +175,17 @@ class UnlearningModule(L.LightningModule):
         collapse_threshold: float | None = 0.8,
         collapse_patience: int = 3,
         diagnostics_every_n_steps: int | None = None,
-        save_model: bool = True,
     ) -> None:
         super().__init__()
-        # hparams.yaml and the checkpoint record the configuration (under the CLI: the config as
-        # given, class paths and arguments); the model is recorded by name in model_source.
-        self.save_hyperparameters(ignore=["model"])
+        # hparams.yaml and the checkpoint record the configuration as plain data (class paths and
+        # arguments; a loaded model by its class name), never pickled objects.
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.save_hyperparameters(
+            {
+                k: describe(type(v).__name__ if k == "model" and not isinstance(v, str) else v)
+                for k, v in given.items()
+            }
+        )
         self.automatic_optimization = False
         if accumulate_grad_batches < 1:
             raise UserError(f"--model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
@@ -190,7 +224,7 @@ class UnlearningModule(L.LightningModule):
         self.max_consecutive_bad_steps = max_consecutive_bad_steps
         self.collapse_threshold, self.collapse_patience = collapse_threshold, collapse_patience
         self.collapsed_steps = 0  # consecutive optimizer steps above the collapse bound
-        self.diagnostics_every_n_steps, self.save_model = diagnostics_every_n_steps, save_model
+        self.diagnostics_every_n_steps = diagnostics_every_n_steps
         self.trainable_parameters = trainable_parameters
         self.grads: TwoTaskGradients | None = None
         self.reference: nn.Module | None = None  # frozen π_ref; kept out of state_dict (see __setattr__)
@@ -199,8 +233,8 @@ class UnlearningModule(L.LightningModule):
         self._baseline: Tensor | None = None
         self.stop_requested = False  # set by the interrupt handler; agreed across ranks at the boundary
         self.stop_agreed = False
-        self.saved_model_dir: str | None = None
         self.last_geometry: dict[str, float] | None = None
+        self._extra: dict[str, Any] = {}  # objective metrics of the current optimizer step (sums)
         self._model_ready = False
         if self.model is not None:
             self._prepare_model()
@@ -216,13 +250,7 @@ class UnlearningModule(L.LightningModule):
     # ------------------------------------------------------------------ set-up
     def _prepare_model(self) -> None:
         assert self.model is not None
-        if self._trainable_pattern is not None:
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(bool(self._trainable_pattern.search(name)))
-            if not any(p.requires_grad for p in self.model.parameters()):
-                raise UserError(
-                    f"--model.trainable_parameters {self.trainable_parameters!r} matches no parameter name"
-                )
+        select_trainable(self.model, self._trainable_pattern, "--model.trainable_parameters")
         self._model_ready = True
 
     def setup(self, stage: str) -> None:
@@ -275,17 +303,12 @@ class UnlearningModule(L.LightningModule):
             )
 
     def _forget_batches(self) -> Iterator[dict[str, Tensor]] | None:
-        """The forget set in dataset order, one device batch at a time (lazy: only NPO's
-        precomputation reads it)."""
+        """The data module's forget set in dataset order (lazy: only precomputing objectives read it)."""
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not getattr(dm, "forget_examples", None):
-            return None
-        from lit_unlearn.data.collate import pad_examples
-
-        ex, size, pad = dm.forget_examples, dm.eval_batch_size, dm.tokenizer.pad_token_id
         return (
-            {k: v.to(self.device) for k, v in pad_examples(ex[i : i + size], pad).items()}
-            for i in range(0, len(ex), size)
+            dm.forget_batches(self.device)
+            if dm is not None and getattr(dm, "forget_examples", None)
+            else None
         )
 
     def configure_optimizers(self) -> Any:
@@ -303,19 +326,8 @@ class UnlearningModule(L.LightningModule):
         total = self.trainer.max_steps
         if total is None or total < 0:
             total = math.ceil(self.trainer.estimated_stepping_batches / self.accumulate_grad_batches)
-        warmup, decay = int(self.warmup_ratio * total), self.lr_decay
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return {
-                "constant": 1.0,
-                "linear": 1.0 - progress,
-                "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
-            }[decay]
-
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor)}
+        schedule = lr_schedule(opt, total, self.warmup_ratio, self.lr_decay)
+        return {"optimizer": opt, "lr_scheduler": schedule}
 
     # ------------------------------------------------------------------ the step (Algorithm 1)
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> None:
@@ -324,7 +336,12 @@ class UnlearningModule(L.LightningModule):
         with no_backward_sync(self.trainer.strategy):
             for task, objective in zip(TASKS, (self.forget_objective, self.retain_objective)):
                 grads.begin(task)
-                total, count = objective.loss_terms(self.model, batch[task], self.reference)
+                total, count, extra = split_terms(
+                    objective.loss_terms(self.model, batch[task], self.reference)
+                )
+                for name, value in extra.items():  # objective metrics: summed like the loss, device-side
+                    key = f"{task}_{name}"
+                    self._extra[key] = self._extra.get(key, 0.0) + value.detach().double()
                 # Summed loss / a constant: the exact effective-batch mean is restored at the boundary.
                 self.manual_backward(total / grads.backward_scale(task, batch[task]["input_ids"].shape[0]))
                 grads.end(task)
@@ -375,12 +392,27 @@ class UnlearningModule(L.LightningModule):
             metrics.update(
                 {"forget_loss": losses[0], "retain_loss": losses[1], "lr": opt.param_groups[0]["lr"]}
             )
+            metrics.update(self._objective_metrics())
+        self._extra = {}
         if geometry is not None:
             stats = {**geometry.result(), **self.synthesizer.last_report}
             metrics.update(stats)
             self.last_geometry = {"step": done, **{k: float(v) for k, v in stats.items()}}
         if metrics:
             log_at_step(self.trainer, {f"train/{k}": v for k, v in metrics.items()}, done)
+
+    def _objective_metrics(self) -> dict[str, Tensor]:
+        """Effective-batch means of what the objectives reported (one small all-reduce, on
+        logging steps only; every rank logs on the same steps)."""
+        if not self._extra:
+            return {}
+        assert self.grads is not None
+        names = sorted(self._extra)
+        sums = torch.stack([torch.as_tensor(self._extra[n], device=self.device) for n in names])
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        counts = self.grads.last_counts
+        return {n: sums[i] / counts[0 if n.startswith("forget_") else 1] for i, n in enumerate(names)}
 
     def _check_collapse(self, above: bool, retain_loss: Tensor) -> None:
         """Count consecutive steps above the collapse bound; stop after ``collapse_patience``."""
@@ -411,6 +443,7 @@ class UnlearningModule(L.LightningModule):
     def _skip_step(self, losses: Tensor) -> None:
         assert self.grads is not None
         self.grads.zero()
+        self._extra = {}
         self.bad_steps += 1
         self.consecutive_bad_steps += 1
         log_at_step(self.trainer, {"train/skipped_steps": self.bad_steps}, self.global_step)
@@ -506,25 +539,3 @@ class UnlearningModule(L.LightningModule):
             objective.load_state_dict(state.get("objectives", {}).get(task, {}))
         if state.get("synthesizer") and hasattr(self.synthesizer, "load_state_dict"):
             self.synthesizer.load_state_dict(state["synthesizer"])
-
-    def on_fit_end(self) -> None:
-        run_dir = run_directory(self.trainer)  # collective under DDP: every rank calls it
-        if (
-            not self.save_model
-            or not self.trainer.is_global_zero
-            or not hasattr(self.model, "save_pretrained")
-        ):
-            return
-        dm = getattr(self.trainer, "datamodule", None)
-        try:
-            self.saved_model_dir = save_pretrained_atomic(self.model, getattr(dm, "tokenizer", None), run_dir)
-        except Exception as err:
-            ckpt = (
-                getattr(self.trainer.checkpoint_callback, "last_model_path", "")
-                or "no checkpoint (enable RunCheckpoint)"
-            )
-            raise SaveFailed(
-                f"saving the unlearned model to {run_dir} failed ({type(err).__name__}: {err}); the trained "
-                f"state is in {ckpt}: fix the cause and run the same command with --ckpt_path {ckpt} to save it"
-            ) from err
-        print(f"lit-unlearn: unlearned model saved to {self.saved_model_dir}")

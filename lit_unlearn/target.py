@@ -16,7 +16,6 @@ when the recipe matches.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ import torch
 from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.data.synthetic import SyntheticCorpus, build_tokenizer, encode_document, generate_corpus
 from lit_unlearn.models import tiny_llama
+from lit_unlearn.schedule import lr_schedule
 
 DEFAULT_DIR = os.path.join(".cache", "lit_unlearn", "synthetic-target")
 SCHEME = "synthetic://"
@@ -58,6 +58,7 @@ class TargetRecipe:
     lr: float = 1e-2
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    schedule: str = "get_scheduler:cosine_with_min_lr"  # part of the cache key: which schedule code ran
     hidden: int = 64
     intermediate: int = 192
     layers: int = 2
@@ -111,14 +112,9 @@ class CausalLMPretraining(L.LightningModule):
     def configure_optimizers(self) -> Any:
         r = self.recipe
         opt = torch.optim.AdamW(self.model.parameters(), lr=r.lr, betas=(0.9, 0.98), weight_decay=0.0)
-
-        def factor(step: int) -> float:
-            if step < r.warmup_steps:
-                return (step + 1) / r.warmup_steps
-            progress = (step - r.warmup_steps) / max(1, r.steps - r.warmup_steps)
-            return r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = lr_schedule(
+            opt, r.steps, decay="cosine", warmup_steps=r.warmup_steps, min_lr_ratio=r.min_lr_ratio
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -98,7 +98,6 @@ def worker(args: argparse.Namespace) -> dict:
             synthesizer=rule,
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
             diagnostics_every_n_steps=0,
-            save_model=False,
         )
     timer = Timer()
     trainer = L.Trainer(

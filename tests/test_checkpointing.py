@@ -4,6 +4,7 @@ for a collapsed model; the collapse guard itself."""
 from __future__ import annotations
 
 import math
+import os
 
 import lightning as L
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from lit_unlearn.checkpointing import RunCheckpoint
 from lit_unlearn.errors import TrainingDiverged
+from lit_unlearn.export import ExportModel
 from lit_unlearn.module import UnlearningModule
 from lit_unlearn.objectives import KL, NLL
 from lit_unlearn.synthesis import SAGO
@@ -38,7 +40,6 @@ def _module(tokenizer_dir):
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
         accumulate_grad_batches=2,
         grad_buffer_dtype="param",
-        save_model=False,
     )
 
 
@@ -137,7 +138,7 @@ def test_a_failing_final_save_names_last_ckpt_and_resuming_from_it_saves(
 
     monkeypatch.setattr(module.model, "save_pretrained", broken)
     with pytest.raises(SaveFailed, match="last.ckpt") as err:
-        _trainer(tmp_path / "a", RunCheckpoint(every_n_train_steps=0), max_steps=3).fit(
+        _trainer(tmp_path / "a", RunCheckpoint(every_n_train_steps=0), ExportModel(), max_steps=3).fit(
             module, make_dm(synthetic_tokenizer_dir, *varlen)
         )
     ckpt = str(err.value).rsplit("--ckpt_path ", 1)[1].split(" ")[0]
@@ -147,10 +148,11 @@ def test_a_failing_final_save_names_last_ckpt_and_resuming_from_it_saves(
     again = UnlearningModule(
         make_model(synthetic_tokenizer_dir), optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
     )
-    _trainer(tmp_path / "b", RunCheckpoint(every_n_train_steps=0), max_steps=3).fit(
+    export = ExportModel()
+    _trainer(tmp_path / "b", RunCheckpoint(every_n_train_steps=0), export, max_steps=3).fit(
         again, make_dm(synthetic_tokenizer_dir, *varlen), ckpt_path=ckpt
     )
-    assert again.saved_model_dir is not None
+    assert export.path is not None and os.path.isdir(export.path)
     assert_same_weights(weights(module.model), weights(again.model), atol=0)
 
 

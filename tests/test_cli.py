@@ -53,7 +53,7 @@ def test_synthesizer_swaps_by_flag(tmp_path, rule):
             "2",
             "--model.synthesizer",
             rule,
-            "--model.save_model",
+            "--export.enabled",
             "false",
         ]
     )

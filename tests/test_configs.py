@@ -246,7 +246,7 @@ def test_components_combine_and_run_two_steps(forget, synthesizer, tmp_path, mon
         f"configs/objective/forget/{forget}.yaml",
         "--model.synthesizer",
         f"configs/synthesizer/{synthesizer}.yaml",
-        "--model.save_model",
+        "--export.enabled",
         "false",
     ]
     if forget == "rmu":  # the 2-layer smoke target: steer layer 1, train its down_proj

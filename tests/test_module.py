@@ -69,7 +69,6 @@ def test_weighted_sum_manual_equals_automatic_summed_loss(synthetic_tokenizer_di
         WeightedSum(forget_weight=gamma, retain_weight=alpha),
         optimizer=sgd(0.1),
         grad_buffer_dtype="param",
-        save_model=False,
     )
     fit(manual, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=5, precision="64-true")
     before = weights(make_model(synthetic_tokenizer_dir))
@@ -88,7 +87,6 @@ def _accumulation_pair(tokenizer_dir, data, rule, forget_objective=None, retain_
             optimizer=sgd(0.2),
             accumulate_grad_batches=k,
             grad_buffer_dtype="param",
-            save_model=False,
         )
         fit(m, make_dm(tokenizer_dir, *data, batch=batch), max_steps=3, precision="64-true")
         return weights(m.model)
@@ -125,7 +123,6 @@ def test_logged_losses_are_the_means_of_the_effective_batch(synthetic_tokenizer_
             optimizer=sgd(0.1),
             accumulate_grad_batches=k,
             grad_buffer_dtype="param",
-            save_model=False,
         )
         trainer = fit(
             m, make_dm(synthetic_tokenizer_dir, *varlen, batch=batch), max_steps=1, precision="64-true"
@@ -163,7 +160,6 @@ def test_fp32_buffer_next_to_bf16_parameters_with_accumulation(synthetic_tokeniz
         synthesizer=SAGO(),
         optimizer=sgd(0.1),
         accumulate_grad_batches=2,
-        save_model=False,
     )
     fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=2, precision="bf16-true")
     assert m.grads is not None and m.grads.mode == "copy" and m.grads.retain_flat is not None
@@ -177,7 +173,6 @@ def test_precisions_run_and_log(synthetic_tokenizer_dir, pairs, precision):
         synthesizer=SAGO(),
         optimizer=sgd(0.1),
         gradient_clip_val=1.0,
-        save_model=False,
     )
     trainer = fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=2, precision=precision)
     logged = trainer.callback_metrics
@@ -203,7 +198,6 @@ def test_train_metrics_are_indexed_by_optimizer_steps(synthetic_tokenizer_dir, p
         synthesizer=SAGO(),
         optimizer=sgd(0.1),
         accumulate_grad_batches=2,
-        save_model=False,
     )
     logger = L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="", version="")
     fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=4, logger=logger, log_every_n_steps=2)
@@ -261,7 +255,6 @@ def test_resume_from_checkpoint_equals_uninterrupted(synthetic_tokenizer_dir, pa
             warmup_ratio=0.3,
             lr_decay="linear",
             grad_buffer_dtype="param",
-            save_model=False,
         )
 
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
@@ -300,9 +293,7 @@ class NaNOnce(GradientAscent):
 
 
 def test_nan_step_is_skipped_counted_and_leaves_the_model_untouched(synthetic_tokenizer_dir, pairs):
-    m = UnlearningModule(
-        make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({1}), optimizer=sgd(0.1), save_model=False
-    )
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({1}), optimizer=sgd(0.1))
     before = weights(m.model)
     dm = make_dm(synthetic_tokenizer_dir, *pairs)
     trainer = L.Trainer(
@@ -319,7 +310,7 @@ def test_nan_step_is_skipped_counted_and_leaves_the_model_untouched(synthetic_to
     assert m.bad_steps == 1 and trainer.global_step == 0
     assert_same_weights(before, weights(m.model), atol=0)
     m2 = UnlearningModule(
-        make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({2}), optimizer=sgd(0.1), save_model=False
+        make_model(synthetic_tokenizer_dir, torch.float32), NaNOnce({2}), optimizer=sgd(0.1)
     )
     fit(m2, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=3)
     assert m2.bad_steps == 1 and m2.consecutive_bad_steps == 0  # recovered, then 3 good steps
@@ -331,7 +322,6 @@ def test_consecutive_bad_steps_stop_with_a_clear_error(synthetic_tokenizer_dir, 
         NaNOnce(range(1, 100)),
         optimizer=sgd(0.1),
         max_consecutive_bad_steps=3,
-        save_model=False,
     )
     with pytest.raises(RuntimeError, match="3 consecutive optimizer steps had NaN/inf"):
         fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=5)
@@ -350,19 +340,28 @@ def test_one_extra_parameter_sized_buffer(synthetic_tokenizer_dir):
     assert params[0].grad.data_ptr() == grads.grad_flat.data_ptr()
 
 
-def test_save_pretrained_at_end_of_fit(synthetic_tokenizer_dir, pairs, tmp_path):
-    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), optimizer=sgd(0.1))
-    fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=1, default_root_dir=str(tmp_path))
+def test_export_callback_saves_pretrained_at_end_of_fit(synthetic_tokenizer_dir, pairs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert m.saved_model_dir is not None
-    again = AutoModelForCausalLM.from_pretrained(m.saved_model_dir)
-    AutoTokenizer.from_pretrained(m.saved_model_dir)
+    from lit_unlearn.export import ExportModel
+
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), optimizer=sgd(0.1))
+    export = ExportModel()
+    fit(
+        m,
+        make_dm(synthetic_tokenizer_dir, *pairs),
+        max_steps=1,
+        default_root_dir=str(tmp_path),
+        callbacks=[export],
+    )
+    assert export.path == str(tmp_path / "unlearned_model")
+    again = AutoModelForCausalLM.from_pretrained(export.path)
+    AutoTokenizer.from_pretrained(export.path)
     assert_same_weights(weights(m.model), weights(again), atol=0)
 
 
 def test_sequences_longer_than_the_model_context_are_refused(synthetic_tokenizer_dir, pairs):
-    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), save_model=False)  # 64 positions
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32))  # 64 positions
     dm = make_dm(synthetic_tokenizer_dir, *pairs)
     dm.max_length = 128
     with pytest.raises(
@@ -391,9 +390,7 @@ class CountingSAGO(SAGO):
 
 def test_synthesizer_state_survives_a_checkpoint(synthetic_tokenizer_dir, pairs, tmp_path):
     ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    m = UnlearningModule(
-        make_model(synthetic_tokenizer_dir), synthesizer=CountingSAGO(), optimizer=sgd(0.1), save_model=False
-    )
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir), synthesizer=CountingSAGO(), optimizer=sgd(0.1))
     fit(
         m,
         make_dm(synthetic_tokenizer_dir, *pairs),
@@ -402,7 +399,7 @@ def test_synthesizer_state_survives_a_checkpoint(synthetic_tokenizer_dir, pairs,
         callbacks=[ckpt_cb],
     )
     resumed = UnlearningModule(
-        make_model(synthetic_tokenizer_dir), synthesizer=CountingSAGO(), optimizer=sgd(0.1), save_model=False
+        make_model(synthetic_tokenizer_dir), synthesizer=CountingSAGO(), optimizer=sgd(0.1)
     )
     fit(
         resumed,
@@ -429,7 +426,7 @@ def test_validation_nll_is_the_token_mean_of_the_whole_split(synthetic_tokenizer
     from lit_unlearn.data.collate import pad_examples
 
     model = make_model(synthetic_tokenizer_dir)
-    m = UnlearningModule(model, save_model=False)
+    m = UnlearningModule(model)
     dm = make_dm(synthetic_tokenizer_dir, *varlen, val_forget=QAPairs(varlen[0]), eval_batch_size=3)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -444,3 +441,50 @@ def test_validation_nll_is_the_token_mean_of_the_whole_split(synthetic_tokenizer
     with torch.no_grad():
         logits = model(input_ids=everything["input_ids"], attention_mask=everything["attention_mask"]).logits
     assert metrics["val/forget_nll"] == pytest.approx(mean_nll(logits, everything["labels"]).item(), rel=1e-6)
+
+
+class ReportingNLL(NLL):
+    """NLL that also reports its own loss sum and its unit count as metrics."""
+
+    def loss_terms(self, model, batch, reference):
+        total, count = super().loss_terms(model, batch, reference)
+        return total, count, {"copy": total.detach(), "units": count.double()}
+
+
+def test_objective_metrics_are_effective_batch_means(synthetic_tokenizer_dir, varlen):
+    """Metrics an objective returns are summed like its loss over micro-batches of different
+    lengths and divided by the units of the whole step: a copy of the loss equals the logged
+    loss, and the unit count averages to exactly 1."""
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir, torch.float64),
+        retain_objective=ReportingNLL(),
+        optimizer=sgd(0.05),
+        accumulate_grad_batches=2,
+    )
+    trainer = fit(m, make_dm(synthetic_tokenizer_dir, *varlen, batch=2), max_steps=2, precision="64-true")
+    metrics = trainer.callback_metrics
+    assert metrics["train/retain_units"].item() == 1.0
+    assert metrics["train/retain_copy"].item() == pytest.approx(metrics["train/retain_loss"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_built_in_schedule_is_the_hf_trainers_linear_warmup(synthetic_tokenizer_dir, pairs, accumulate):
+    """warmup_ratio 0.1 of 10 optimizer steps: ceil(1.0) = 1 warm-up step starting at lr 0, then
+    linear decay to 0 at step 10, counted in optimizer steps whatever the accumulation."""
+    seen: list[float] = []
+
+    class RecordLR(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx % accumulate == 0:
+                seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    m = UnlearningModule(
+        make_model(synthetic_tokenizer_dir),
+        optimizer=sgd(1e-3),
+        warmup_ratio=0.1,
+        lr_decay="linear",
+        accumulate_grad_batches=accumulate,
+    )
+    fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=10, callbacks=[RecordLR()])
+    expected = [0.0] + [1e-3 * (10 - s) / 9 for s in range(1, 10)]
+    assert seen == pytest.approx(expected, abs=1e-12)

@@ -53,7 +53,7 @@ def test_sweep_runs_then_skips_finished_runs(tmp_path):
         "--lrs",
         "1e-3",
     ]
-    args += ["--out", str(tmp_path), "--", "--trainer.max_steps", "2", "--model.save_model", "false"]
+    args += ["--out", str(tmp_path), "--", "--trainer.max_steps", "2", "--export.enabled", "false"]
     first = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert len(glob.glob(os.path.join(tmp_path, "*", "lr0.001_seed0", "results.json"))) == 2

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
-from lit_unlearn.data.collate import PaddedExamples, PairedBatches
+from lit_unlearn.data.collate import PaddedExamples, PairedBatches, pad_examples
 from lit_unlearn.data.sampling import PairedBatchSampler
 from lit_unlearn.data.sources import DataSource, Example
 from lit_unlearn.models import load_tokenizer
@@ -156,6 +158,14 @@ class UnlearningDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
         )
+
+    def forget_batches(self, device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+        """The forget set in dataset order, ``eval_batch_size`` examples at a time, on ``device``
+        (lazy; for objectives that precompute reference values, e.g. NPO)."""
+        pad = self.tokenizer.pad_token_id
+        for i in range(0, len(self.forget_examples), self.eval_batch_size):
+            batch = pad_examples(self.forget_examples[i : i + self.eval_batch_size], pad)
+            yield {k: v.to(device) for k, v in batch.items()}
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup("validate")

@@ -11,6 +11,15 @@ import torch
 from torch import Tensor, nn
 
 Batch = dict[str, Tensor]
+Terms = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]
+"""What :meth:`Objective.loss_terms` returns: ``(total, count)`` or ``(total, count, metrics)``."""
+
+
+def split_terms(terms: Terms) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``(total, count, metrics)`` whichever form an objective returned."""
+    if len(terms) == 3:
+        return terms[0], terms[1], terms[2]  # type: ignore[misc]
+    return terms[0], terms[1], {}
 
 
 def model_inputs(batch: Batch) -> dict[str, Tensor]:
@@ -76,15 +85,18 @@ class Objective(ABC):
         order (for precomputation; untouched by objectives that do not need it)."""
 
     @abstractmethod
-    def loss_terms(
-        self, model: nn.Module, batch: Batch, reference: nn.Module | None
-    ) -> tuple[Tensor, Tensor]:
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Terms:
         """``(total, count)``: the loss summed over the units of one micro-batch, and the number of
-        units (a 0-dim integer or float tensor, on the loss's device; no host sync)."""
+        units (a 0-dim integer or float tensor, on the loss's device; no host sync).
+
+        An objective may add a third element, ``{name: sum over the same units}`` (0-dim tensors,
+        no graph needed): the engine accumulates them like the loss and logs the effective-batch
+        mean as ``train/<forget|retain>_<name>`` on logging steps.
+        """
 
     def loss(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Tensor:
         """The mean loss of one batch (``total / count``)."""
-        total, count = self.loss_terms(model, batch, reference)
+        total, count, _ = split_terms(self.loss_terms(model, batch, reference))
         return total / count.clamp_min(1)
 
     def uniform_loss(self, model: nn.Module) -> float | None:

@@ -12,6 +12,7 @@ from lit_unlearn.objectives import functional as Fn
 from lit_unlearn.objectives.base import (
     Batch,
     Objective,
+    Terms,
     capture_layer_output,
     model_inputs,
     reference_forward,
@@ -74,9 +75,7 @@ class NPO(Objective):
         model.train(was_training)
         self._ref_table = at_least_fp32(torch.cat(values))
 
-    def loss_terms(
-        self, model: nn.Module, batch: Batch, reference: nn.Module | None
-    ) -> tuple[Tensor, Tensor]:
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Terms:
         seq, _ = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])
         if self.precompute_reference:
             if self._ref_table is None or "index" not in batch:
@@ -86,7 +85,9 @@ class NPO(Objective):
             ref = self._ref_table.to(seq.device)[batch["index"]]
         else:
             ref, _ = Fn.sequence_nll(reference_forward(reference, batch, "NPO").logits, batch["labels"])
-        return Fn.npo_terms(seq, ref, self.beta)
+        total, count = Fn.npo_terms(seq, ref, self.beta)
+        # log π_θ(x) − log π_ref(x) per sequence: how far below the reference the forget text has fallen
+        return total, count, {"log_ratio": (ref - seq).detach().sum()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"ref_table": self._ref_table.cpu()} if self._ref_table is not None else {}

@@ -185,9 +185,7 @@ def test_matched_forgetting_stop_fires_at_the_right_step(synthetic_tokenizer_dir
     evaluator = UnlearningEvaluator(
         [Scripted([1.0, 0.8, 0.5, 0.15, 0.1])], every_n_steps=2, monitor="forget_score", target=0.2
     )
-    m = UnlearningModule(
-        make_model(synthetic_tokenizer_dir, torch.float32), optimizer=sgd(0.01), save_model=False
-    )
+    m = UnlearningModule(make_model(synthetic_tokenizer_dir, torch.float32), optimizer=sgd(0.01))
     trainer = L.Trainer(
         max_steps=50,
         accelerator="cpu",
@@ -223,7 +221,7 @@ def _tiny_run(tmp_path, synthesizer):
             "10",
             "--model.synthesizer",
             synthesizer,
-            "--model.save_model",
+            "--export.enabled",
             "false",
             "--trainer.log_every_n_steps",
             "2",
@@ -375,7 +373,7 @@ def test_lm_eval_on_a_saved_model_and_in_lightning_test(
     )
     assert json.load(open(tmp_path / "lm_eval.json")) == saved
     callback = LMEvalCallback(["synthetic_mc"], include_path=task_dir)
-    module = UnlearningModule(smoke_target, save_model=False)
+    module = UnlearningModule(smoke_target)
     dm = UnlearningDataModule(
         smoke_target,
         SyntheticKnowledge("forget", num_people=SMOKE_PEOPLE),

@@ -20,10 +20,12 @@ def command(program: str, *args: str) -> list[str]:
     return [os.path.join(BIN, program), *args]
 
 
-def run(program: str, *args: str, timeout: float = 300, cwd: str = ROOT) -> subprocess.CompletedProcess:
+def run(
+    program: str, *args: str, timeout: float = 300, cwd: str = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a console script to completion; a hang past ``timeout`` fails the test (TimeoutExpired)."""
     return subprocess.run(
-        command(program, *args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+        command(program, *args), cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout
     )
 
 

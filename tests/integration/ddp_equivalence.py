@@ -49,7 +49,6 @@ def main() -> None:
             synthesizer=rule(retain_weight=0.5),
             optimizer=sgd(0.2),
             grad_buffer_dtype="param",
-            save_model=False,
         )
         # computed on rank 0, broadcast: every rank must hold the same history
         evaluator = UnlearningEvaluator([SyntheticProbes(num_people=20)], every_n_steps=1)

@@ -131,7 +131,6 @@ def test_rmu_changes_only_regex_selected_parameters(synthetic_tokenizer_dir, pai
         SAGO(retain_weight=1.0),
         optimizer=sgd(0.5),
         trainable_parameters=r"layers\.(0|1)\.mlp\.down_proj",
-        save_model=False,
     )
     fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=3)
     after = weights(m.model)
@@ -150,7 +149,6 @@ def test_precomputed_reference_npo_equals_live_reference_npo(synthetic_tokenizer
             SAGO(),
             optimizer=sgd(0.5),
             grad_buffer_dtype="param",
-            save_model=False,
         )
         fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=4, precision="64-true")
         return m

@@ -1,0 +1,50 @@
+"""Export: the unlearned model as an ordinary Hugging Face directory at the end of ``fit``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+from lit_unlearn.errors import SaveFailed
+from lit_unlearn.rundir import MODEL_DIR, run_directory, save_pretrained_atomic
+
+
+class ExportModel(L.Callback):
+    """Saves the unlearned model and its tokenizer with ``save_pretrained`` to
+    ``<run dir>/unlearned_model`` when ``fit`` ends (``lit-unlearn fit`` always adds it; turn it
+    off with ``--export.enabled false``). The directory loads with
+    ``AutoModelForCausalLM.from_pretrained`` and ``lit-unlearn-eval``. It is written to a
+    temporary name and renamed, so it is never half-written and never replaces an earlier model.
+    A failed save names the ``last.ckpt`` to resume from to try again.
+
+    Args:
+        enabled: write the model at the end of fit.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ExportModel"
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
+        model: Any = getattr(pl_module, "model", None)
+        if not self.enabled or not trainer.is_global_zero or not hasattr(model, "save_pretrained"):
+            return
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        try:
+            self.path = save_pretrained_atomic(model, tokenizer, run_dir, MODEL_DIR)
+        except Exception as err:
+            ckpt = (
+                getattr(trainer.checkpoint_callback, "last_model_path", "")
+                or "no checkpoint (enable RunCheckpoint)"
+            )
+            raise SaveFailed(
+                f"saving the unlearned model to {run_dir} failed ({type(err).__name__}: {err}); the trained "
+                f"state is in {ckpt}: fix the cause and run the same command with --ckpt_path {ckpt} to save it"
+            ) from err
+        print(f"lit-unlearn: unlearned model saved to {self.path}")

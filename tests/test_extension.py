@@ -1,0 +1,57 @@
+"""Extending lit_unlearn needs no edit of the package: a user's module with a synthesizer and an
+objective (tests/examples/my_unlearning.py), two component files, and the real CLI."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+
+from tests.integration.cli_helpers import ENV, ROOT, TINY, run
+
+EXAMPLES = os.path.join(ROOT, "tests", "examples")
+
+
+def test_a_rule_and_an_objective_from_outside_the_package_run_through_the_cli(tmp_path):
+    from tests.examples.my_unlearning import BoundedForget
+
+    forget, retain = torch.tensor([3.0, -1.0, 0.5]), torch.tensor([1.0, 2.0, -2.0])
+    (u,) = BoundedForget(retain_weight=1.0)([forget], [retain])
+    assert torch.equal(u, torch.tensor([2.0, 1.0, -1.5]))
+
+    rule = tmp_path / "bounded.yaml"
+    rule.write_text("class_path: my_unlearning.BoundedForget\ninit_args: {retain_weight: 0.5}\n")
+    objective = tmp_path / "known.yaml"
+    objective.write_text("class_path: my_unlearning.KnownTokenAscent\ninit_args: {threshold: 3.0}\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([EXAMPLES, ENV.get("PYTHONPATH", "")])}
+    proc = run(
+        "lit-unlearn",
+        "fit",
+        "--config",
+        TINY,
+        "--model.synthesizer",
+        str(rule),
+        "--model.forget_objective",
+        str(objective),
+        "--trainer.max_steps",
+        "4",
+        "--trainer.log_every_n_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = glob.glob(str(tmp_path / "runs" / "**" / "results.json"), recursive=True)
+    report = json.load(open(results))
+    assert report["synthesizer"]["name"] == "BoundedForget"
+    assert report["forget_objective"]["name"] == "KnownTokenAscent"
+    assert "KnownTokenAscent+NLL_BoundedForget" in results  # the run directory names the method
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.dirname(results))
+    events.Reload()
+    kept = [e.value for e in events.Scalars("train/forget_kept")]  # the objective's own metric
+    assert len(kept) == 2 and all(0.0 <= k <= 1.0 for k in kept)
