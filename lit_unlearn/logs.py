@@ -1,4 +1,4 @@
-"""One way to record a metric: :func:`log_at_step`.
+"""One way to record a metric (:func:`log_at_step`) and a configuration (:func:`describe`).
 
 Training metrics, evaluations and lm-eval results are all indexed by completed optimizer steps
 (whatever the accumulation), so train and val curves share one x-axis in TensorBoard. Lightning's
@@ -7,6 +7,8 @@ Training metrics, evaluations and lm-eval results are all indexed by completed o
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,3 +31,40 @@ def log_at_step(trainer: Any, metrics: Mapping[str, Any], step: int) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
     trainer.callback_metrics.update({name: torch.tensor(value) for name, value in values.items()})
+
+
+def describe(value: Any) -> Any:
+    """Plain data for a configuration value: numbers and strings as they are, containers
+    element-wise, objects as ``{class_path, init_args}`` (the arguments their constructor took and
+    kept as attributes), anything else by ``repr``."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, functools.partial):  # an optimizer/scheduler factory
+        target = next((a for a in value.args if isinstance(a, type)), value.func)
+        return {"class_path": describe_path(target), "init_args": describe(value.keywords)}
+    if inspect.isfunction(value) or inspect.isbuiltin(value) or isinstance(value, type):
+        return describe_path(value)
+    cls = type(value)
+    try:
+        params = [
+            n
+            for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return repr(value)
+    if all(hasattr(value, n) for n in params):  # an object that keeps its arguments (objectives, rules)
+        return {
+            "class_path": describe_path(cls),
+            "init_args": {n: describe(getattr(value, n)) for n in params},
+        }
+    return repr(value)
+
+
+def describe_path(obj: Any) -> str:
+    """``module.QualName`` of a class or function."""
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}".lstrip(".")

@@ -10,6 +10,7 @@ import copy
 import functools
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -216,3 +217,15 @@ def select_trainable(model: nn.Module, pattern: Any, flag: str = "trainable_para
         param.requires_grad_(bool(pattern.search(name)))
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"{flag} {pattern.pattern!r} matches no parameter name")
+
+
+def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
+    """Compile ``--model.trainable_parameters`` (a one-line error naming the flag if invalid)."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise UserError(
+            f"--model.trainable_parameters {pattern!r} is not a valid regular expression ({err})"
+        ) from None

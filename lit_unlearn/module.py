@@ -23,11 +23,8 @@ buffer management here assumes whole parameters; selecting one fails with a clea
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import math
-import re
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -39,8 +36,15 @@ from torch import Tensor, nn
 
 from lit_unlearn.errors import TrainingDiverged, UserError
 from lit_unlearn.gradients import Task, TwoTaskGradients, no_backward_sync
-from lit_unlearn.logs import log_at_step
-from lit_unlearn.models import DTYPES, check_model_path, frozen_copy, load_causal_lm, select_trainable
+from lit_unlearn.logs import describe, log_at_step
+from lit_unlearn.models import (
+    DTYPES,
+    check_model_path,
+    compile_trainable,
+    frozen_copy,
+    load_causal_lm,
+    select_trainable,
+)
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
 from lit_unlearn.objectives.base import split_terms
 from lit_unlearn.objectives.functional import nll_terms
@@ -67,45 +71,6 @@ def check_supported(trainer: Any) -> None:
         raise UserError(
             "set --trainer.use_distributed_sampler false: UnlearningDataModule shards batches by rank itself"
         )
-
-
-def describe(value: Any) -> Any:
-    """Plain data for a configuration value: numbers and strings as they are, containers
-    element-wise, objects as ``{class_path, init_args}`` (the arguments their constructor took and
-    kept as attributes), anything else by ``repr``."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [describe(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): describe(v) for k, v in value.items()}
-    if isinstance(value, functools.partial):  # an optimizer/scheduler factory
-        target = next((a for a in value.args if isinstance(a, type)), value.func)
-        return {"class_path": describe_path(target), "init_args": describe(value.keywords)}
-    cls = type(value)
-    if isinstance(value, (Objective, Synthesizer)):
-        params = inspect.signature(cls.__init__).parameters
-        args = {n: describe(getattr(value, n)) for n in params if n != "self" and hasattr(value, n)}
-        return {"class_path": describe_path(cls), "init_args": args}
-    if inspect.isfunction(value) or isinstance(value, type):
-        return describe_path(value)
-    return repr(value)
-
-
-def describe_path(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}".lstrip(".")
-
-
-def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
-    """Compile ``--model.trainable_parameters`` (a one-line error naming the flag if invalid)."""
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise UserError(
-            f"--model.trainable_parameters {pattern!r} is not a valid regular expression ({err})"
-        ) from None
 
 
 class UnlearningModule(L.LightningModule):

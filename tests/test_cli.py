@@ -36,7 +36,10 @@ def test_tiny_config_fit_leaves_model_logs_config_and_manifest(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "unlearned model saved to" in out
     # the end-of-fit summary: steps and the three sides of the trade-off
-    assert "lit-unlearn: 6 optimizer steps; target not reached; last evaluation: forget_qa=" in out
+    line = next(x for x in out.splitlines() if x.startswith("lit-unlearn: 6 optimizer steps; "))
+    assert ("target not reached; last evaluation: forget_qa=" in line) or (
+        "matched forgetting at step" in line
+    )
     assert "retain_qa=" in out and "general_arithmetic=" in out
 
 

@@ -133,7 +133,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
         str(ckpt),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    (full_dir,), (_, resumed_dir) = run_dirs(str(tmp_path / "full")), run_dirs(str(root))
+    (full_dir,), (resumed_dir,) = run_dirs(str(tmp_path / "full")), run_dirs(str(root))  # resumed in place
     a, b = results(full_dir), results(resumed_dir)
     for key in ("steps", "final", "history", "matched_step", "geometry", "skipped_steps"):
         assert a[key] == b[key], key
