@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run directories (or folders containing runs)")
     parser.add_argument("--out", default="pareto.png", help="where to save the Pareto plot (PNG)")
     parser.add_argument(
-        "--general-metric", default="general_arithmetic", help="key shown in the 'general' column"
+        "--general-metric",
+        default=None,
+        help="key shown in the 'general' column (default: the first general_* metric)",
     )
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)

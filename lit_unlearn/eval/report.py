@@ -350,12 +350,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _first_general(point: dict[str, Any]) -> str:
+    return next((k for k in point if k.startswith("general_")), "")
+
+
 def compare_runs(
-    run_dirs: Sequence[str], out_png: str | None = "pareto.png", general_metric: str = "general_arithmetic"
+    run_dirs: Sequence[str], out_png: str | None = "pareto.png", general_metric: str | None = None
 ) -> list[dict[str, Any]]:
     """Print retention at matched forgetting per synthesizer × objective and save a Pareto plot.
 
-    Returns the table rows. Runs that never reached the target are reported at their final
+    ``general_metric`` names the "general" column (default: each run's first ``general_*``
+    metric, whatever the benchmark calls it). Returns the table rows. Runs that never reached the target are reported at their final
     evaluation and marked ``no``.
     """
     runs = load_results(run_dirs)
@@ -372,7 +377,7 @@ def compare_runs(
                 "step": point.get("step"),
                 "forget": point.get(fm),
                 "retain": point.get(rm),
-                "general": point.get(general_metric),
+                "general": point.get(general_metric or _first_general(point)),
                 "cos_u_gr": geo.get("mean_update_retain_cosine"),
                 "min_cos_u_gr": geo.get("min_update_retain_cosine"),
                 "conflict": geo.get("mean_conflict_fraction"),

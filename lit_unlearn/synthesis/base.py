@@ -138,8 +138,11 @@ class Synthesizer(ABC):
     Args:
         forget_weight: gamma in the paper, the weight of the forget branch.
         retain_weight: alpha in the paper, the weight of the retain branch.
-        reducer: sums float32 partial sums across shards/ranks for rules that need dot products
-            or norms (``tensor``/``global`` granularity). ``None`` means :func:`local_sum`.
+
+    Rules that need dot products or norms (``tensor``/``global`` granularity) send their float32
+    partial sums through ``self.reducer`` (default :func:`local_sum`: the tensors are whole). A
+    sharded engine installs a cross-rank sum with :meth:`use_reducer`; it is not a configuration
+    value.
     """
 
     granularity: ClassVar[Granularity]
@@ -148,12 +151,17 @@ class Synthesizer(ABC):
         self,
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
-        reducer: Reducer | None = None,
     ) -> None:
         self.forget_weight = _check_weight("forget_weight", forget_weight)
         self.retain_weight = _check_weight("retain_weight", retain_weight)
-        self.reducer: Reducer = reducer if reducer is not None else local_sum
+        self.reducer: Reducer = local_sum
         self.last_report: dict[str, Tensor] = {}
+
+    def use_reducer(self, reducer: Reducer | None) -> Synthesizer:
+        """Sum partial sums with ``reducer`` (e.g. :class:`AllReduceSum` over sharded tensors;
+        ``None`` = :func:`local_sum`); returns the rule."""
+        self.reducer = reducer if reducer is not None else local_sum
+        return self
 
     def __call__(
         self,

@@ -42,7 +42,6 @@ class SAGO(Synthesizer):
     Args:
         forget_weight: γ, the weight of the forget gradient on non-conflicting coordinates.
         retain_weight: α, the weight of the retain gradient on conflicting coordinates.
-        reducer: unused by this element-wise rule; accepted for a uniform signature.
     """
 
     granularity: ClassVar[Granularity] = "element"
@@ -77,7 +76,6 @@ class SAGOPreferRetain(Synthesizer):
     Args:
         forget_weight: γ, the weight of the forget gradient on non-conflicting coordinates.
         retain_weight: α, the weight of the retain gradient (all coordinates).
-        reducer: unused by this element-wise rule; accepted for a uniform signature.
     """
 
     granularity: ClassVar[Granularity] = "element"

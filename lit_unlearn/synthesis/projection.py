@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lit_unlearn.synthesis.base import Granularity, Reducer, Synthesizer, dot32, run_chunked
+from lit_unlearn.synthesis.base import Granularity, Synthesizer, dot32, run_chunked
 
 EPS = 1e-10  # added to ||g_r||^2, the reference implementation's value
 
@@ -29,10 +29,9 @@ class _ProjectionBase(Synthesizer):
         self,
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
-        reducer: Reducer | None = None,
         eps: float = EPS,
     ) -> None:
-        super().__init__(forget_weight, retain_weight, reducer)
+        super().__init__(forget_weight, retain_weight)
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         self.eps = float(eps)
@@ -78,7 +77,6 @@ class PCGrad(_ProjectionBase):
     Args:
         forget_weight: γ, the weight of the (projected) forget gradient.
         retain_weight: α, the weight of the retain gradient.
-        reducer: sums the per-tensor partial dot products and squared norms across shards.
         eps: added to ``‖g_r^j‖²`` in the projection coefficient (the reference value 1e-10).
     """
 
@@ -118,7 +116,6 @@ class PCGradGlobal(_ProjectionBase):
     Args:
         forget_weight: γ, the weight of the (projected) forget gradient.
         retain_weight: α, the weight of the retain gradient.
-        reducer: sums the partial global dot product and squared norm across shards.
         eps: added to ``‖g_r‖²`` in the projection coefficient (the reference value 1e-10).
     """
 

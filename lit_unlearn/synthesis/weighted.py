@@ -26,7 +26,6 @@ class WeightedSum(Synthesizer):
     Args:
         forget_weight: γ, the weight of the forget gradient.
         retain_weight: α, the weight of the retain gradient.
-        reducer: unused by this element-wise rule; accepted for a uniform signature.
     """
 
     granularity: ClassVar[Granularity] = "element"

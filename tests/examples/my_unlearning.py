@@ -29,7 +29,6 @@ class BoundedForget(Synthesizer):
     Args:
         forget_weight: γ.
         retain_weight: α.
-        reducer: unused (element-wise rule).
     """
 
     granularity: ClassVar[Granularity] = "element"

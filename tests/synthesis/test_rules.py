@@ -193,7 +193,7 @@ def test_reducer_lets_sharded_rules_use_full_tensor_sums(rule_cls):
         return reducer
 
     for part in (0, 1):
-        rule_cls(reducer=capture(part)).statistics(_shard(forget, part), _shard(retain, part))
+        rule_cls().use_reducer(capture(part)).statistics(_shard(forget, part), _shard(retain, part))
     shards = []
     for part in (0, 1):
         other = partials[1 - part]
@@ -203,7 +203,7 @@ def test_reducer_lets_sharded_rules_use_full_tensor_sums(rule_cls):
             calls.append(1)
             return p + other
 
-        shards.append(rule_cls(reducer=reducer)(_shard(forget, part), _shard(retain, part)))
+        shards.append(rule_cls().use_reducer(reducer)(_shard(forget, part), _shard(retain, part)))
         assert len(calls) == 1  # one collective per step, not one per tensor
     pieces = []
     for j in range(len(forget)):
