@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 
 from lit_unlearn.errors import SaveFailed
+from lit_unlearn.models import gathered_state_dict
 from lit_unlearn.rundir import MODEL_DIR, run_directory, save_pretrained_atomic
 
 
@@ -14,7 +15,8 @@ class ExportModel(L.Callback):
     """Saves the unlearned model and its tokenizer with ``save_pretrained`` to
     ``<run dir>/unlearned_model`` when ``fit`` ends (``lit-unlearn fit`` always adds it; turn it
     off with ``--export.enabled false``). The directory loads with
-    ``AutoModelForCausalLM.from_pretrained`` and ``lit-unlearn-eval``. It is written to a
+    ``AutoModelForCausalLM.from_pretrained`` and ``lit-unlearn-eval``; a sharded (FSDP2) model is
+    gathered first, so the directory is always an ordinary full checkpoint. It is written to a
     temporary name and renamed, so it is never half-written and never replaces an earlier model.
     A failed save names the ``last.ckpt`` to resume from to try again.
 
@@ -33,11 +35,14 @@ class ExportModel(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
         model: Any = getattr(pl_module, "model", None)
-        if not self.enabled or not trainer.is_global_zero or not hasattr(model, "save_pretrained"):
+        if not self.enabled or not hasattr(model, "save_pretrained"):
+            return
+        full = gathered_state_dict(model)  # sharded (FSDP2): every rank takes part in the gather
+        if not trainer.is_global_zero:
             return
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         try:
-            self.path = save_pretrained_atomic(model, tokenizer, run_dir, MODEL_DIR)
+            self.path = save_pretrained_atomic(model, tokenizer, run_dir, MODEL_DIR, state_dict=full)
         except Exception as err:
             ckpt = (
                 getattr(trainer.checkpoint_callback, "last_model_path", "")

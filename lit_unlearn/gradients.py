@@ -25,6 +25,15 @@ Synchronisation. Backward passes run with DDP's gradient all-reduce blocked; at 
 boundary each task's flat buffer is summed across ranks once (one bucketed collective per task)
 together with the loss sums and unit counts (one small collective), so every rank synthesizes
 the identical update from the effective-batch gradients.
+
+Sharded parameters (FSDP2, ``fully_shard``: every parameter a dim-0 sharded ``DTensor``). Each
+rank holds only its shard of both task buffers (1/N of the parameters each). The ``.grad`` of a
+parameter is a ``DTensor`` whose local tensor is a view of the task's flat shard buffer, so FSDP's
+reduce-scatter after each task's backward accumulates the rank-averaged shard straight into it (no
+copy). At the boundary only the loss statistics and a non-finite flag are all-reduced; the buffers
+are scaled by the world size (FSDP averages where the normalisation above needs sums). Synthesis
+then runs on the local shards; rules that need dot products or norms send their partial sums
+through :attr:`reducer`, an all-reduce, so PCGrad and the diagnostics see whole-tensor values.
 """
 
 from __future__ import annotations
@@ -37,8 +46,14 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
+
+
+def _identity(partial: Tensor) -> Tensor:
+    return partial
+
 
 Task = Literal["forget", "retain"]
 TASK_INDEX = {"forget": 0, "retain": 1}
@@ -53,13 +68,38 @@ def no_backward_sync(strategy: Any) -> Iterator[None]:
         yield
 
 
+def _local(p: Tensor) -> Tensor:
+    """A parameter's local tensor (its shard for a ``DTensor``, itself otherwise)."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 def _views(flat: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
     out, offset = [], 0
     for p in params:
-        n = p.numel()
-        out.append(flat[offset : offset + n].view_as(p))
+        local = _local(p)
+        n = local.numel()
+        out.append(flat[offset : offset + n].view_as(local))
         offset += n
     return out
+
+
+def _as_grads(views: list[Tensor], params: list[nn.Parameter]) -> list[Tensor]:
+    """What ``.grad`` is set to: the views themselves, or ``DTensor`` s wrapping them for sharded
+    parameters (FSDP then accumulates into the view in place)."""
+    return [
+        DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        if isinstance(p, DTensor)
+        else v
+        for v, p in zip(views, params)
+    ]
+
+
+def all_reduce_sum(partial: Tensor) -> Tensor:
+    """Sum a small tensor of partial sums over all ranks (identity without a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        partial = partial.clone()
+        dist.all_reduce(partial)
+    return partial
 
 
 class TwoTaskGradients:
@@ -89,10 +129,13 @@ class TwoTaskGradients:
             )
         self.params = params
         self.accumulate, self.world_size = accumulate, world_size
-        grad_dtype, device = params[0].dtype, params[0].device
+        self.sharded = any(isinstance(p, DTensor) for p in params)
+        # Sums across tensors (dot products, norms) of sharded buffers need every rank's part.
+        self.reducer = all_reduce_sum if self.sharded else _identity
+        grad_dtype, device = params[0].dtype, _local(params[0]).device
         self.buffer_dtype = buffer_dtype or grad_dtype
         self.mode = "swap" if self.buffer_dtype == grad_dtype else "copy"
-        numel = sum(p.numel() for p in params)
+        numel = sum(_local(p).numel() for p in params)
         self.grad_flat = torch.zeros(numel, dtype=grad_dtype, device=device)
         self.forget_flat = torch.zeros(numel, dtype=self.buffer_dtype, device=device)
         self.retain_flat: Tensor | None = None
@@ -111,7 +154,10 @@ class TwoTaskGradients:
         self.retain_views = (
             _views(self.retain_flat, params) if self.retain_flat is not None else self.grad_views
         )
-        self._point_grads(self.grad_views)
+        self._grad_targets = _as_grads(self.grad_views, params)
+        self._forget_targets = _as_grads(self.forget_views, params)
+        self._point_grads(self._grad_targets)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         # [forget loss sum, retain loss sum, forget units, retain units, stop requests]: one
         # collective at the boundary; float64 so unit counts stay exact.
         self.stats = torch.zeros(5, dtype=torch.float64, device=device)
@@ -119,14 +165,14 @@ class TwoTaskGradients:
         self._scale: dict[str, int] = {}
         self.pending = 0  # micro-batches accumulated since the last boundary
 
-    def _point_grads(self, views: list[Tensor]) -> None:
-        for p, v in zip(self.params, views):
-            p.grad = v
+    def _point_grads(self, targets: list[Tensor]) -> None:
+        for p, g in zip(self.params, targets):
+            p.grad = g
 
     def begin(self, task: Task) -> None:
         """Make ``.grad`` accumulate ``task``'s gradient during the next backward."""
         if self.mode == "swap":
-            self._point_grads(self.forget_views if task == "forget" else self.grad_views)
+            self._point_grads(self._forget_targets if task == "forget" else self._grad_targets)
 
     def end(self, task: Task) -> None:
         """After ``task``'s backward: move the gradient into its accumulator (copy mode only)."""
@@ -168,22 +214,26 @@ class TwoTaskGradients:
         """At the boundary: sum buffers and statistics over ranks, normalise each task's buffer to
         the gradient of the effective batch's mean loss, and return ``(mean losses (2,), stop)``
         where ``stop`` is the number of ranks that asked to stop (all device tensors)."""
-        stats = self.stats.clone()
+        stats = torch.cat([self.stats, self.stats.new_zeros(1)])
         stats[4] = float(stop_requested)
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            handles = [
-                dist.all_reduce(buf, async_op=True) for buf in (self.forget_flat, self.retain_source, stats)
-            ]
+        if self.sharded:  # a NaN in one rank's shard must stop every rank
+            stats[5] = (~self._local_finite()).to(stats.dtype)
+        distributed = self.world_size > 1 and dist.is_available() and dist.is_initialized()
+        if distributed:
+            # Sharded buffers are already reduced (scattered) by FSDP; whole ones are summed here.
+            buffers = () if self.sharded else (self.forget_flat, self.retain_source)
+            handles = [dist.all_reduce(buf, async_op=True) for buf in (*buffers, stats)]
             for handle in handles:
                 handle.wait()
+        self._nonfinite = stats[5] > 0
         counts = stats[2:4].clamp_min(1)
         self.last_counts = counts  # units of the effective batch per task (for objective metrics)
+        ranks = self.world_size if self.sharded and distributed else 1  # FSDP averaged over ranks
         for i, buf in enumerate((self.forget_flat, self.retain_source)):
             scale = self._scale.get(("forget", "retain")[i])
             if scale is not None:
-                buf.mul_(
-                    scale / counts[i]
-                )  # 0-dim float64 factor: no promotion of the buffer, exact in float64
+                # 0-dim float64 factor: no promotion of the buffer, exact in float64
+                buf.mul_(scale * ranks / counts[i])
         return (stats[:2] / counts).float(), stats[4]
 
     @property
@@ -191,11 +241,24 @@ class TwoTaskGradients:
         """Flat storage of the accumulated retain gradient."""
         return self.retain_flat if self.retain_flat is not None else self.grad_flat
 
-    def finite(self) -> Tensor:
-        """0-dim bool tensor: both accumulated gradients are free of NaN/inf (one reduction each)."""
+    def _local_finite(self) -> Tensor:
         return torch.isfinite(
             self.forget_flat.sum(dtype=torch.float32) + self.retain_source.sum(dtype=torch.float32)
         )
+
+    def finite(self) -> Tensor:
+        """0-dim bool tensor: both accumulated gradients are free of NaN/inf (one reduction each;
+        for sharded buffers, agreed across ranks in :meth:`reduce`)."""
+        return ~self._nonfinite if self.sharded else self._local_finite()
+
+    def clip_(self, max_norm: float) -> Tensor:
+        """Scale the synthesized update (``.grad``) to global L2 norm at most ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` does, with the norm summed over shards; returns the
+        norm before clipping (device tensor, no host sync)."""
+        wide = torch.promote_types(self.grad_flat.dtype, torch.float32)
+        norm = self.reducer(torch.linalg.vector_norm(self.grad_flat, dtype=wide).square()).sqrt()
+        self.grad_flat.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(self.grad_flat.dtype))
+        return norm
 
     def zero(self) -> None:
         """Reset both tasks after an optimizer step (or a skipped step); ``.grad`` keeps pointing at views."""
@@ -203,7 +266,7 @@ class TwoTaskGradients:
         self.grad_flat.zero_()
         if self.retain_flat is not None:
             self.retain_flat.zero_()
-        self._point_grads(self.grad_views)
+        self._point_grads(self._grad_targets)
         self.stats.zero_()
         self._scale.clear()
         self.pending = 0

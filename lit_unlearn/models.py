@@ -95,7 +95,13 @@ def check_model_path(name_or_path: str, flag: str = "--model.model") -> None:
         _check_local(name_or_path, "model", flag)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
@@ -229,3 +235,65 @@ def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
         raise UserError(
             f"--model.trainable_parameters {pattern!r} is not a valid regular expression ({err})"
         ) from None
+
+
+def shard_with_fsdp2(model: nn.Module, mesh: Any) -> None:
+    """``fully_shard`` every decoder layer, then the root (parameters become dim-0 sharded
+    ``DTensor`` s over ``mesh``; each layer is gathered for its forward and backward only)."""
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        layers = list(decoder_layers(model))
+    except ValueError:
+        layers = []
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of common causal LMs (Llama/Mistral/Qwen, GPT-2, GPT-NeoX)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: Any = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers, transformer.h, ...)"
+    )
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """Whether the model's parameters are sharded ``DTensor`` s (FSDP2): its forward passes are
+    then collectives, so every rank must run the same ones (evaluation included)."""
+    from torch.distributed.tensor import DTensor
+
+    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, Any] | None:
+    """The full, unsharded weights of a sharded model on CPU (a collective: call it on every
+    rank; only needed on rank 0), or ``None`` for an unsharded model."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every decoder layer in backward (non-reentrant, so it composes with FSDP and
+    with two backward passes per step, and inputs need no ``requires_grad``)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return
+    legacy = getattr(model, "gradient_checkpointing_enable", None)
+    if legacy is None:
+        raise UserError(
+            f"--model.activation_checkpointing: {type(model).__name__} does not support activation checkpointing"
+        )
+    legacy(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -41,9 +41,11 @@ from lit_unlearn.models import (
     DTYPES,
     check_model_path,
     compile_trainable,
+    enable_activation_checkpointing,
     frozen_copy,
     load_causal_lm,
     select_trainable,
+    shard_with_fsdp2,
 )
 from lit_unlearn.objectives import NLL, GradientAscent, Objective
 from lit_unlearn.objectives.base import split_terms
@@ -59,9 +61,10 @@ TASKS: tuple[Task, Task] = ("forget", "retain")
 def check_supported(trainer: Any) -> None:
     """Refuse strategies and precisions the engine does not handle, with the flag to change."""
     strategy = type(trainer.strategy).__name__
-    if any(name in strategy for name in ("FSDP", "ModelParallel", "DeepSpeed")):
+    if any(name in strategy for name in ("FSDP", "DeepSpeed")):
         raise UserError(
-            f"--trainer.strategy: {strategy} is not supported yet; use ddp or one device (README, Limitations)"
+            f"--trainer.strategy: {strategy} is not supported; for sharded training use ModelParallelStrategy "
+            "(FSDP2, e.g. --trainer configs/trainer/cpu_fsdp.yaml or gpu_fsdp.yaml), otherwise ddp or one device"
         )
     if str(trainer.precision) in ("16-mixed", "16"):
         raise UserError(
@@ -97,6 +100,9 @@ class UnlearningModule(L.LightningModule):
         gradient_clip_val: max global L2 norm of the synthesized update (``None`` = no clipping).
         trainable_parameters: regex on parameter names; only matches are trained (RMU:
             ``layers\\.(5|6|7)\\.mlp\\.down_proj``). ``None`` = all parameters.
+        activation_checkpointing: recompute each decoder layer's activations in the backward passes
+            instead of keeping them (non-reentrant; less memory, ~1/3 more compute); works with
+            DDP and FSDP and with both task backward passes.
         dtype: weight dtype when loading by name: ``float32``, ``bfloat16``, ``float16``, ``auto``.
         attn_implementation: attention kernel (``sdpa``, ``eager``, ``flash_attention_2``).
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
@@ -132,6 +138,7 @@ class UnlearningModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         trainable_parameters: str | None = None,
+        activation_checkpointing: bool = False,
         dtype: str = "float32",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
@@ -191,6 +198,7 @@ class UnlearningModule(L.LightningModule):
         self.collapsed_steps = 0  # consecutive optimizer steps above the collapse bound
         self.diagnostics_every_n_steps = diagnostics_every_n_steps
         self.trainable_parameters = trainable_parameters
+        self.activation_checkpointing = activation_checkpointing
         self.grads: TwoTaskGradients | None = None
         self.reference: nn.Module | None = None  # frozen π_ref; kept out of state_dict (see __setattr__)
         self.bad_steps, self.consecutive_bad_steps = 0, 0
@@ -216,7 +224,32 @@ class UnlearningModule(L.LightningModule):
     def _prepare_model(self) -> None:
         assert self.model is not None
         select_trainable(self.model, self._trainable_pattern, "--model.trainable_parameters")
+        if self.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         self._model_ready = True
+
+    def configure_model(self) -> None:
+        """Shard the model (and the frozen reference) with FSDP2 when the strategy is Lightning's
+        ``ModelParallelStrategy``: every decoder layer, then the root, over the data-parallel mesh.
+        Any other strategy: nothing to do."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self._trainer.strategy if self._trainer else None, ModelParallelStrategy):
+            return
+        if self.model is None or getattr(self.model, "_lit_unlearn_sharded", False):
+            return
+        mesh = self.device_mesh
+        assert mesh is not None  # set by the strategy before configure_model
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise UserError(
+                "--trainer.strategy: ModelParallelStrategy with tensor_parallel_size > 1 is not supported; "
+                "lit-unlearn shards with FSDP2 only (set tensor_parallel_size: 1)"
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for module in (self.model, self.reference):
+            if module is not None:
+                shard_with_fsdp2(module, dp_mesh)
+        object.__setattr__(self.model, "_lit_unlearn_sharded", True)
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
@@ -252,6 +285,8 @@ class UnlearningModule(L.LightningModule):
         self.grads = TwoTaskGradients(
             params, buffer_dtype, self.accumulate_grad_batches, self.trainer.world_size
         )
+        # Dot products and norms of sharded buffers are summed over ranks: whole-tensor values.
+        self.synthesizer.use_reducer(self.grads.reducer if self.grads.sharded else None)
         assert self.model is not None
         self.forget_objective.prepare(self.model, self._forget_batches())
         if self.retain_baseline is not None:
@@ -342,10 +377,10 @@ class UnlearningModule(L.LightningModule):
         diag_every = (
             self.diagnostics_every_n_steps if self.diagnostics_every_n_steps is not None else log_every
         )
-        geometry = GeometryAccumulator() if diag_every and done % diag_every == 0 else None
+        geometry = GeometryAccumulator(grads.reducer) if diag_every and done % diag_every == 0 else None
         self.synthesizer(grads.forget_views, grads.retain_views, out=grads.grad_views, observer=geometry)
         if self.gradient_clip_val is not None:
-            torch.nn.utils.clip_grad_norm_(grads.params, self.gradient_clip_val, foreach=True)
+            grads.clip_(self.gradient_clip_val)
         opt.step()
         self.lr_schedulers().step()
         grads.zero()

@@ -141,6 +141,19 @@ def check_run_directory(run_dir: str, resuming: bool) -> None:
         )
 
 
+def _unwrap_architectures(config_path: str, model: Any) -> None:
+    """FSDP2 swaps a module's class for a generated ``FSDP<Name>`` subclass; record ``<Name>``."""
+    wrapped = type(model).__name__
+    if not wrapped.startswith("FSDP") or not os.path.exists(config_path):
+        return
+    with open(config_path) as handle:
+        config = json.load(handle)
+    base = next(c for c in type(model).__mro__[1:] if not c.__name__.startswith("FSDP"))
+    config["architectures"] = [base.__name__]
+    with open(config_path, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+
+
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place (mode 0644)."""
     directory = os.path.dirname(path) or "."
@@ -157,11 +170,14 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
         raise
 
 
-def save_pretrained_atomic(model: Any, tokenizer: Any, run_dir: str, name: str = MODEL_DIR) -> str:
+def save_pretrained_atomic(
+    model: Any, tokenizer: Any, run_dir: str, name: str = MODEL_DIR, state_dict: dict[str, Any] | None = None
+) -> str:
     """``save_pretrained`` model (and tokenizer) as ``run_dir/name``, all or nothing.
 
-    Refuses to replace an existing directory. If the save fails, the temporary directory is
-    removed and the error propagates.
+    ``state_dict``: the full weights of a sharded model (see ``models.gathered_state_dict``); the
+    saved directory is then an ordinary, unsharded checkpoint. Refuses to replace an existing
+    directory. If the save fails, the temporary directory is removed and the error propagates.
     """
     out = os.path.join(run_dir, name)
     if os.path.exists(out):
@@ -170,7 +186,11 @@ def save_pretrained_atomic(model: Any, tokenizer: Any, run_dir: str, name: str =
     tmp = tempfile.mkdtemp(dir=run_dir, prefix=f".{name}-")
     try:
         os.chmod(tmp, 0o777 & ~_umask())
-        model.save_pretrained(tmp)
+        if state_dict is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            _unwrap_architectures(os.path.join(tmp, "config.json"), model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         os.rename(tmp, out)

@@ -1,7 +1,14 @@
-"""Per-step time and peak memory of every synthesizer in the engine, against two baselines.
+"""Per-step time and peak memory of every synthesizer in the engine, against two baselines, and
+of the sharded (FSDP2) and activation-checkpointed engine.
 
-    python scripts/bench_step.py [--hidden 512 --layers 4 --vocab 8000 --seq 64 --batch 8 --steps 12]
+    python scripts/bench_step.py [--hidden 512 --layers 4 --vocab 8000 --seq 64 --batch 8 --steps 12 --repeats 3]
     python scripts/bench_step.py --device cuda --precision bf16-true --hidden 2048 --layers 16 --vocab 32000  # GPU
+
+Modes run **interleaved** (every mode once, then every mode again, ``--repeats`` times) and the
+table shows the median over repeats with the min-max spread: one pass in sequence is
+order-sensitive on a shared machine. ``ddp2:``/``fsdp2:`` rows run 2 processes (gloo on CPU) at
+the same per-device batch (``fsdp1:`` one process); their memory is rank 0's and "engine buffers"
+is per rank (FSDP: 1/N). ``ac:`` (or ``fsdp1+ac:``) adds activation checkpointing.
 
 Baselines: (a) ``WeightedSum`` in the same engine; (b) plain automatic optimization of the summed
 loss ``γ L_f + α L_r`` (one backward). Each configuration runs in its own process so that peak
@@ -25,7 +32,21 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ["automatic", "WeightedSum", "PCGrad", "PCGradGlobal", "SAGO", "SAGOPreferRetain"]
+MODES = [
+    "automatic",
+    "WeightedSum",
+    "PCGrad",
+    "PCGradGlobal",
+    "SAGO",
+    "SAGOPreferRetain",
+    "ac:WeightedSum",
+    "ac:SAGO",
+    "ddp2:WeightedSum",
+    "ddp2:SAGO",
+    "fsdp2:WeightedSum",
+    "fsdp2:PCGrad",
+    "fsdp2:SAGO",
+]
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -89,21 +110,33 @@ def worker(args: argparse.Namespace) -> dict:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.model.parameters(), lr=1e-5, weight_decay=0.0)
 
+    layout, _, rule_name = args.mode.rpartition(":")
+    checkpointing = "ac" in layout.split("+")
+    layout = layout.split("+")[0] if layout != "ac" else ""
     if args.mode == "automatic":
         module = Summed()
     else:
-        rule = {cls.__name__: cls for cls in RULES}[args.mode]()
+        rule = {cls.__name__: cls for cls in RULES}[rule_name]()
         module = UnlearningModule(
             model,
             synthesizer=rule,
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
             diagnostics_every_n_steps=0,
+            activation_checkpointing=checkpointing,
         )
+    strategy: object = "auto"
+    devices = 1
+    if layout.startswith(("ddp", "fsdp")):  # ddp2, fsdp2, fsdp1: strategy and process count
+        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+        devices = int(layout[-1])
+        strategy = ModelParallelStrategy(devices, 1) if layout.startswith("fsdp") else DDPStrategy()
     timer = Timer()
     trainer = L.Trainer(
         max_steps=n_batches,
         accelerator=args.device,
-        devices=1,
+        devices=devices,
+        strategy=strategy,
         precision=args.precision,
         logger=False,
         enable_checkpointing=False,
@@ -120,9 +153,11 @@ def worker(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_bytes = n_params * next(iter(model.parameters())).element_size()
     grads = getattr(module, "grads", None)
     engine_extra = grads.extra_bytes() / param_bytes if grads is not None else 0.0
+    if trainer.global_rank != 0:
+        return {}
     return {
         "mode": args.mode,
         "ms": statistics.median(timer.times[args.warmup :]) * 1e3,
@@ -144,30 +179,45 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved passes over all modes")
+    parser.add_argument("--modes", nargs="+", default=MODES)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--out", type=Path, default=Path("bench_results/step.json"))
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mode:
-        print("RESULT " + json.dumps(worker(args)))
+        result = worker(args)
+        if result:
+            print("RESULT " + json.dumps(result))
         return {}
+    samples: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    for repeat in range(args.repeats):
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--mode", mode] + [
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("mode", "out", "modes", "repeats")
+            ]
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+            )
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+            samples[mode].append(json.loads(line[0][7:]))
+            print(f"  pass {repeat + 1}/{args.repeats} {mode}: {samples[mode][-1]['ms']:.1f} ms", flush=True)
     rows = []
-    for mode in MODES:
-        cmd = [sys.executable, __file__, "--mode", mode] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("mode", "out")
-        ]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-        )
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(line[0][7:]))
-    auto = rows[0]
-    ws = rows[1]
+    for runs in samples.values():
+        times = [r["ms"] for r in runs]
+        row = dict(runs[0])
+        row.update(ms=statistics.median(times), ms_min=min(times), ms_max=max(times))
+        row["peak_bytes"] = statistics.median(r["peak_bytes"] for r in runs)
+        rows.append(row)
+    by_mode = {row["mode"]: row for row in rows}
+    auto = by_mode.get("automatic", rows[0])
     for row in rows:
-        row["x_weighted_sum"] = round(row["ms"] / ws["ms"], 3)
+        layout = row["mode"].rpartition(":")[0]
+        reference = by_mode.get(f"{layout}:WeightedSum" if layout else "WeightedSum", row)
+        row["x_weighted_sum"] = round(row["ms"] / reference["ms"], 3)  # within the same layout
         row["x_automatic"] = round(row["ms"] / auto["ms"], 3)
         row["extra_buffers_vs_automatic"] = round(
             (row["peak_bytes"] - auto["peak_bytes"]) / auto["param_bytes"], 2
@@ -182,15 +232,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{auto['params'] / 1e6:.1f} M parameters, {args.device}, {args.precision}, batch {args.batch}+{args.batch} x {args.seq} tokens"
     )
+    print(f"median of {args.repeats} interleaved passes (min-max); x WeightedSum is within the same layout")
     header = (
-        f"{'mode':<18}{'ms/step':>10}{'x WeightedSum':>15}{'x automatic':>13}{'peak MB':>10}"
+        f"{'mode':<20}{'ms/step':>10}{'spread':>16}{'x WeightedSum':>15}{'x automatic':>13}{'peak MB':>10}"
         f"{'extra buffers':>15}{'engine buffers':>16}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
+        spread = f"{row['ms_min']:.0f}-{row['ms_max']:.0f}"
         print(
-            f"{row['mode']:<18}{row['ms']:>10.1f}{row['x_weighted_sum']:>15.3f}{row['x_automatic']:>13.3f}"
+            f"{row['mode']:<20}{row['ms']:>10.1f}{spread:>16}{row['x_weighted_sum']:>15.3f}{row['x_automatic']:>13.3f}"
             f"{row['peak_bytes'] / 2**20:>10.0f}{row['extra_buffers_vs_automatic']:>15.2f}{row['engine_buffers']:>16.2f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

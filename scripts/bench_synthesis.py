@@ -3,6 +3,7 @@
 Prints a table and writes JSON (default ``bench_results/synthesis.json``):
 
     python scripts/bench_synthesis.py [--layers 12 --hidden 512 --reps 5 --out PATH]
+    python scripts/bench_synthesis.py --device cuda       # on a GPU (times synchronise the device)
 
 For each rule: median milliseconds, effective GB/s (two gradients read, one update written),
 the ratio to a memory-bandwidth floor (``torch.add(a, b, out=c)`` over the same tensors,
@@ -90,12 +91,17 @@ def naive_where_sago(f, r, a, g):
     return [torch.where(fi * ri < 0, a * ri, g * fi) for fi, ri in zip(f, r)]
 
 
+SYNC: list[Callable[[], None]] = [lambda: None]  # torch.cuda.synchronize on a GPU
+
+
 def timed(fn: Callable[[], object], reps: int) -> float:
     fn()  # warm-up
+    SYNC[0]()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
+        SYNC[0]()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -106,12 +112,15 @@ def timed_against_floor(
     """Interleave rule and floor runs so both see the same machine load; return both medians (ms)."""
     fn()
     floor()
+    SYNC[0]()
     rule_t, floor_t = [], []
     for _ in range(reps):
         start = time.perf_counter()
         floor()
+        SYNC[0]()
         mid = time.perf_counter()
         fn()
+        SYNC[0]()
         floor_t.append(mid - start)
         rule_t.append(time.perf_counter() - mid)
     return statistics.median(rule_t) * 1e3, statistics.median(floor_t) * 1e3
@@ -129,12 +138,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--forget-weight", type=float, default=1.0)
     parser.add_argument("--retain-weight", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=Path("bench_results/synthesis.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        SYNC[0] = torch.cuda.synchronize
 
     gen = torch.Generator().manual_seed(0)
     shapes = transformer_shapes(args.layers, args.hidden, args.ffn, args.vocab)
-    forget = [torch.randn(s, generator=gen) for s in shapes]
-    retain = [torch.randn(s, generator=gen) for s in shapes]
+    forget = [torch.randn(s, generator=gen).to(args.device) for s in shapes]
+    retain = [torch.randn(s, generator=gen).to(args.device) for s in shapes]
     out = [torch.empty_like(r) for r in retain]
     numel = sum(t.numel() for t in forget)
     gbytes = 3 * numel * 4 / 1e9
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     floor_ms = statistics.median(floor_all)
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "tensors": len(shapes),

@@ -3,6 +3,7 @@ resume == uninterrupted, NaN handling, memory of the buffers, precision and stra
 
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
@@ -488,3 +489,23 @@ def test_built_in_schedule_is_the_hf_trainers_linear_warmup(synthetic_tokenizer_
     fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=10, callbacks=[RecordLR()])
     expected = [0.0] + [1e-3 * (10 - s) / 9 for s in range(1, 10)]
     assert seen == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("synthesizer", [WeightedSum(), SAGO(retain_weight=0.5)])
+def test_activation_checkpointing_gives_the_same_update(synthetic_tokenizer_dir, varlen, synthesizer):
+    """Recomputing each layer in both task backward passes changes memory, not the update."""
+
+    def train(checkpointing: bool) -> UnlearningModule:
+        m = UnlearningModule(
+            make_model(synthetic_tokenizer_dir, torch.float64),
+            synthesizer=copy.deepcopy(synthesizer),
+            optimizer=sgd(0.05),
+            accumulate_grad_batches=2,
+            activation_checkpointing=checkpointing,
+        )
+        fit(m, make_dm(synthetic_tokenizer_dir, *varlen, batch=2), max_steps=3, precision="64-true")
+        return m
+
+    plain, checkpointed = train(False), train(True)
+    assert checkpointed.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
+    assert_same_weights(weights(plain.model), weights(checkpointed.model), atol=1e-12)

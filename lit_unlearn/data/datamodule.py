@@ -11,14 +11,16 @@ Use ``Trainer(use_distributed_sampler=False)``: the sampler already shards by ra
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lit_unlearn.data.cache import cached_examples
 from lit_unlearn.data.collate import PaddedExamples, PairedBatches, pad_examples
 from lit_unlearn.data.sampling import PairedBatchSampler
 from lit_unlearn.data.sources import DataSource, Example
@@ -51,6 +53,10 @@ class UnlearningDataModule(L.LightningDataModule):
         seed: pairing seed (the CLI links it to ``seed_everything``).
         shuffle: shuffle the forget epoch and the retain stream.
         trust_remote_code: allow custom tokenizer code (off by default).
+        cache_dir: where tokenized examples are cached as memory-mapped Arrow datasets (built once
+            by one process per node in ``prepare_data``, then read by every rank and every later
+            launch; keyed by the sources, their files, the tokenizer and ``max_length``).
+            ``None`` = tokenize in memory on every rank at every launch.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class UnlearningDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         trust_remote_code: bool = False,
+        cache_dir: str | None = os.path.join(".cache", "lit_unlearn", "data"),
     ) -> None:
         super().__init__()
         if max_length < 2:
@@ -87,35 +94,57 @@ class UnlearningDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle = shuffle
         self.trust_remote_code = trust_remote_code
+        self.cache_dir = cache_dir
         self.tokenizer: Any = None
-        self.forget_examples: list[Example] = []
-        self.retain_examples: list[Example] = []
-        self.val_examples: dict[str, list[Example]] = {}
+        self.forget_examples: Sequence[Example] = []
+        self.retain_examples: Sequence[Example] = []
+        self.val_examples: dict[str, Sequence[Example]] = {}
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
 
     # ------------------------------------------------------------------ building
     def _build(self, sources: list[DataSource]) -> list[Example]:
         return [ex for src in sources for ex in src.checked_build(self.tokenizer, self.max_length)]
 
-    def setup(self, stage: str | None = None) -> None:
-        if (
-            not self.forget_examples
-        ):  # read and check every file before the tokenizer (or a synthetic target) loads
-            for source in (
-                *self.forget_sources,
-                *self.retain_sources,
-                *self.val_forget_sources,
-                *self.val_retain_sources,
-            ):
+    def _examples(self, sources: list[DataSource]) -> Sequence[Example]:
+        if self.cache_dir is None:
+            return self._build(sources)
+        return cached_examples(
+            self.cache_dir, sources, self.tokenizer, self.max_length, lambda: self._build(sources)
+        )
+
+    def _groups(self) -> list[tuple[str, list[DataSource]]]:
+        groups = [("forget", self.forget_sources), ("retain", self.retain_sources)]
+        return groups + [
+            (f"val_{n}", s)
+            for n, s in (("forget", self.val_forget_sources), ("retain", self.val_retain_sources))
+            if s
+        ]
+
+    def _validate_and_load_tokenizer(self) -> None:
+        # read and check every file before the tokenizer (or a synthetic target) loads
+        for _, sources in self._groups():
+            for source in sources:
                 source.validate()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+
+    def prepare_data(self) -> None:
+        """Build the example cache once (Lightning calls this on one process per node before the
+        others read it in ``setup``)."""
+        if self.cache_dir is None:
+            return
+        self._validate_and_load_tokenizer()
+        for _, sources in self._groups():
+            self._examples(sources)
+
+    def setup(self, stage: str | None = None) -> None:
         if not self.forget_examples:
-            self.forget_examples = self._build(self.forget_sources)
-            self.retain_examples = self._build(self.retain_sources)
+            self._validate_and_load_tokenizer()
+            self.forget_examples = self._examples(self.forget_sources)
+            self.retain_examples = self._examples(self.retain_sources)
             for name, sources in (("forget", self.val_forget_sources), ("retain", self.val_retain_sources)):
                 if sources:
-                    self.val_examples[name] = self._build(sources)
+                    self.val_examples[name] = self._examples(sources)
             log.info(
                 "data: %d forget and %d retain examples", len(self.forget_examples), len(self.retain_examples)
             )

@@ -15,6 +15,7 @@ import lightning as L
 
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.logs import log_at_step
+from lit_unlearn.models import gathered_state_dict, is_sharded
 from lit_unlearn.rundir import run_directory, save_pretrained_atomic
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,11 @@ class UnlearningEvaluator(L.Callback):
         return tokenizer
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Compute every metric set on rank 0, broadcast, log and record; returns the values."""
+        """Compute every metric set on rank 0 (on every rank for a sharded model, whose forward
+        passes are collectives), broadcast, log and record; returns the values."""
         step = trainer.global_step
         values: dict[str, float] = {}
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or is_sharded(getattr(pl_module, "model", None)):
             tokenizer = self._setup(trainer)
             start = time.perf_counter()
             model: Any = pl_module.model
@@ -112,13 +114,12 @@ class UnlearningEvaluator(L.Callback):
                 f"matched forgetting: {self.monitor}={value:.3f} reached target {self.target} at step {self.matched_step}",
             )
             run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
-            if (
-                self.save_matched_model
-                and trainer.is_global_zero
-                and hasattr(pl_module.model, "save_pretrained")
-            ):
-                tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-                save_pretrained_atomic(pl_module.model, tokenizer, run_dir, name="matched_model")
+            model: Any = getattr(pl_module, "model", None)
+            if self.save_matched_model and hasattr(model, "save_pretrained"):
+                full = gathered_state_dict(model)  # collective for a sharded model
+                if trainer.is_global_zero:
+                    tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+                    save_pretrained_atomic(model, tokenizer, run_dir, name="matched_model", state_dict=full)
             if self.stop_on_target:
                 trainer.should_stop = True
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from lit_unlearn.errors import UserError, function_cli, suggest
 from lit_unlearn.logs import log_at_step
+from lit_unlearn.models import is_sharded
 
 FewShot = int | dict[str, int] | None  # one count for every task, or per task; None = task default
 
@@ -229,7 +230,8 @@ class LMEvalCallback(L.Callback):
         task_manager(self.tasks, self.include_path, where="LMEvalCallback tasks")
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
+        # A sharded model's forward passes are collectives: every rank runs the same evaluation.
+        if trainer.is_global_zero or is_sharded(getattr(pl_module, "model", None)):
             tokenizer = trainer.datamodule.tokenizer
             model: Any = pl_module.model
             self.results = run_lm_eval(
@@ -240,7 +242,8 @@ class LMEvalCallback(L.Callback):
                 for task, metrics in self.results.items()
                 for metric, value in metrics.items()
             }
-            log_at_step(trainer, flat, trainer.global_step)
+            if trainer.is_global_zero:
+                log_at_step(trainer, flat, trainer.global_step)
         self.results = trainer.strategy.broadcast(self.results)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -10,6 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lit_unlearn.models import decoder_layers
+
 Batch = dict[str, Tensor]
 Terms = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]
 """What :meth:`Objective.loss_terms` returns: ``(total, count)`` or ``(total, count, metrics)``."""
@@ -25,21 +27,6 @@ def split_terms(terms: Terms) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
 def model_inputs(batch: Batch) -> dict[str, Tensor]:
     """The keys a causal LM takes (drops ``labels`` and bookkeeping such as ``index``)."""
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of common causal LMs (Llama/Mistral/Qwen, GPT-2, GPT-NeoX)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj: Any = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__} (looked for model.layers, transformer.h, ...)"
-    )
 
 
 @contextlib.contextmanager

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
-from lit_unlearn.data import SyntheticKnowledge, UnlearningDataModule
+from lit_unlearn.data import SyntheticKnowledge, TextCorpus, UnlearningDataModule
+from lit_unlearn.data.cache import ArrowExamples
 from lit_unlearn.data.sources import IGNORE_INDEX
 from tests.conftest import SMOKE_PEOPLE
 
@@ -110,3 +114,46 @@ def test_bad_arguments_name_the_flag(synthetic_tokenizer_dir):
         make_dm(synthetic_tokenizer_dir, max_length=8)
     with pytest.raises(ValueError, match="--data.forget and --data.retain"):
         make_dm(synthetic_tokenizer_dir, forget=[])
+
+
+def _corpus_dm(tokenizer_dir, path, cache_dir, max_length=16):
+    return UnlearningDataModule(
+        tokenizer_dir,
+        TextCorpus(path),
+        TextCorpus(path),
+        max_length=max_length,
+        forget_batch_size=2,
+        cache_dir=cache_dir,
+    )
+
+
+def test_cached_examples_equal_in_memory_ones_and_are_reused(synthetic_tokenizer_dir, tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"Alice lives in Paris {i} " * (i % 5 + 1)}) + "\n" for i in range(40))
+    )
+    cache = tmp_path / "cache"
+    plain = _corpus_dm(synthetic_tokenizer_dir, str(path), None)
+    plain.setup("fit")
+    cached = _corpus_dm(synthetic_tokenizer_dir, str(path), str(cache))
+    cached.prepare_data()  # one process per node builds the cache ...
+    entries = sorted(os.listdir(cache))
+    assert len(entries) == 1  # forget and retain are the same source: one entry
+    cached.setup("fit")  # ... and every rank memory-maps it
+    assert isinstance(cached.forget_examples, ArrowExamples)
+    assert len(cached.forget_examples) == len(plain.forget_examples) > 1
+    for a, b in zip(plain.forget_examples, cached.forget_examples):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    batch_a = next(iter(plain.train_dataloader(rank=0, world_size=1)))
+    batch_b = next(iter(cached.train_dataloader(rank=0, world_size=1)))
+    assert all(torch.equal(batch_a["forget"][k], batch_b["forget"][k]) for k in batch_a["forget"])
+    again = _corpus_dm(synthetic_tokenizer_dir, str(path), str(cache))
+    again.setup("fit")  # a second launch: a cache hit, no new entry
+    assert sorted(os.listdir(cache)) == entries
+    path.write_text(path.read_text() + json.dumps({"text": "Bob works in Rome"}) + "\n")  # the file changed
+    changed = _corpus_dm(synthetic_tokenizer_dir, str(path), str(cache))
+    changed.setup("fit")
+    assert len(os.listdir(cache)) == 2 and len(changed.forget_examples) >= len(plain.forget_examples)
+    other = _corpus_dm(synthetic_tokenizer_dir, str(path), str(cache), max_length=8)
+    other.setup("fit")  # max_length is part of the key too
+    assert len(os.listdir(cache)) == 3

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks of the sharded engine, as one script (about 8 minutes on one GPU):
+#   1. the synthesis kernels on CUDA (ratio to the memory-bandwidth floor);
+#   2. bench_step.py on a ~1 B-parameter random Llama in bf16: one-GPU DDP vs one-GPU FSDP2, with
+#      and without activation checkpointing (step time, peak CUDA memory);
+#   3. the tiny end-to-end fit with configs/trainer/gpu_fsdp.yaml restricted to one device.
+# Results go to bench_results/gpu/ (JSON + the printed tables in gpu_check.log).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-bench_results/gpu}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv || true
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+echo "== 1. synthesis kernels"
+timeout 120 "$PY" scripts/bench_synthesis.py --device cuda --out "$OUT/synthesis.json"
+echo "== 2. one step, ~1 B random Llama, bf16"
+timeout 300 "$PY" scripts/bench_step.py --device cuda --precision bf16-true --hidden 2048 --layers 16 \
+  --vocab 32000 --seq 512 --batch 4 --steps 6 --warmup 2 --repeats 2 \
+  --modes WeightedSum SAGO ac:SAGO fsdp1:WeightedSum fsdp1:SAGO fsdp1+ac:SAGO --out "$OUT/step.json"
+echo "== 3. tiny fit, gpu_fsdp.yaml on one device"
+timeout 120 .venv/bin/lit-unlearn fit --config configs/debug/tiny.yaml --trainer configs/trainer/gpu_fsdp.yaml \
+  --trainer.devices 1 --trainer.strategy.init_args.data_parallel_size 1 --trainer.precision bf16-true \
+  --trainer.default_root_dir "$OUT/tiny_fit"
+echo "gpu_check: all done"

@@ -1,0 +1,110 @@
+"""The memory planner against PyTorch's own memory tracker, on small random Llamas."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lit_unlearn.errors import UserError
+from lit_unlearn.gradients import TwoTaskGradients
+from lit_unlearn.models import enable_activation_checkpointing
+from lit_unlearn.plan import model_shape, plan
+from lit_unlearn.synthesis import SAGO
+from tests.integration.cli_helpers import ENV, ROOT, command
+
+CONFIG = LlamaConfig(
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg")
+    CONFIG.save_pretrained(path)
+    return str(path)
+
+
+def measured_peak(batch: int, seq_len: int, checkpointing: bool) -> int:
+    """Peak bytes of two real two-task steps (forget backward, retain backward, SAGO, AdamW)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG).train()
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    rule, ids = SAGO(), torch.randint(0, CONFIG.vocab_size, (batch, seq_len))
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        grads = TwoTaskGradients(params, torch.float32, 1, 1)
+        for _ in range(2):  # the second step has the optimizer state
+            for task, sign in (("forget", -1.0), ("retain", 1.0)):
+                tracker.reset_mod_stats()
+                grads.begin(task)
+                (sign * model(input_ids=ids, labels=ids).loss).backward()
+                grads.end(task)
+            rule(grads.forget_views, grads.retain_views, out=grads.grad_views)
+            optimizer.step()
+            grads.zero()
+    return sum(device["Total"] for device in tracker.get_tracker_snapshot("peak").values())
+
+
+def test_parameter_count_comes_from_the_configuration_alone(config_dir):
+    shape = model_shape(config_dir)
+    assert shape.parameters == sum(p.numel() for p in LlamaForCausalLM(CONFIG).parameters())
+    assert (shape.layers, shape.hidden, shape.kv_heads) == (2, 128, 2)
+
+
+@pytest.mark.parametrize(
+    "batch, seq_len, checkpointing", [(2, 64, False), (8, 128, False), (16, 256, False), (16, 256, True)]
+)
+def test_estimate_is_within_15_percent_of_the_measured_peak(config_dir, batch, seq_len, checkpointing):
+    estimate = plan(
+        model_shape(config_dir), "ddp", 1, "32-true", "float32", batch, seq_len,
+        activation_checkpointing=checkpointing, gpu_gib=None,
+    )  # fmt: skip
+    measured = measured_peak(batch, seq_len, checkpointing)
+    assert 0.85 <= estimate.total / measured <= 1.15, (estimate.total, measured)
+
+
+def test_fsdp_shards_what_it_shards_and_checkpointing_frees_activations(config_dir):
+    shape = model_shape(config_dir)
+    ddp = plan(shape, "ddp", 8, "bf16-true", gpu_gib=None)
+    fsdp = plan(shape, "fsdp", 8, "bf16-true", gpu_gib=None)
+    for part in ("weights", "gradients", "task_buffers", "optimizer"):
+        assert getattr(fsdp, part) == pytest.approx(getattr(ddp, part) / 8)
+    assert fsdp.activations == ddp.activations and fsdp.gathered_layers > 0 == ddp.gathered_layers
+    lean = plan(shape, "ddp", 8, "bf16-true", activation_checkpointing=True, gpu_gib=None)
+    assert lean.activations < ddp.activations
+    with pytest.raises(UserError, match="--precision"):
+        plan(shape, precision="16-mixed")
+
+
+def test_zephyr_on_8_gpus_needs_fsdp():
+    """The shipped Zephyr-7B shape: DDP does not fit 80 GB with AdamW and an fp32 buffer, FSDP does."""
+    shape = model_shape(os.path.join(ROOT, "configs", "model", "shapes", "zephyr-7b-beta"))
+    assert round(shape.parameters / 1e9, 2) == 7.24
+    assert plan(shape, "ddp", 8).max_batch == 0
+    assert plan(shape, "fsdp", 8).max_batch >= 4
+
+
+def test_console_script_prints_the_table(tmp_path):
+    out = subprocess.run(
+        command("lit-unlearn-plan", "--model", os.path.join(ROOT, "configs", "model", "shapes", "llama-3-8b-instruct"),
+                "--strategy", "fsdp", "--devices", "8", "--json_out", str(tmp_path / "plan.json")),
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "8.03 B parameters" in out.stdout and "max batch" in out.stdout
+    assert (tmp_path / "plan.json").exists()
