@@ -169,6 +169,25 @@ def build_target(
     if not force and (metrics := _cached(out, recipe)) is not None:
         print(f"target: reusing cached model in {out}")
         return metrics
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may ask at once (DDP ranks, parallel runs or tests): one builds, the others
+    # wait and then reuse what it wrote.
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if not force and (metrics := _cached(out, recipe)) is not None:
+            print(f"target: reusing cached model in {out}")
+            return metrics
+        return _build(out, recipe, threads, accelerator, progress)
+
+
+def _build(
+    out: Path, recipe: TargetRecipe, threads: int | None, accelerator: str, progress: bool
+) -> dict[str, Any]:
+    num_people, forget_fraction, corpus_seed, train_seed = (
+        recipe.num_people, recipe.forget_fraction, recipe.corpus_seed, recipe.train_seed,
+    )  # fmt: skip
+    steps = recipe.steps
     if threads:
         torch.set_num_threads(threads)
     from lit_unlearn.eval.probes import synthetic_metrics

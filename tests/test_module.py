@@ -220,7 +220,12 @@ class _Connector:
 @pytest.mark.parametrize(
     ("strategy", "precision", "world", "message"),
     [
-        (FSDPStrategy(), "32-true", 1, "FSDPStrategy is not supported yet"),
+        (
+            FSDPStrategy(),
+            "32-true",
+            1,
+            "FSDPStrategy is not supported; for sharded training use ModelParallelStrategy",
+        ),
         (object(), "16-mixed", 1, "16-mixed is not supported"),
         (object(), "32-true", 2, "use_distributed_sampler false"),
     ],

@@ -50,3 +50,27 @@ def saved_weights(run_dir: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(run_dir, "unlearned_model", "model.safetensors"))
+
+
+def sigterm_after_first_checkpoint(
+    root: str, *args: str, timeout: float = 180
+) -> tuple[int, str, str | None]:
+    """Start ``lit-unlearn`` with ``args``, send SIGTERM once its first ``last.ckpt`` exists (as a
+    cluster's time limit would) and wait; returns ``(exit code, stderr, checkpoint)``."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        command("lit-unlearn", *args),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while last_checkpoint(root) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err, last_checkpoint(root)

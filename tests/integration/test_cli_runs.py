@@ -24,6 +24,7 @@ from tests.integration.cli_helpers import (
     run,
     run_dirs,
     saved_weights,
+    sigterm_after_first_checkpoint,
 )
 
 SGD = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05"]
@@ -97,21 +98,10 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     root = tmp_path / "cut"
-    proc = subprocess.Popen(
-        command("lit-unlearn", "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(root)),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, err, ckpt = sigterm_after_first_checkpoint(
+        str(root), "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(root)
     )
-    deadline = time.monotonic() + 180
-    while last_checkpoint(root) is None and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
-    ckpt = last_checkpoint(root)
+    assert code == 143, err[-3000:]
     assert ckpt is not None
     assert "stopped by SIGTERM after step" in err and "--ckpt_path" in err
     (cut,) = run_dirs(str(root))

@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
+from lit_unlearn.cli import main
 from tests.engine_helpers import relative_difference
 from tests.integration.cli_helpers import (
     ENV,
     ROOT,
     TINY,
-    command,
-    last_checkpoint,
     results,
     run,
     run_dirs,
     saved_weights,
+    sigterm_after_first_checkpoint,
 )
 
 FSDP = os.path.join(ROOT, "configs", "trainer", "cpu_fsdp.yaml")
@@ -46,7 +43,7 @@ def _fit(root, *extra: str, sharded: bool, float64: bool = True, timeout: float 
         "--config",
         TINY,
         "--trainer.max_steps",
-        "5",
+        "8",
         *SGD,
         "--trainer.default_root_dir",
         str(root),
@@ -58,9 +55,12 @@ def _fit(root, *extra: str, sharded: bool, float64: bool = True, timeout: float 
         # 4-sequence ones) flips a few gated coordinates (SAGO: 1.02e-4 of the update measured), which
         # would blur the comparison of the algorithm itself. WeightedSum also runs in fp32, as users do.
         args += ["--model.dtype", "float64", "--model.grad_buffer_dtype", "param"]
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([EXAMPLES, ENV.get("PYTHONPATH", "")])}
-    proc = run("lit-unlearn", *args, *extra, timeout=timeout, env=env)  # the timeout detects deadlocks
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if not sharded:  # the 1-process reference runs in this process (the same CLI, minus start-up)
+        main([*args, *extra])
+    else:
+        env = {**ENV, "PYTHONPATH": os.pathsep.join([EXAMPLES, ENV.get("PYTHONPATH", "")])}
+        proc = run("lit-unlearn", *args, *extra, timeout=timeout, env=env)  # the timeout detects deadlocks
+        assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = run_dirs(str(root))
     return run_dir
 
@@ -144,41 +144,22 @@ def test_sharded_save_is_an_ordinary_checkpoint_with_the_same_logits(runs):
 
 
 @pytest.mark.integration
-def test_sharded_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(tmp_path):
+def test_sharded_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(tmp_path, runs):
     """SIGTERM mid-run: the ranks agree on the stop, write a distributed last.ckpt (one shard per
-    rank) and exit 143; --ckpt_path continues to the same weights as an uninterrupted run."""
-    steps = [
-        "--model.synthesizer",
-        "SAGO",
-        "--trainer.max_steps",
-        "12",
-        "--checkpoint.every_n_train_steps",
-        "1",
-    ]
-    full = _fit(tmp_path / "full", *steps, sharded=True)
+    rank) and exit 143; --ckpt_path continues to the same weights as the uninterrupted run."""
+    _, full = runs["SAGO"]
     root = tmp_path / "cut"
-    args = ["fit", "--config", TINY, *SGD, "--trainer", FSDP, "--trainer.default_root_dir", str(root), *steps]
+    args = ["fit", "--config", TINY, *SGD, "--trainer", FSDP, "--trainer.default_root_dir", str(root)]
+    args += ["--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "1"]
+    args += ["--model.synthesizer", "SAGO", "--model.synthesizer.retain_weight", "0.5"]
     args += ["--data.forget_batch_size", "4", "--data.retain_batch_size", "4"]
     args += ["--model.dtype", "float64", "--model.grad_buffer_dtype", "param"]
-    proc = subprocess.Popen(
-        command("lit-unlearn", *args),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 180
-    while last_checkpoint(root) is None and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 143, err[-3000:]
-    ckpt = last_checkpoint(root)
+    code, err, ckpt = sigterm_after_first_checkpoint(str(root), *args)
+    assert code == 143, err[-3000:]
     assert ckpt is not None and os.path.isdir(ckpt)
     resumed = run("lit-unlearn", *args, "--ckpt_path", ckpt, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (cut,) = run_dirs(str(root))  # resumed in place
-    assert results(cut)["steps"] == 12
+    assert results(cut)["steps"] == 8
     wa, wb = saved_weights(full), saved_weights(cut)
     assert relative_difference(wb, wa, _initial()) <= 1e-12
