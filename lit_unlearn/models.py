@@ -239,16 +239,22 @@ def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
 
 def shard_with_fsdp2(model: nn.Module, mesh: Any) -> None:
     """``fully_shard`` every decoder layer, then the root (parameters become dim-0 sharded
-    ``DTensor`` s over ``mesh``; each layer is gathered for its forward and backward only)."""
-    from torch.distributed.fsdp import fully_shard
+    ``DTensor`` s over ``mesh``; each layer is gathered for its forward and backward only).
+
+    Low-precision (bf16/fp16) weights reduce-scatter their gradients in fp32, so the sum over
+    ranks does not lose bits before it reaches the task buffers."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    low = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
 
     try:
         layers = list(decoder_layers(model))
     except ValueError:
         layers = []
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -64,7 +64,7 @@ def check_supported(trainer: Any) -> None:
     if any(name in strategy for name in ("FSDP", "DeepSpeed")):
         raise UserError(
             f"--trainer.strategy: {strategy} is not supported; for sharded training use ModelParallelStrategy "
-            "(FSDP2, e.g. --trainer configs/trainer/cpu_fsdp.yaml or gpu_fsdp.yaml), otherwise ddp or one device"
+            "(FSDP2, e.g. --config configs/trainer/cpu_fsdp.yaml or gpu_fsdp.yaml), otherwise ddp or one device"
         )
     if str(trainer.precision) in ("16-mixed", "16"):
         raise UserError(

@@ -20,7 +20,7 @@ timeout 300 "$PY" scripts/bench_step.py --device cuda --precision bf16-true --hi
   --vocab 32000 --seq 512 --batch 4 --steps 6 --warmup 2 --repeats 2 \
   --modes WeightedSum SAGO ac:SAGO fsdp1:WeightedSum fsdp1:SAGO fsdp1+ac:SAGO --out "$OUT/step.json"
 echo "== 3. tiny fit, gpu_fsdp.yaml on one device"
-timeout 120 .venv/bin/lit-unlearn fit --config configs/debug/tiny.yaml --trainer configs/trainer/gpu_fsdp.yaml \
+timeout 120 .venv/bin/lit-unlearn fit --config configs/debug/tiny.yaml --config configs/trainer/gpu_fsdp.yaml \
   --trainer.devices 1 --trainer.strategy.init_args.data_parallel_size 1 --trainer.precision bf16-true \
   --trainer.default_root_dir "$OUT/tiny_fit"
 echo "gpu_check: all done"

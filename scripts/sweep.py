@@ -4,7 +4,7 @@
         --synthesizers naive pcgrad sago --lrs 5e-4 1e-3 2e-3 --seeds 0 1 2 --out runs/sweep
     python scripts/sweep.py --benchmark configs/benchmark/wmdp_bio.yaml \
         --config configs/experiments/wmdp_bio/npo_sago.yaml --synthesizers naive sago --lrs 1e-5 \
-        --out runs/npo -- --trainer configs/trainer/gpu_ddp.yaml
+        --out runs/npo -- --config configs/trainer/gpu_ddp.yaml
     python scripts/compare_runs.py runs/sweep --out runs/sweep/pareto.png
 
 Each run is one ordinary ``lit-unlearn fit``: the benchmark file, any ``--config`` overlays, then

@@ -1,8 +1,8 @@
 """Every shipped YAML works in its role; every paper overlay holds the official settings.
 
 Component files stand for one argument (``--model.synthesizer FILE``, ``--model.forget_objective
-FILE``, ``--model FILE``, ``--data FILE``, ``--trainer FILE``); benchmark and debug files are
-``--config`` files; experiment files are paper overlays on top of their benchmark.
+FILE``, ``--model FILE``, ``--data FILE``); benchmark, trainer and debug files are ``--config``
+files; experiment files are paper overlays on top of their benchmark.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ ROLE_FLAG = {
     "objective/retain": "--model.retain_objective",
     "model": "--model",
     "data": "--data",
-    "trainer": "--trainer",
 }
 
 
@@ -175,7 +174,7 @@ def test_paper_overlay_matches_the_official_settings(key, capsys, monkeypatch):
             f"configs/benchmark/{bench}.yaml",
             "--config",
             path,
-            "--trainer",
+            "--config",
             "configs/trainer/gpu_ddp.yaml",
         ],
         capsys,

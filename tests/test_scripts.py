@@ -27,7 +27,7 @@ def test_sweep_dry_run_composes_any_benchmark_without_code_edits(tmp_path):
             "0",
             "1",
         ]
-        + ["--out", str(tmp_path), "--dry-run", "--", "--trainer", "configs/trainer/gpu_ddp.yaml"],
+        + ["--out", str(tmp_path), "--dry-run", "--", "--config", "configs/trainer/gpu_ddp.yaml"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -36,7 +36,7 @@ def test_sweep_dry_run_composes_any_benchmark_without_code_edits(tmp_path):
     commands = [line for line in out.splitlines() if line.startswith("$ ")]
     assert len(commands) == 2 * 2 * 2
     assert all(
-        "configs/benchmark/wmdp_cyber.yaml" in c and "--trainer configs/trainer/gpu_ddp.yaml" in c
+        "configs/benchmark/wmdp_cyber.yaml" in c and "--config configs/trainer/gpu_ddp.yaml" in c
         for c in commands
     )
     assert sum("--model.synthesizer configs/synthesizer/naive.yaml" in c for c in commands) == 4

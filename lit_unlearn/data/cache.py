@@ -60,16 +60,34 @@ def source_identity(source: Any) -> dict[str, Any]:
     return {"class": f"{type(source).__module__}.{type(source).__qualname__}", "settings": settings}
 
 
-def cache_key(sources: Sequence[Any], tokenizer: Any, max_length: int) -> str:
-    """A short hash of everything the examples of ``sources`` depend on."""
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def sources_key(sources: Sequence[Any]) -> str:
+    """A short hash of the sources' classes, settings and the size and mtime of their files."""
     described = [source_identity(source) for source in sources]
     stats = [(path, os.path.getsize(path), os.stat(path).st_mtime_ns) for path in _files(described)]
-    payload = json.dumps(
-        {"format": FORMAT, "sources": described, "files": stats, "tokenizer": tokenizer_fingerprint(tokenizer),
-         "max_length": max_length},
-        sort_keys=True, default=str,
-    )  # fmt: skip
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return _hash({"format": FORMAT, "sources": described, "files": stats})
+
+
+def cache_key(sources: Sequence[Any], tokenizer: Any, max_length: int) -> str:
+    """A short hash of everything the examples of ``sources`` depend on."""
+    return _hash([sources_key(sources), tokenizer_fingerprint(tokenizer), max_length])
+
+
+def validated(cache_dir: str, sources: Sequence[Any]) -> bool:
+    """Whether these exact files were read and checked before (then a launch need not read them
+    again: the examples come from the cache)."""
+    return os.path.exists(os.path.join(cache_dir, "validated", sources_key(sources)))
+
+
+def mark_validated(cache_dir: str, sources: Sequence[Any]) -> None:
+    """Record that these exact files passed their checks."""
+    folder = os.path.join(cache_dir, "validated")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, sources_key(sources)), "w") as handle:
+        handle.write(json.dumps([source_identity(s) for s in sources], default=str))
 
 
 class ArrowExamples(Sequence[Example]):
@@ -98,7 +116,7 @@ def write_examples(examples: Sequence[Example], path: str) -> None:
     """Store examples (dicts of 1-D or 0-D tensors with the same keys) at ``path``, atomically."""
     from datasets import Dataset
 
-    columns = {key: [example[key].tolist() for example in examples] for key in examples[0]}
+    columns = {key: [example[key].numpy() for example in examples] for key in examples[0]}
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}-")

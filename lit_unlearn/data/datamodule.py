@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_unlearn.data.cache import cached_examples
+from lit_unlearn.data.cache import cached_examples, mark_validated, validated
 from lit_unlearn.data.collate import PaddedExamples, PairedBatches, pad_examples
 from lit_unlearn.data.sampling import PairedBatchSampler
 from lit_unlearn.data.sources import DataSource, Example
@@ -121,10 +121,15 @@ class UnlearningDataModule(L.LightningDataModule):
         ]
 
     def _validate_and_load_tokenizer(self) -> None:
-        # read and check every file before the tokenizer (or a synthetic target) loads
+        # Read and check every file before the tokenizer (or a synthetic target) loads; files that
+        # passed before, unchanged, are not read again (their examples come from the cache).
         for _, sources in self._groups():
+            if self.cache_dir is not None and validated(self.cache_dir, sources):
+                continue
             for source in sources:
                 source.validate()
+            if self.cache_dir is not None:
+                mark_validated(self.cache_dir, sources)
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
 

@@ -127,7 +127,7 @@ def _corpus_dm(tokenizer_dir, path, cache_dir, max_length=16):
     )
 
 
-def test_cached_examples_equal_in_memory_ones_and_are_reused(synthetic_tokenizer_dir, tmp_path):
+def test_cached_examples_equal_in_memory_ones_and_are_reused(synthetic_tokenizer_dir, tmp_path, monkeypatch):
     path = tmp_path / "corpus.jsonl"
     path.write_text(
         "".join(json.dumps({"text": f"Alice lives in Paris {i} " * (i % 5 + 1)}) + "\n" for i in range(40))
@@ -137,8 +137,12 @@ def test_cached_examples_equal_in_memory_ones_and_are_reused(synthetic_tokenizer
     plain.setup("fit")
     cached = _corpus_dm(synthetic_tokenizer_dir, str(path), str(cache))
     cached.prepare_data()  # one process per node builds the cache ...
-    entries = sorted(os.listdir(cache))
-    assert len(entries) == 1  # forget and retain are the same source: one entry
+
+    def entries():
+        return sorted(e for e in os.listdir(cache) if e != "validated")
+
+    first = entries()
+    assert len(first) == 1  # forget and retain are the same source: one entry
     cached.setup("fit")  # ... and every rank memory-maps it
     assert isinstance(cached.forget_examples, ArrowExamples)
     assert len(cached.forget_examples) == len(plain.forget_examples) > 1
@@ -147,13 +151,17 @@ def test_cached_examples_equal_in_memory_ones_and_are_reused(synthetic_tokenizer
     batch_a = next(iter(plain.train_dataloader(rank=0, world_size=1)))
     batch_b = next(iter(cached.train_dataloader(rank=0, world_size=1)))
     assert all(torch.equal(batch_a["forget"][k], batch_b["forget"][k]) for k in batch_a["forget"])
+    reads = []
+    original = TextCorpus.validate
+    monkeypatch.setattr(TextCorpus, "validate", lambda self: reads.append(1) or original(self))
     again = _corpus_dm(synthetic_tokenizer_dir, str(path), str(cache))
-    again.setup("fit")  # a second launch: a cache hit, no new entry
-    assert sorted(os.listdir(cache)) == entries
+    again.setup("fit")  # a second launch: a cache hit, no new entry, the unchanged file is not read
+    assert entries() == first and reads == []
     path.write_text(path.read_text() + json.dumps({"text": "Bob works in Rome"}) + "\n")  # the file changed
     changed = _corpus_dm(synthetic_tokenizer_dir, str(path), str(cache))
     changed.setup("fit")
-    assert len(os.listdir(cache)) == 2 and len(changed.forget_examples) >= len(plain.forget_examples)
+    assert len(entries()) == 2 and len(changed.forget_examples) >= len(plain.forget_examples)
+    assert reads  # the changed file was read and checked again
     other = _corpus_dm(synthetic_tokenizer_dir, str(path), str(cache), max_length=8)
     other.setup("fit")  # max_length is part of the key too
-    assert len(os.listdir(cache)) == 3
+    assert len(entries()) == 3

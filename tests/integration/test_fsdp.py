@@ -49,7 +49,7 @@ def _fit(root, *extra: str, sharded: bool, float64: bool = True, timeout: float 
         str(root),
     ]
     args += ["--data.forget_batch_size", per_device, "--data.retain_batch_size", per_device]
-    args += ["--trainer", FSDP] if sharded else []
+    args += ["--config", FSDP] if sharded else []
     if float64:
         # Sign gating and projections switch at 0: fp32 rounding (one 8-sequence backward vs two
         # 4-sequence ones) flips a few gated coordinates (SAGO: 1.02e-4 of the update measured), which
@@ -149,7 +149,7 @@ def test_sharded_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(tmp_
     rank) and exit 143; --ckpt_path continues to the same weights as the uninterrupted run."""
     _, full = runs["SAGO"]
     root = tmp_path / "cut"
-    args = ["fit", "--config", TINY, *SGD, "--trainer", FSDP, "--trainer.default_root_dir", str(root)]
+    args = ["fit", "--config", TINY, *SGD, "--config", FSDP, "--trainer.default_root_dir", str(root)]
     args += ["--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "1"]
     args += ["--model.synthesizer", "SAGO", "--model.synthesizer.retain_weight", "0.5"]
     args += ["--data.forget_batch_size", "4", "--data.retain_batch_size", "4"]
@@ -163,3 +163,32 @@ def test_sharded_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(tmp_
     assert results(cut)["steps"] == 8
     wa, wb = saved_weights(full), saved_weights(cut)
     assert relative_difference(wb, wa, _initial()) <= 1e-12
+
+
+@pytest.mark.integration
+def test_bf16_weights_with_an_fp32_forget_buffer_and_clipping_run_sharded(tmp_path):
+    """The GPU recipe's numerics on CPU: bf16-true weights (fp32 reduce-scatter), the fp32 forget
+    buffer (copy mode), PCGrad with all-reduced dot products and clipping of the synthesized update."""
+    from safetensors.torch import load_file
+
+    args = [
+        "fit",
+        "--config",
+        TINY,
+        "--config",
+        FSDP,
+        "--trainer.precision",
+        "bf16-true",
+        "--model.dtype",
+        "bfloat16",
+    ]
+    args += ["--trainer.max_steps", "3", "--model.synthesizer", "PCGrad", "--model.gradient_clip_val", "1.0"]
+    proc = run("lit-unlearn", *args, "--trainer.default_root_dir", str(tmp_path), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = run_dirs(str(tmp_path))
+    report = results(run_dir)
+    assert report["steps"] == 3 and report["skipped_steps"] == 0
+    weights = load_file(os.path.join(run_dir, "unlearned_model", "model.safetensors"))
+    assert all(w.dtype == torch.bfloat16 and torch.isfinite(w.float()).all() for w in weights.values())
+    changed = [k for k, w in weights.items() if not torch.equal(w, _initial()[k].to(w.dtype))]
+    assert changed  # the update reached the weights
