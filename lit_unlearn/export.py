@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 
+from lit_unlearn.adapters import is_adapted
 from lit_unlearn.errors import SaveFailed
 from lit_unlearn.models import gathered_state_dict
 from lit_unlearn.rundir import MODEL_DIR, run_directory, save_pretrained_atomic
@@ -16,7 +17,9 @@ class ExportModel(L.Callback):
     ``<run dir>/unlearned_model`` when ``fit`` ends (``lit-unlearn fit`` always adds it; turn it
     off with ``--export.enabled false``). The directory loads with
     ``AutoModelForCausalLM.from_pretrained`` and ``lit-unlearn-eval``; a sharded (FSDP2) model is
-    gathered first, so the directory is always an ordinary full checkpoint. It is written to a
+    gathered first, so the directory is always an ordinary full checkpoint; an adapted (LoRA)
+    model writes its adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and, with
+    ``merge_on_save``, the merged model in ``unlearned_model/merged/``. It is written to a
     temporary name and renamed, so it is never half-written and never replaces an earlier model.
     A failed save names the ``last.ckpt`` to resume from to try again.
 
@@ -43,6 +46,10 @@ class ExportModel(L.Callback):
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         try:
             self.path = save_pretrained_atomic(model, tokenizer, run_dir, MODEL_DIR, state_dict=full)
+            adapter = getattr(pl_module, "adapter", None)
+            if adapter is not None and getattr(adapter, "merge_on_save", False) and is_adapted(model):
+                # the base weights with the adapters merged in: a plain checkpoint inside the adapter's folder
+                save_pretrained_atomic(model.merge_and_unload(), tokenizer, self.path, "merged")
         except Exception as err:
             ckpt = (
                 getattr(trainer.checkpoint_callback, "last_model_path", "")

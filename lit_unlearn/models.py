@@ -148,8 +148,9 @@ def load_causal_lm(
     """Load an ``AutoModelForCausalLM`` from a hub id or a local directory.
 
     Args:
-        name_or_path: hub id (e.g. ``HuggingFaceH4/zephyr-7b-beta``), local directory, or
-            ``synthetic://default`` / ``synthetic://smoke`` (built on first use, then cached).
+        name_or_path: hub id (e.g. ``HuggingFaceH4/zephyr-7b-beta``), local directory (a full
+            model, or a LoRA adapter saved by ``lit-unlearn fit``: its base model loads with it),
+            or ``synthetic://default`` / ``synthetic://smoke`` (built on first use, then cached).
         dtype: weight dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; ``None`` = default.
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
@@ -166,7 +167,13 @@ def load_causal_lm(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        if os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "adapter_config.json")):
+            # a saved LoRA adapter: its base model (named in adapter_config.json) plus the adapter
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as err:  # not found / no network / no weights: one line, not transformers' page
         raise UserError(f"--model.model {name_or_path!r} could not be loaded: {_first_line(err)}") from err
     return model.train()  # from_pretrained returns eval mode; unlearning trains it
@@ -259,7 +266,8 @@ def shard_with_fsdp2(model: nn.Module, mesh: Any) -> None:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of common causal LMs (Llama/Mistral/Qwen, GPT-2, GPT-NeoX)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+    paths = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers")
+    for path in (*paths, *(f"base_model.model.{p}" for p in paths)):  # and inside a peft model
         obj: Any = model
         for attr in path.split("."):
             obj = getattr(obj, attr, None)

@@ -34,6 +34,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lit_unlearn.adapters import AdaptersOff, LoRA, adapter_weights, is_adapted
 from lit_unlearn.errors import TrainingDiverged, UserError
 from lit_unlearn.gradients import Task, TwoTaskGradients, no_backward_sync
 from lit_unlearn.logs import describe, log_at_step
@@ -88,6 +89,11 @@ class UnlearningModule(L.LightningModule):
         retain_objective: the retain loss.
         synthesizer: combines the two gradients (the paper's α is its
             ``retain_weight``, γ its ``forget_weight``).
+        adapter: train low-rank adapters instead of the weights (``lit_unlearn.adapters.LoRA``,
+            e.g. ``--config configs/adapter/lora.yaml``): the task buffers are adapter-sized, the
+            reference model is the same network with the adapters off, and ``unlearned_model/``
+            holds the adapter (plus the merged model with ``merge_on_save``). ``None`` = full
+            fine-tuning.
         optimizer: optimizer factory (default: AdamW, lr 1e-5, weight decay 0, as in the paper).
         lr_scheduler: scheduler factory stepped once per optimizer step; ``None`` = the built-in
             schedule given by ``warmup_ratio`` and ``lr_decay`` (refused together with them).
@@ -131,6 +137,7 @@ class UnlearningModule(L.LightningModule):
         forget_objective: Objective = lazy_instance(GradientAscent),
         retain_objective: Objective = lazy_instance(NLL),
         synthesizer: Synthesizer = lazy_instance(WeightedSum),
+        adapter: LoRA | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_ratio: float = 0.0,
@@ -189,6 +196,8 @@ class UnlearningModule(L.LightningModule):
         self.forget_objective = forget_objective
         self.retain_objective = retain_objective
         self.synthesizer = synthesizer
+        self.adapter = adapter
+        self._adapter_before: list[Tensor] | None = None  # for the no-change guard
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.warmup_ratio, self.lr_decay = warmup_ratio, lr_decay
         self.accumulate_grad_batches, self.gradient_clip_val = accumulate_grad_batches, gradient_clip_val
@@ -223,6 +232,8 @@ class UnlearningModule(L.LightningModule):
     # ------------------------------------------------------------------ set-up
     def _prepare_model(self) -> None:
         assert self.model is not None
+        if self.adapter is not None and not is_adapted(self.model):
+            self.model = self.adapter.apply(self.model)
         select_trainable(self.model, self._trainable_pattern, "--model.trainable_parameters")
         if self.activation_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -268,8 +279,9 @@ class UnlearningModule(L.LightningModule):
         needs_ref = self.forget_objective.requires_reference or self.retain_objective.requires_reference
         if stage == "fit" and needs_ref and self.reference is None:
             # Copy now: setup runs before a checkpoint's weights are restored, so this is π_ref
-            # (the model at the start of unlearning) even when resuming.
-            self.reference = frozen_copy(self.model)
+            # (the model at the start of unlearning) even when resuming. With adapters the base
+            # weights never change: the reference is the same network with its adapters off.
+            self.reference = AdaptersOff(self.model) if is_adapted(self.model) else frozen_copy(self.model)
         for objective in (self.forget_objective, self.retain_objective):
             objective.setup(self.model)
 
@@ -291,6 +303,8 @@ class UnlearningModule(L.LightningModule):
         self.forget_objective.prepare(self.model, self._forget_batches())
         if self.retain_baseline is not None:
             self._baseline = torch.tensor(self.retain_baseline, device=self.device)
+        if is_adapted(self.model):
+            self._adapter_before = adapter_weights(self.model)
 
     def on_train_start(self) -> None:
         batches, k = self.trainer.num_training_batches, self.accumulate_grad_batches
@@ -381,9 +395,12 @@ class UnlearningModule(L.LightningModule):
         self.synthesizer(grads.forget_views, grads.retain_views, out=grads.grad_views, observer=geometry)
         if self.gradient_clip_val is not None:
             grads.clip_(self.gradient_clip_val)
+        stepped_lr = opt.param_groups[0]["lr"]
         opt.step()
         self.lr_schedulers().step()
         grads.zero()
+        if self._adapter_before is not None and stepped_lr > 0:  # warm-up starts at lr 0
+            self._check_adapters_moved()
         self.log_dict(
             {"train/forget_loss": losses[0], "train/retain_loss": losses[1]}, prog_bar=True, logger=False
         )
@@ -400,6 +417,21 @@ class UnlearningModule(L.LightningModule):
             self.last_geometry = {"step": done, **{k: float(v) for k, v in stats.items()}}
         if metrics:
             log_at_step(self.trainer, {f"train/{k}": v for k, v in metrics.items()}, done)
+
+    def _check_adapters_moved(self) -> None:
+        """After the first optimizer step with a learning rate > 0, at least one adapter weight
+        must have changed (a LoRA run whose gradients never reach the adapters would otherwise
+        train nothing, silently)."""
+        assert self._adapter_before is not None and self.model is not None
+        now = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        moved = torch.stack([(a != b).any() for a, b in zip(self._adapter_before, now)]).any()
+        self._adapter_before = None  # checked once: one host sync in the whole run
+        if not bool(moved):
+            raise TrainingDiverged(
+                "no adapter weight changed in the first optimizer step: the gradients do not reach the "
+                "adapters (check --model.adapter.target_modules, a learning rate > 0, and that nothing detaches "
+                "the inputs of checkpointed layers); no model was saved"
+            )
 
     def _objective_metrics(self) -> dict[str, Tensor]:
         """Effective-batch means of what the objectives reported (one small all-reduce, on
