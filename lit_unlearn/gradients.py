@@ -170,9 +170,13 @@ class TwoTaskGradients:
             p.grad = g
 
     def begin(self, task: Task) -> None:
-        """Make ``.grad`` accumulate ``task``'s gradient during the next backward."""
-        if self.mode == "swap":
-            self._point_grads(self._forget_targets if task == "forget" else self._grad_targets)
+        """Make ``.grad`` accumulate ``task``'s gradient during the next backward.
+
+        ``.grad`` is re-pointed every time, in both modes: code outside the engine may replace it
+        (restoring a checkpoint did, between ``on_fit_start`` and the first step, and the first
+        resumed step of a copy-mode run then used a stray, unnormalised gradient)."""
+        forget = self.mode == "swap" and task == "forget"
+        self._point_grads(self._forget_targets if forget else self._grad_targets)
 
     def end(self, task: Task) -> None:
         """After ``task``'s backward: move the gradient into its accumulator (copy mode only)."""

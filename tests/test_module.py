@@ -514,3 +514,26 @@ def test_activation_checkpointing_gives_the_same_update(synthetic_tokenizer_dir,
     plain, checkpointed = train(False), train(True)
     assert checkpointed.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
     assert_same_weights(weights(plain.model), weights(checkpointed.model), atol=1e-12)
+
+
+@pytest.mark.parametrize("buffer", ["float32", "param"])
+def test_resume_is_exact_in_both_buffer_modes(synthetic_tokenizer_dir, varlen, tmp_path, buffer):
+    """float32 next to float64 weights is 'copy' mode (as an fp32 buffer beside bf16 weights on a
+    GPU). Restoring a checkpoint replaced ``.grad`` between fit start and the first step: copy
+    mode used to take that stray gradient for one step (the resumed update was 2x the
+    uninterrupted one here)."""
+
+    def module():
+        return UnlearningModule(
+            make_model(synthetic_tokenizer_dir), optimizer=sgd(0.05), grad_buffer_dtype=buffer
+        )
+
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    full = module()
+    dm = make_dm(synthetic_tokenizer_dir, *varlen)
+    fit(full, dm, max_steps=4, precision="64-true", enable_checkpointing=True, callbacks=[ckpt])
+    assert full.grads is not None and full.grads.mode == ("copy" if buffer == "float32" else "swap")
+    resumed = module()
+    path = str(sorted(tmp_path.glob("*step=2.ckpt"))[0])
+    fit(resumed, make_dm(synthetic_tokenizer_dir, *varlen), max_steps=4, precision="64-true", ckpt_path=path)
+    assert_same_weights(weights(full.model), weights(resumed.model), atol=0)
