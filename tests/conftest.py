@@ -68,3 +68,19 @@ def bpe_tokenizer_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tok") / "bpe"
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Forget/retain QA files of the smoke people (one short answer each)."""
+    from tests.engine_helpers import write_probe_pairs
+
+    return write_probe_pairs(str(tmp_path_factory.mktemp("pairs")))
+
+
+@pytest.fixture(scope="module")
+def varlen(tmp_path_factory):
+    """Forget/retain QA files with answers of 1 to 18 words (variable-length batches)."""
+    from tests.engine_helpers import write_varlen_pairs
+
+    return write_varlen_pairs(str(tmp_path_factory.mktemp("varlen")))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -139,3 +141,24 @@ def relative_difference(
     update = max((b[k] - initial[k]).abs().max().item() for k in a)
     assert update > 1e-4, "the runs did not train"
     return diff / update
+
+
+def interrupted_and_uninterrupted(
+    make_module: Callable[[], UnlearningModule],
+    make_data: Callable[[], UnlearningDataModule],
+    checkpoint_dir: Any,
+    every: int,
+    steps: int,
+) -> tuple[UnlearningModule, UnlearningModule]:
+    """Train ``steps`` optimizer steps (float64) saving a checkpoint every ``every``, then train a
+    fresh module from the step-``every`` checkpoint to ``steps``; returns (uninterrupted, resumed)."""
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=checkpoint_dir, every_n_train_steps=every, save_top_k=-1
+    )
+    full = make_module()
+    fit(full, make_data(), max_steps=steps, precision="64-true", enable_checkpointing=True, callbacks=[ckpt])
+    path = sorted(Path(checkpoint_dir).glob(f"*step={every}.ckpt"))
+    assert path, list(Path(checkpoint_dir).iterdir())
+    resumed = make_module()
+    fit(resumed, make_data(), max_steps=steps, precision="64-true", ckpt_path=str(path[0]))
+    return full, resumed

@@ -3,7 +3,6 @@ adapters off, the no-change guard, save -> reload (adapter and merged), resume."
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
@@ -14,12 +13,13 @@ from lit_unlearn.models import load_causal_lm
 from lit_unlearn.module import UnlearningModule
 from lit_unlearn.objectives import NPO, RMU, EmbedDiff
 from lit_unlearn.synthesis import SAGO
-from tests.engine_helpers import fit, make_dm, make_model, sgd, write_varlen_pairs
-
-
-@pytest.fixture(scope="module")
-def varlen(tmp_path_factory):
-    return write_varlen_pairs(str(tmp_path_factory.mktemp("varlen")))
+from tests.engine_helpers import (
+    fit,
+    interrupted_and_uninterrupted,
+    make_dm,
+    make_model,
+    sgd,
+)
 
 
 def _base_name(name: str) -> str:
@@ -128,18 +128,8 @@ def test_resume_with_adapters_equals_an_uninterrupted_run(synthetic_tokenizer_di
             grad_buffer_dtype="param",
         )
 
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
-    full = module()
-    fit(
-        full,
-        make_dm(synthetic_tokenizer_dir, *pairs),
-        max_steps=7,
-        precision="64-true",
-        enable_checkpointing=True,
-        callbacks=[ckpt],
+    full, resumed = interrupted_and_uninterrupted(
+        module, lambda: make_dm(synthetic_tokenizer_dir, *pairs), tmp_path, every=3, steps=7
     )
-    resumed = module()
-    path = str(sorted(tmp_path.glob("*step=3.ckpt"))[0])
-    fit(resumed, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=7, precision="64-true", ckpt_path=path)
     a, b = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
     assert all(torch.equal(a[n], b[n]) for n in a if "lora_" in n)

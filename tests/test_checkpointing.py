@@ -16,12 +16,7 @@ from lit_unlearn.export import ExportModel
 from lit_unlearn.module import UnlearningModule
 from lit_unlearn.objectives import KL, NLL
 from lit_unlearn.synthesis import SAGO
-from tests.engine_helpers import assert_same_weights, make_dm, make_model, weights, write_varlen_pairs
-
-
-@pytest.fixture(scope="module")
-def varlen(tmp_path_factory):
-    return write_varlen_pairs(str(tmp_path_factory.mktemp("varlen")))
+from tests.engine_helpers import assert_same_weights, make_dm, make_model, weights
 
 
 class FailAt(L.Callback):

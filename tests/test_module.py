@@ -18,24 +18,13 @@ from lit_unlearn.synthesis import RULES, SAGO, WeightedSum
 from tests.engine_helpers import (
     assert_same_weights,
     fit,
+    interrupted_and_uninterrupted,
     make_dm,
     make_model,
     relative_difference,
     sgd,
     weights,
-    write_probe_pairs,
-    write_varlen_pairs,
 )
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_probe_pairs(str(tmp_path_factory.mktemp("pairs")))
-
-
-@pytest.fixture(scope="module")
-def varlen(tmp_path_factory):
-    return write_varlen_pairs(str(tmp_path_factory.mktemp("varlen")))
 
 
 class SummedLoss(L.LightningModule):
@@ -263,25 +252,8 @@ def test_resume_from_checkpoint_equals_uninterrupted(synthetic_tokenizer_dir, pa
             grad_buffer_dtype="param",
         )
 
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
-    full = module()
-    fit(
-        full,
-        make_dm(synthetic_tokenizer_dir, *pairs),
-        max_steps=7,
-        precision="64-true",
-        enable_checkpointing=True,
-        callbacks=[ckpt_cb],
-    )
-    ckpt = sorted(tmp_path.glob("*step=3.ckpt"))
-    assert ckpt, list(tmp_path.iterdir())
-    resumed = module()
-    fit(
-        resumed,
-        make_dm(synthetic_tokenizer_dir, *pairs),
-        max_steps=7,
-        ckpt_path=str(ckpt[0]),
-        precision="64-true",
+    full, resumed = interrupted_and_uninterrupted(
+        module, lambda: make_dm(synthetic_tokenizer_dir, *pairs), tmp_path, every=3, steps=7
     )
     assert_same_weights(weights(full.model), weights(resumed.model), atol=0)
 
@@ -528,12 +500,8 @@ def test_resume_is_exact_in_both_buffer_modes(synthetic_tokenizer_dir, varlen, t
             make_model(synthetic_tokenizer_dir), optimizer=sgd(0.05), grad_buffer_dtype=buffer
         )
 
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    full = module()
-    dm = make_dm(synthetic_tokenizer_dir, *varlen)
-    fit(full, dm, max_steps=4, precision="64-true", enable_checkpointing=True, callbacks=[ckpt])
+    full, resumed = interrupted_and_uninterrupted(
+        module, lambda: make_dm(synthetic_tokenizer_dir, *varlen), tmp_path, every=2, steps=4
+    )
     assert full.grads is not None and full.grads.mode == ("copy" if buffer == "float32" else "swap")
-    resumed = module()
-    path = str(sorted(tmp_path.glob("*step=2.ckpt"))[0])
-    fit(resumed, make_dm(synthetic_tokenizer_dir, *varlen), max_steps=4, precision="64-true", ckpt_path=path)
     assert_same_weights(weights(full.model), weights(resumed.model), atol=0)

@@ -17,12 +17,7 @@ from lit_unlearn.objectives import functional as Fn
 from lit_unlearn.objectives.base import capture_layer_output, decoder_layers
 from lit_unlearn.synthesis import SAGO
 from tests.conftest import SMOKE_PEOPLE
-from tests.engine_helpers import fit, make_dm, make_model, sgd, weights, write_probe_pairs
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_probe_pairs(str(tmp_path_factory.mktemp("pairs")))
+from tests.engine_helpers import fit, make_dm, make_model, sgd, weights
 
 
 @pytest.fixture(scope="module")
