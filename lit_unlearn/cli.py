@@ -42,9 +42,8 @@ from lit_unlearn.export import ExportModel
 from lit_unlearn.manifest import RunManifest
 from lit_unlearn.module import UnlearningModule
 from lit_unlearn.rundir import (
-    MODEL_DIR,
-    RESULTS_FILE,
     check_run_directory,
+    finished_outputs,
     local_run_directory,
     run_directory,
 )
@@ -109,7 +108,7 @@ def fill_run_logger(config: Any, ckpt_path: str | None) -> None:
     if (
         os.path.basename(ckpt_dir) == "checkpoints"
         and os.path.exists(os.path.join(run_dir, "config.yaml"))
-        and not any(os.path.exists(os.path.join(run_dir, name)) for name in (RESULTS_FILE, MODEL_DIR))
+        and not finished_outputs(run_dir)
     ):  # resuming an unfinished run: continue in its own directory (a finished one gets a new one)
         args.save_dir, args.name, args.version, args.unique = (
             os.path.dirname(run_dir),

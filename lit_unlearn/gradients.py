@@ -48,11 +48,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from lit_unlearn.synthesis.base import AllReduceSum, Reducer, local_sum
+
 log = logging.getLogger(__name__)
-
-
-def _identity(partial: Tensor) -> Tensor:
-    return partial
 
 
 Task = Literal["forget", "retain"]
@@ -94,14 +92,6 @@ def _as_grads(views: list[Tensor], params: list[nn.Parameter]) -> list[Tensor]:
     ]
 
 
-def all_reduce_sum(partial: Tensor) -> Tensor:
-    """Sum a small tensor of partial sums over all ranks (identity without a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        partial = partial.clone()
-        dist.all_reduce(partial)
-    return partial
-
-
 class TwoTaskGradients:
     """Separate forget/retain gradient accumulation for a list of trainable parameters.
 
@@ -131,7 +121,7 @@ class TwoTaskGradients:
         self.accumulate, self.world_size = accumulate, world_size
         self.sharded = any(isinstance(p, DTensor) for p in params)
         # Sums across tensors (dot products, norms) of sharded buffers need every rank's part.
-        self.reducer = all_reduce_sum if self.sharded else _identity
+        self.reducer: Reducer = AllReduceSum() if self.sharded else local_sum
         grad_dtype, device = params[0].dtype, _local(params[0]).device
         self.buffer_dtype = buffer_dtype or grad_dtype
         self.mode = "swap" if self.buffer_dtype == grad_dtype else "copy"

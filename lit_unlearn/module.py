@@ -187,9 +187,8 @@ class UnlearningModule(L.LightningModule):
         if dtype not in DTYPES:
             raise UserError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if isinstance(model, str):
-            check_model_path(
-                model
-            )  # a mistyped local path fails now, not after the data and a hub retry loop
+            # a mistyped local path fails now, not after the data and a hub retry loop
+            check_model_path(model)
         self.model_source = model if isinstance(model, str) else type(model).__name__
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
         self.load_args = (dtype, attn_implementation, trust_remote_code)
@@ -222,9 +221,8 @@ class UnlearningModule(L.LightningModule):
             self._prepare_model()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if (
-            name == "reference"
-        ):  # never a registered submodule: not trained, not checkpointed, not DDP-wrapped
+        # the reference is never a registered submodule: not trained, not checkpointed, not DDP-wrapped
+        if name == "reference":
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -298,7 +296,7 @@ class UnlearningModule(L.LightningModule):
             params, buffer_dtype, self.accumulate_grad_batches, self.trainer.world_size
         )
         # Dot products and norms of sharded buffers are summed over ranks: whole-tensor values.
-        self.synthesizer.use_reducer(self.grads.reducer if self.grads.sharded else None)
+        self.synthesizer.use_reducer(self.grads.reducer)
         assert self.model is not None
         self.forget_objective.prepare(self.model, self._forget_batches())
         if self.retain_baseline is not None:

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -123,11 +125,16 @@ def _umask() -> int:
     return mask
 
 
+def finished_outputs(run_dir: str) -> list[str]:
+    """The outputs of a finished run present in ``run_dir`` (``results.json``, ``unlearned_model/``)."""
+    return [name for name in (RESULTS_FILE, MODEL_DIR) if os.path.exists(os.path.join(run_dir, name))]
+
+
 def check_run_directory(run_dir: str, resuming: bool) -> None:
     """Refuse to write into ``run_dir`` when that would replace an earlier run's outputs."""
     if not os.path.isdir(run_dir):
         return
-    finished = [name for name in (RESULTS_FILE, MODEL_DIR) if os.path.exists(os.path.join(run_dir, name))]
+    finished = finished_outputs(run_dir)
     if finished:
         raise UserError(
             f"run directory {run_dir} already holds a finished run ({', '.join(finished)}); "
@@ -170,6 +177,25 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str, replace: bool = False) -> Iterator[str]:
+    """Fill a temporary sibling of ``path`` (yielded); on success it is renamed to ``path``, on
+    any error it is removed, so ``path`` is either complete or absent. ``replace``: remove an
+    existing ``path`` first (otherwise the rename fails if it exists). Normal permissions."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}-")
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if replace and os.path.isdir(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_pretrained_atomic(
     model: Any, tokenizer: Any, run_dir: str, name: str = MODEL_DIR, state_dict: dict[str, Any] | None = None
 ) -> str:
@@ -182,10 +208,7 @@ def save_pretrained_atomic(
     out = os.path.join(run_dir, name)
     if os.path.exists(out):
         raise UserError(f"{out} already exists; an earlier run's model is never replaced")
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=run_dir, prefix=f".{name}-")
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    with atomic_directory(out) as tmp:
         if state_dict is None:
             model.save_pretrained(tmp)
         else:
@@ -193,8 +216,4 @@ def save_pretrained_atomic(
             _unwrap_architectures(os.path.join(tmp, "config.json"), model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

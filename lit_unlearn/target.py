@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.data.synthetic import SyntheticCorpus, build_tokenizer, encode_document, generate_corpus
 from lit_unlearn.models import tiny_llama
+from lit_unlearn.rundir import atomic_directory
 from lit_unlearn.schedule import lr_schedule
 
 DEFAULT_DIR = os.path.join(".cache", "lit_unlearn", "synthetic-target")
@@ -184,17 +183,13 @@ def build_target(
 def _build(
     out: Path, recipe: TargetRecipe, threads: int | None, accelerator: str, progress: bool
 ) -> dict[str, Any]:
-    num_people, forget_fraction, corpus_seed, train_seed = (
-        recipe.num_people, recipe.forget_fraction, recipe.corpus_seed, recipe.train_seed,
-    )  # fmt: skip
-    steps = recipe.steps
     if threads:
         torch.set_num_threads(threads)
     from lit_unlearn.eval.probes import synthetic_metrics
 
     start = time.perf_counter()
-    L.seed_everything(train_seed, verbose=False)
-    corpus = generate_corpus(num_people, forget_fraction, corpus_seed)
+    L.seed_everything(recipe.train_seed, verbose=False)
+    corpus = generate_corpus(recipe.num_people, recipe.forget_fraction, recipe.corpus_seed)
     tokenizer = build_tokenizer(corpus)
     model = tiny_llama(
         len(tokenizer),
@@ -212,7 +207,7 @@ def _build(
         PretrainBatches(corpus, tokenizer, recipe), batch_size=None, shuffle=False
     )
     trainer = L.Trainer(
-        max_steps=steps,
+        max_steps=recipe.steps,
         accelerator=accelerator,
         devices=1,
         gradient_clip_val=1.0,
@@ -227,15 +222,12 @@ def _build(
     metrics["build_seconds"] = round(time.perf_counter() - start, 1)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     # Write to a temporary sibling and rename: an interrupted build leaves no half-written cache.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(str(out), replace=True) as folder:
+        tmp = Path(folder)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"target: saved to {out}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return metrics
 

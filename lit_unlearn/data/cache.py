@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from lit_unlearn.logs import describe
+from lit_unlearn.rundir import atomic_directory
 
 FORMAT = 1  # bump when the stored layout changes
 Example = dict[str, Tensor]
@@ -117,19 +116,12 @@ def write_examples(examples: Sequence[Example], path: str) -> None:
     from datasets import Dataset
 
     columns = {key: [example[key].numpy() for example in examples] for key in examples[0]}
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}-")
     try:
-        Dataset.from_dict(columns).save_to_disk(tmp)
-        os.rename(tmp, path)
+        with atomic_directory(path) as tmp:
+            Dataset.from_dict(columns).save_to_disk(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.isdir(path):  # another process finished the same entry first: fine
             raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def cached_examples(
