@@ -145,11 +145,9 @@ class UnlearningDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.forget_examples:
             self._validate_and_load_tokenizer()
-            self.forget_examples = self._examples(self.forget_sources)
-            self.retain_examples = self._examples(self.retain_sources)
-            for name, sources in (("forget", self.val_forget_sources), ("retain", self.val_retain_sources)):
-                if sources:
-                    self.val_examples[name] = self._examples(sources)
+            examples = {name: self._examples(sources) for name, sources in self._groups()}
+            self.forget_examples, self.retain_examples = examples.pop("forget"), examples.pop("retain")
+            self.val_examples = {name.removeprefix("val_"): found for name, found in examples.items()}
             log.info(
                 "data: %d forget and %d retain examples", len(self.forget_examples), len(self.retain_examples)
             )
