@@ -107,6 +107,59 @@ class AdaptersOff(nn.Module):
         return self
 
 
+def merged_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The base model's weights with the adapters merged in (``W + alpha / rank · B A``), keyed as
+    the plain model's own state dict.
+
+    Pure tensor arithmetic on ``state`` (the full weights of the adapted model; default: its own
+    ``state_dict()``, which is only right for an unsharded model), so it never runs the model:
+    with FSDP2 every rank gathers ``state`` and rank 0 alone merges and saves, where ``peft``'s
+    ``merge_and_unload`` would touch sharded parameters on one rank and hang the others.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    state = dict(model.state_dict() if state is None else state)
+    prefix = "base_model.model."
+    merged: dict[str, torch.Tensor] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        weight = state.pop(f"{name}.base_layer.weight")
+        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for adapter in layer.active_adapters:
+            a = state.pop(f"{name}.lora_A.{adapter}.weight").float()
+            b = state.pop(f"{name}.lora_B.{adapter}.weight").float()
+            delta += layer.scaling[adapter] * (b @ a)
+        merged[f"{name.removeprefix(prefix)}.weight"] = (weight.float() + delta).to(weight.dtype)
+        bias = state.pop(f"{name}.base_layer.bias", None)
+        if bias is not None:
+            merged[f"{name.removeprefix(prefix)}.bias"] = bias
+    leftover = [k for k in state if ".lora_" in k]
+    if leftover:
+        raise ValueError(f"cannot merge adapter tensors {leftover[:3]}: not attached to a LoRA layer")
+    merged.update({k.removeprefix(prefix): v for k, v in state.items()})
+    return merged
+
+
+def pin_local_base(adapter_dir: str) -> None:
+    """Make a saved adapter's ``base_model_name_or_path`` absolute when it names a local folder
+    relative to the working directory, so the adapter loads from anywhere (hub ids stay as they are)."""
+    import json
+    import os
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    base = config.get("base_model_name_or_path")
+    if not base or os.path.isabs(base) or not os.path.isdir(base):
+        return
+    config["base_model_name_or_path"] = os.path.abspath(base)
+    with open(path, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+
+
 def adapter_weights(model: nn.Module) -> list[torch.Tensor]:
     """Copies of the trainable (adapter) parameters, for the no-change guard."""
     return [p.detach().clone() for p in model.parameters() if p.requires_grad]

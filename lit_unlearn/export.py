@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 
-from lit_unlearn.adapters import is_adapted
+from lit_unlearn.adapters import is_adapted, merged_state_dict, pin_local_base
 from lit_unlearn.errors import SaveFailed
 from lit_unlearn.models import gathered_state_dict
 from lit_unlearn.rundir import MODEL_DIR, run_directory, save_pretrained_atomic
@@ -49,7 +49,12 @@ class ExportModel(L.Callback):
             adapter = getattr(pl_module, "adapter", None)
             if adapter is not None and getattr(adapter, "merge_on_save", False) and is_adapted(model):
                 # the base weights with the adapters merged in: a plain checkpoint inside the adapter's folder
-                save_pretrained_atomic(model.merge_and_unload(), tokenizer, self.path, "merged")
+                merged = merged_state_dict(model, full)
+                save_pretrained_atomic(
+                    model.get_base_model(), tokenizer, self.path, "merged", state_dict=merged
+                )
+            if is_adapted(model):
+                pin_local_base(self.path)
         except Exception as err:
             ckpt = (
                 getattr(trainer.checkpoint_callback, "last_model_path", "")

@@ -235,6 +235,10 @@ class UnlearningModule(L.LightningModule):
         select_trainable(self.model, self._trainable_pattern, "--model.trainable_parameters")
         if self.activation_checkpointing:
             enable_activation_checkpointing(self.model)
+            if is_adapted(self.model):
+                # frozen embeddings: make the first layer's input require grad, so checkpointed
+                # layers pass gradients to their adapters with any checkpoint implementation
+                self.model.enable_input_require_grads()
         self._model_ready = True
 
     def configure_model(self) -> None:

@@ -84,3 +84,38 @@ def varlen(tmp_path_factory):
     from tests.engine_helpers import write_varlen_pairs
 
     return write_varlen_pairs(str(tmp_path_factory.mktemp("varlen")))
+
+
+@pytest.fixture(scope="session")
+def mc_task(tmp_path_factory):
+    """A local multiple-choice task in WMDP's schema (question, choices, answer) + its lm-eval YAML."""
+    import json
+    import random
+
+    from lit_unlearn.data.synthetic import VALUES, generate_corpus
+
+    corpus = generate_corpus(SMOKE_PEOPLE)
+    rng = random.Random(0)
+    rows = []
+    for probe in corpus.probes_for("qa")[:40]:
+        distractors = rng.sample([v for v in VALUES[probe.attribute] if v != probe.answer], 3)
+        choices = distractors[:]
+        answer = rng.randrange(4)
+        choices.insert(answer, probe.answer)
+        rows.append({"question": probe.prompt, "choices": choices, "answer": answer})
+    d = tmp_path_factory.mktemp("mc")
+    data = d / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "synthetic_mc.yaml").write_text(
+        "task: synthetic_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: answer\n"
+        'target_delimiter: " "\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return str(d), str(data), rows

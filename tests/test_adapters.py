@@ -90,9 +90,11 @@ def test_activation_checkpointing_still_trains_the_adapters(synthetic_tokenizer_
 
 
 def test_adapter_and_merged_model_reload_with_the_same_logits(
-    smoke_target, synthetic_tokenizer_dir, varlen, tmp_path
+    smoke_target, synthetic_tokenizer_dir, varlen, tmp_path, mc_task
 ):
     from transformers import AutoModelForCausalLM
+
+    from lit_unlearn.eval.harness import evaluate_saved
 
     module = UnlearningModule(smoke_target, adapter=LoRA(rank=4, merge_on_save=True), optimizer=sgd(0.5))
     export = ExportModel()
@@ -110,6 +112,13 @@ def test_adapter_and_merged_model_reload_with_the_same_logits(
         adapter = load_causal_lm(export.path).eval()(input_ids=ids).logits
         merged = AutoModelForCausalLM.from_pretrained(f"{export.path}/merged").eval()(input_ids=ids).logits
     assert torch.allclose(adapter, live, atol=1e-5) and torch.allclose(merged, live, atol=1e-5)
+    # lit-unlearn-eval (lm-eval through HFLM) scores either folder the same
+    task_dir = mc_task[0]
+    scores = [
+        evaluate_saved(path, ["synthetic_mc"], include_path=task_dir)["synthetic_mc"]["acc"]
+        for path in (export.path, f"{export.path}/merged")
+    ]
+    assert scores[0] == pytest.approx(scores[1])
 
 
 def test_resume_with_adapters_equals_an_uninterrupted_run(synthetic_tokenizer_dir, tmp_path):

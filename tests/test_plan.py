@@ -10,6 +10,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lit_unlearn.adapters import LoRA
 from lit_unlearn.errors import UserError
 from lit_unlearn.gradients import TwoTaskGradients
 from lit_unlearn.models import enable_activation_checkpointing
@@ -35,17 +36,27 @@ def config_dir(tmp_path_factory):
     return str(path)
 
 
-def measured_peak(batch: int, seq_len: int, checkpointing: bool) -> int:
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+def measured_peak(batch: int, seq_len: int, checkpointing: bool, lora_rank: int | None = None) -> int:
     """Peak bytes of two real two-task steps (forget backward, retain backward, SAGO, AdamW)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(CONFIG).train()
+    if lora_rank is not None:
+        model = LoRA(rank=lora_rank).apply(model)
     if checkpointing:
         enable_activation_checkpointing(model)
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     rule, ids = SAGO(), torch.randint(0, CONFIG.vocab_size, (batch, seq_len))
     tracker = MemTracker()
     tracker.track_external(model, optimizer)
+    for p in model.parameters():  # torch's tracker hooks every parameter's gradient, and a frozen
+        if not p.requires_grad:  # (LoRA base) weight cannot take a hook: mark those as hooked
+            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
     with tracker:
         grads = TwoTaskGradients(params, torch.float32, 1, 1)
         for _ in range(2):  # the second step has the optimizer state
@@ -76,6 +87,42 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(config_dir, batch, s
     )  # fmt: skip
     measured = measured_peak(batch, seq_len, checkpointing)
     assert 0.85 <= estimate.total / measured <= 1.15, (estimate.total, measured)
+
+
+def test_adapter_count_equals_peft(config_dir):
+    shape = model_shape(config_dir)
+    for rank, targets in ((8, None), (4, ["q_proj", "v_proj"])):
+        model = LoRA(rank=rank, target_modules=targets).apply(LlamaForCausalLM(CONFIG))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert plan(shape, lora_rank=rank, lora_targets=targets, gpu_gib=None).trainable == trainable
+    with pytest.raises(UserError, match="--lora_targets"):
+        plan(shape, lora_rank=8, lora_targets=["c_attn"])
+
+
+@pytest.mark.parametrize("batch, seq_len, checkpointing", [(8, 128, False), (16, 256, True)])
+def test_lora_estimate_is_within_15_percent_of_the_measured_peak(config_dir, batch, seq_len, checkpointing):
+    estimate = plan(
+        model_shape(config_dir), "ddp", 1, "32-true", "float32", batch, seq_len,
+        activation_checkpointing=checkpointing, gpu_gib=None, lora_rank=8,
+    )  # fmt: skip
+    measured = measured_peak(batch, seq_len, checkpointing, lora_rank=8)
+    assert 0.85 <= estimate.total / measured <= 1.15, (estimate.total, measured)
+
+
+def test_lora_shrinks_the_trained_state_and_drops_the_reference():
+    shape = model_shape(os.path.join(ROOT, "configs", "model", "shapes", "llama-3-8b-instruct"))
+    full = plan(shape, "ddp", 1, reference=True, gpu_gib=None)
+    lora = plan(shape, "ddp", 1, reference=True, gpu_gib=None, lora_rank=16)
+    # q, o: 4096 -> 4096; k, v: 4096 -> 1024; gate, up: 4096 -> 14336; down: 14336 -> 4096; 32 layers
+    assert lora.trainable == 16 * 32 * (2 * 8192 + 2 * 5120 + 3 * 18432)
+    assert lora.trainable / shape.parameters < 0.01 and lora.reference == 0 < full.reference
+    for part in ("gradients", "task_buffers", "optimizer"):
+        assert getattr(lora, part) < getattr(full, part) / 50  # float32 adapters vs bf16 weights
+    assert (
+        plan(shape, "ddp", 1, gpu_gib=80, lora_rank=16).max_batch
+        > 0
+        == plan(shape, "ddp", 1, gpu_gib=80).max_batch
+    )
 
 
 def test_fsdp_shards_what_it_shards_and_checkpointing_frees_activations(config_dir):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import lightning as L
 import pytest
@@ -13,10 +12,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from lit_unlearn.data.synthetic import VALUES, generate_corpus
+from lit_unlearn.data.synthetic import generate_corpus
 from lit_unlearn.eval import MultipleChoice, compare_runs
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
-from lit_unlearn.eval.harness import _local_task_names, run_lm_eval
+from lit_unlearn.eval.harness import _local_task_names, _task_manager, run_lm_eval
 from lit_unlearn.eval.metrics import MetricSet, choice_logliks, load_multiple_choice
 from lit_unlearn.eval.report import pareto_front
 from lit_unlearn.eval.rwku import RWKU, greedy_generate, rouge_l_recall
@@ -37,36 +36,6 @@ TINY = os.path.join(
 @pytest.fixture(scope="module")
 def target(smoke_target):
     return AutoModelForCausalLM.from_pretrained(smoke_target), load_tokenizer(smoke_target)
-
-
-@pytest.fixture(scope="module")
-def mc_task(tmp_path_factory):
-    """A local multiple-choice task in WMDP's schema (question, choices, answer) + its lm-eval YAML."""
-    corpus = generate_corpus(SMOKE_PEOPLE)
-    rng = random.Random(0)
-    rows = []
-    for probe in corpus.probes_for("qa")[:40]:
-        distractors = rng.sample([v for v in VALUES[probe.attribute] if v != probe.answer], 3)
-        choices = distractors[:]
-        answer = rng.randrange(4)
-        choices.insert(answer, probe.answer)
-        rows.append({"question": probe.prompt, "choices": choices, "answer": answer})
-    d = tmp_path_factory.mktemp("mc")
-    data = d / "mc.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "synthetic_mc.yaml").write_text(
-        "task: synthetic_mc\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        "doc_to_target: answer\n"
-        'target_delimiter: " "\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return str(d), str(data), rows
 
 
 def test_choice_logliks_match_a_manual_sum(target):
@@ -93,6 +62,7 @@ def test_lm_eval_bridge_accuracy_equals_independent_loglik_rule(target, mc_task,
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(lm_eval.tasks.TaskManager, "__init__", spy)
+    _task_manager.cache_clear()  # built once per process: another test may have built it
     results = run_lm_eval(model, tok, ["synthetic_mc"], include_path=task_dir, batch_size=8)
     assert seen["include_defaults"] is False  # only local tasks asked: the bundled index is not scanned
     independent = 0
