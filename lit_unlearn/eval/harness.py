@@ -40,27 +40,68 @@ def _local_task_names(include_path: str | None) -> set[str]:
     return names
 
 
+Redirects = tuple[tuple[str, str], ...]
+
+
 @functools.lru_cache(maxsize=4)
-def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
+def _task_manager(include_path: str | None, include_defaults: bool, redirects: Redirects = ()) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+    paths = [include_path] if include_path else []
+    if redirects:
+        paths.append(_redirected_tasks(include_path, dict(redirects)))
+    return TaskManager(include_path=paths or None, include_defaults=include_defaults)
 
 
-def task_manager(tasks: list[str], include_path: str | None = None, where: str = "--tasks") -> Any:
+def _redirected_tasks(include_path: str | None, redirects: dict[str, str]) -> str:
+    """A folder of task YAMLs that each ``include`` an indexed task reading one of the redirected
+    datasets and override only its ``dataset_path``: indexed after the originals, they replace them
+    under the same names (groups, tags, prompts, few-shot splits and metrics stay lm-eval's own)."""
+    import tempfile
+
+    import yaml
+
+    index = _task_manager(include_path, True).task_index
+    out = tempfile.mkdtemp(prefix="lit_unlearn_lm_eval_")
+    found: set[str] = set()
+    for name, entry in index.items():
+        source = (entry.cfg or {}).get("dataset_path")
+        if source in redirects and entry.yaml_path is not None and "task" in (entry.cfg or {}):
+            found.add(source)
+            with open(os.path.join(out, f"{name}.yaml"), "w") as handle:
+                yaml.safe_dump({"include": str(entry.yaml_path), "dataset_path": redirects[source]}, handle)
+    missing = sorted(set(redirects) - found)
+    if missing:
+        raise UserError(f"dataset_paths: no lm-eval task reads the dataset(s) {missing}")
+    return out
+
+
+def task_manager(
+    tasks: list[str],
+    include_path: str | None = None,
+    where: str = "--tasks",
+    dataset_paths: dict[str, str] | None = None,
+) -> Any:
     """lm-eval's task index for ``tasks`` (built once per process), after checking every name.
 
     When every task is a local YAML under ``include_path`` the bundled index is not scanned
     (fast, offline); otherwise building it takes ~10 s. An unknown name is a one-line
-    :class:`UserError` with close matches, raised before any model is loaded.
+    :class:`UserError` with close matches, raised before any model is loaded. ``dataset_paths``
+    maps a hub dataset (``cais/mmlu``) to a local copy in the same layout (a folder
+    ``load_dataset`` reads with the same configuration names and splits): the installed task
+    definitions then read the copy.
     """
     if not tasks:
         raise UserError(f"{where}: no lm-eval task given")
     if include_path is not None and not os.path.isdir(include_path):
         raise UserError(f"{where}: include_path {include_path!r} is not a directory")
+    for source, copy in (dataset_paths or {}).items():
+        if not os.path.isdir(copy):
+            raise UserError(f"dataset_paths: the local copy of {source!r}, {copy!r}, is not a directory")
     local = _local_task_names(include_path)
-    only_local = bool(local) and set(tasks) <= local
-    manager = _task_manager(include_path, not only_local)
+    only_local = bool(local) and set(tasks) <= local and not dataset_paths
+    redirects = tuple(sorted((k, os.path.abspath(v)) for k, v in (dataset_paths or {}).items()))
+    manager = _task_manager(include_path, not only_local, redirects)
     if not only_local:
         known = set(manager.all_tasks)
         for task in tasks:
@@ -81,7 +122,9 @@ def run_lm_eval(
     limit: int | float | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
-    add_bos_token: bool = True,
+    add_bos_token: bool = False,
+    apply_chat_template: bool = False,
+    dataset_paths: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run lm-eval on an in-memory model and tokenizer; returns ``{task: {metric: value}}``.
 
@@ -96,12 +139,17 @@ def run_lm_eval(
         limit: evaluate only this many (or this fraction of) documents per task.
         batch_size: lm-eval batch size.
         max_length: context length given to lm-eval (default: the model's).
-        add_bos_token: prepend BOS to contexts (needed by models trained with BOS).
+        add_bos_token: prepend BOS to every context. Off by default: the published WMDP/MMLU
+            numbers of Zephyr-7B (lm-eval 0.4.8, whose HF model added no BOS unless the model was
+            Gemma) were scored without it; turn it on for models that need it.
+        apply_chat_template: wrap each prompt in the tokenizer's chat template (off: the
+            protocol scores raw prompts).
+        dataset_paths: hub dataset -> local copy for offline evaluation (see :func:`task_manager`).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(tasks, include_path)
+    manager = task_manager(tasks, include_path, dataset_paths=dataset_paths)
     # Group tasks by few-shot count: the paper runs WMDP zero-shot and MMLU 5-shot.
     groups: dict[int | None, list[str]] = {}
     for task in tasks:
@@ -127,6 +175,7 @@ def run_lm_eval(
                 limit=limit,
                 task_manager=manager,
                 log_samples=False,
+                apply_chat_template=apply_chat_template,
                 bootstrap_iters=0,
                 verbosity="WARNING",
             )
@@ -153,6 +202,9 @@ def evaluate_saved(
     dtype: str = "float32",
     device: str = "cpu",
     output: str | None = None,
+    add_bos_token: bool = False,
+    apply_chat_template: bool = False,
+    dataset_paths: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate a saved model (e.g. ``runs/x/unlearned_model``) with lm-eval; prints JSON.
 
@@ -170,15 +222,23 @@ def evaluate_saved(
         dtype: weight dtype.
         device: ``cpu`` or ``cuda``.
         output: also write the results to this JSON file.
+        add_bos_token: prepend BOS to every context (off: the published WMDP/MMLU protocol).
+        apply_chat_template: wrap prompts in the tokenizer's chat template (off: the protocol).
+        dataset_paths: hub dataset -> local copy in the same layout, e.g.
+            ``'{cais/wmdp: /data/wmdp, cais/mmlu: /data/mmlu}'``: the installed task definitions
+            read the copies (offline clusters, pinned snapshots).
     """
     import json
 
     from lit_unlearn.models import check_model_path, load_causal_lm, load_tokenizer
 
     check_model_path(model, flag="--model")
-    task_manager(tasks, include_path)  # unknown task names fail here, before the model loads
+    task_manager(tasks, include_path, dataset_paths=dataset_paths)  # bad names fail before the model loads
     lm = load_causal_lm(model, dtype).to(device)
-    results = run_lm_eval(lm, load_tokenizer(model), tasks, include_path, num_fewshot, limit, batch_size)
+    results = run_lm_eval(
+        lm, load_tokenizer(model), tasks, include_path, num_fewshot, limit, batch_size,
+        add_bos_token=add_bos_token, apply_chat_template=apply_chat_template, dataset_paths=dataset_paths,
+    )  # fmt: skip
     print(json.dumps(results, indent=2))
     if output:
         with open(output, "w") as handle:
@@ -204,6 +264,11 @@ class LMEvalCallback(L.Callback):
         batch_size: lm-eval batch size.
         on_fit_end: evaluate after training.
         on_test_end: evaluate in ``lit-unlearn test``.
+        add_bos_token: prepend BOS to every context (off: the published WMDP/MMLU protocol).
+        apply_chat_template: wrap prompts in the tokenizer's chat template (off: the protocol).
+        dataset_paths: hub dataset -> local copy in the same layout, e.g.
+            ``'{cais/wmdp: /data/wmdp, cais/mmlu: /data/mmlu}'``: the installed task definitions
+            read the copies (offline clusters, pinned snapshots).
     """
 
     def __init__(
@@ -215,6 +280,9 @@ class LMEvalCallback(L.Callback):
         batch_size: int = 8,
         on_fit_end: bool = True,
         on_test_end: bool = True,
+        add_bos_token: bool = False,
+        apply_chat_template: bool = False,
+        dataset_paths: dict[str, str] | None = None,
     ) -> None:
         if isinstance(num_fewshot, dict) and set(num_fewshot) - set(tasks):
             raise UserError(
@@ -223,11 +291,15 @@ class LMEvalCallback(L.Callback):
             )
         self.tasks, self.include_path, self.num_fewshot, self.limit = tasks, include_path, num_fewshot, limit
         self.batch_size, self.run_on_fit_end, self.run_on_test_end = batch_size, on_fit_end, on_test_end
+        self.add_bos_token, self.apply_chat_template = add_bos_token, apply_chat_template
+        self.dataset_paths = dataset_paths
         self.results: dict[str, dict[str, float]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the task names before the model loads (callbacks are set up before the module)."""
-        task_manager(self.tasks, self.include_path, where="LMEvalCallback tasks")
+        task_manager(
+            self.tasks, self.include_path, where="LMEvalCallback tasks", dataset_paths=self.dataset_paths
+        )
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A sharded model's forward passes are collectives: every rank runs the same evaluation.
@@ -235,8 +307,10 @@ class LMEvalCallback(L.Callback):
             tokenizer = trainer.datamodule.tokenizer
             model: Any = pl_module.model
             self.results = run_lm_eval(
-                model, tokenizer, self.tasks, self.include_path, self.num_fewshot, self.limit, self.batch_size
-            )
+                model, tokenizer, self.tasks, self.include_path, self.num_fewshot, self.limit, self.batch_size,
+                add_bos_token=self.add_bos_token, apply_chat_template=self.apply_chat_template,
+                dataset_paths=self.dataset_paths,
+            )  # fmt: skip
             flat = {
                 f"test/{task}_{metric}": value
                 for task, metrics in self.results.items()
