@@ -1,9 +1,10 @@
 """Evaluation: metric sets, in-training evaluation with the matched-forgetting stop, the
-lm-evaluation-harness bridge, RWKU, and run reports (results.json, TensorBoard, comparison)."""
+lm-evaluation-harness bridge, RWKU, membership inference, and run reports (results.json, TensorBoard, comparison)."""
 
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import LMEvalCallback, run_lm_eval
 from lit_unlearn.eval.metrics import CorpusNLL, MetricSet, MultipleChoice, SyntheticProbes
+from lit_unlearn.eval.mia import MembershipInference, SyntheticMembership
 from lit_unlearn.eval.report import TradeoffReport, compare_runs
 from lit_unlearn.eval.rwku import RWKU
 
@@ -11,8 +12,10 @@ __all__ = [
     "RWKU",
     "CorpusNLL",
     "LMEvalCallback",
+    "MembershipInference",
     "MetricSet",
     "MultipleChoice",
+    "SyntheticMembership",
     "SyntheticProbes",
     "TradeoffReport",
     "UnlearningEvaluator",

@@ -17,6 +17,7 @@ import lightning as L
 from torch import nn
 
 from lit_unlearn.errors import UserError, function_cli, suggest
+from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.logs import log_at_step
 from lit_unlearn.models import is_sharded
 
@@ -194,7 +195,7 @@ def run_lm_eval(
 
 def evaluate_saved(
     model: str,
-    tasks: list[str],
+    tasks: list[str] | None = None,
     include_path: str | None = None,
     num_fewshot: FewShot = None,
     limit: float | None = None,
@@ -205,15 +206,18 @@ def evaluate_saved(
     add_bos_token: bool = False,
     apply_chat_template: bool = False,
     dataset_paths: dict[str, str] | None = None,
+    metrics: list[MetricSet] | None = None,
+    max_length: int = 512,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate a saved model (e.g. ``runs/x/unlearned_model``) with lm-eval; prints JSON.
+    """Evaluate a saved model (e.g. ``runs/x/unlearned_model``) with lm-eval tasks and/or our
+    metric sets (membership inference, RWKU, multiple choice...); prints JSON.
 
     Console entry point ``lit-unlearn-eval``, e.g.
     ``lit-unlearn-eval --model runs/demo/sago/unlearned_model --tasks '[wmdp_bio, mmlu]' --device cuda``.
 
     Args:
         model: local directory or hub id of the model (its tokenizer must be saved beside it).
-        tasks: lm-eval task names.
+        tasks: lm-eval task names (may be empty when ``metrics`` are given).
         include_path: folder of local task YAMLs.
         num_fewshot: few-shot count for every task, or per task (the paper:
             ``'{wmdp_bio: 0, wmdp_cyber: 0, mmlu: 5}'``); ``None`` = each task's own default.
@@ -227,18 +231,34 @@ def evaluate_saved(
         dataset_paths: hub dataset -> local copy in the same layout, e.g.
             ``'{cais/wmdp: /data/wmdp, cais/mmlu: /data/mmlu}'``: the installed task definitions
             read the copies (offline clusters, pinned snapshots).
+        metrics: metric sets to compute too, e.g.
+            ``'[{class_path: lit_unlearn.eval.MembershipInference, init_args: {forget: f.json, holdout: h.json}}]'``;
+            their numbers appear under the class name.
+        max_length: token limit the metric sets use.
     """
     import json
 
     from lit_unlearn.models import check_model_path, load_causal_lm, load_tokenizer
 
     check_model_path(model, flag="--model")
-    task_manager(tasks, include_path, dataset_paths=dataset_paths)  # bad names fail before the model loads
+    if not tasks and not metrics:
+        raise UserError("lit-unlearn-eval: give --tasks (lm-eval) and/or --metrics (metric sets)")
+    if tasks:
+        task_manager(
+            tasks, include_path, dataset_paths=dataset_paths
+        )  # bad names fail before the model loads
+    tokenizer = load_tokenizer(model)
+    for metric in metrics or []:
+        metric.setup(tokenizer, max_length)  # bad data files fail before the model loads
     lm = load_causal_lm(model, dtype).to(device)
-    results = run_lm_eval(
-        lm, load_tokenizer(model), tasks, include_path, num_fewshot, limit, batch_size,
-        add_bos_token=add_bos_token, apply_chat_template=apply_chat_template, dataset_paths=dataset_paths,
-    )  # fmt: skip
+    results: dict[str, dict[str, float]] = {}
+    if tasks:
+        results = run_lm_eval(
+            lm, tokenizer, tasks, include_path, num_fewshot, limit, batch_size,
+            add_bos_token=add_bos_token, apply_chat_template=apply_chat_template, dataset_paths=dataset_paths,
+        )  # fmt: skip
+    for metric in metrics or []:
+        results[type(metric).__name__] = metric.compute(lm, tokenizer)
     print(json.dumps(results, indent=2))
     if output:
         with open(output, "w") as handle:
