@@ -10,6 +10,7 @@ Layout written (JSONL with a ``text`` field, and RWKU's JSON for evaluation):
     data/wmdp/{bio,cyber}-{forget,retain}-corpus.jsonl
     data/rwku/forget_targets_1-50.jsonl, data/rwku/retain_targets_151-200.jsonl
     data/rwku/eval/{forget_level1,forget_level2,forget_level3,neighbor_level1,neighbor_level2}.json
+    data/rwku/eval/{mia_forget,mia_retain}.json   (forget targets only; every field kept)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ WMDP_CORPORA = "cais/wmdp-corpora"
 WMDP_BIO_FORGET = "cais/wmdp-bio-forget-corpus"  # gated
 RWKU = "jinzhuoran/RWKU"
 RWKU_LEVELS = ["forget_level1", "forget_level2", "forget_level3", "neighbor_level1", "neighbor_level2"]
+RWKU_MIA = ["mia_forget", "mia_retain"]  # membership-inference texts (``text``, ``subject``)
 
 
 def _load(name: str, config: str | None, split: str = "train") -> Any:
@@ -79,9 +81,12 @@ def prepare_rwku(out: str) -> None:
         (r["text"] for r in rows if r["subject"] in retain_names),
     )
     print(f"RWKU passages: {n_f} forget, {n_r} retain")
-    for level in RWKU_LEVELS:
+    for level in RWKU_LEVELS + RWKU_MIA:
         ds = _load(RWKU, level, split="test")
-        items = [{"query": r["query"], "answer": r["answer"]} for r in ds if r.get("subject") in forget_names]
+        # every field is kept: level-3 probes need their ``type`` to build the adversarial prompts
+        items = [dict(r) for r in ds if r.get("subject") in forget_names]
+        if not items:
+            sys.exit(f"prepare_data: {RWKU}/{level} has no record about targets 1-50 (its layout changed?)")
         path = os.path.join(out, "eval", f"{level}.json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as handle:

@@ -8,10 +8,13 @@ with ``--model.synthesizer configs/synthesizer/<rule>.yaml``; rank 0 means full 
 benchmark's lr 1e-3, rank r adds ``--config configs/adapter/lora.yaml --model.adapter.rank r
 --model.adapter.alpha 2r`` (so the adapter scale alpha/r stays 2) and runs each of ``--lora_lrs``.
 For every (rank, rule) the table reports, for the lr whose seeds all reached the target with the
-best mean retain accuracy (or, if none did, the lr that got closest), the mean ± std over seeds of
+best mean retain accuracy (or, if none did, the lr with the most matched seeds), the mean ± std over
+the finished seeds of
 the step, forget, retain and general accuracy at matched forgetting, the mean cosine between the
 update and the retain gradient, and the mean fraction of conflicting coordinates (forget and retain
-gradients of opposite sign). Everything also lands in ``<out>/study.json``.
+gradients of opposite sign). A run that stops with an error (the collapse guard: the retain loss
+near that of a uniform prediction) counts as not matched and is listed in ``<out>/study.json``
+with everything else.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ BENCHMARK = "configs/benchmark/synthetic.yaml"
 COLUMNS = ("step", "forget", "retain", "general", "cos_u_gr", "conflict")
 
 
-def fit(out: str, rule: str, seed: int, rank: int, lr: float | None, env: dict[str, str]) -> str:
+def fit(out: str, rule: str, seed: int, rank: int, lr: float | None, env: dict[str, str]) -> str | None:
+    """One run; its directory, or ``None`` when it stopped with an error (e.g. collapse), which is
+    then recorded in ``<out>/failed.txt`` and counted as not matched."""
     cmd = [os.path.join(BIN, "lit-unlearn"), "fit", "--config", BENCHMARK]
     cmd += ["--model.synthesizer", f"configs/synthesizer/{rule}.yaml", "--seed_everything", str(seed)]
     if rank:
@@ -41,11 +46,20 @@ def fit(out: str, rule: str, seed: int, rank: int, lr: float | None, env: dict[s
         cmd += ["--model.optimizer.init_args.lr", str(lr)]
     cmd += ["--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", ""]
     cmd += ["--trainer.logger.init_args.version", "", "--export.enabled", "false"]
-    if os.path.exists(os.path.join(ROOT, out, "results.json")):
+    failed = os.path.join(ROOT, out, "failed.txt")
+    if os.path.exists(os.path.join(ROOT, out, "results.json")) or os.path.exists(failed):
         print(f"(done) {out}", flush=True)
-        return out
+        return None if os.path.exists(failed) else out
     print(f"$ {shlex.join(cmd)}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"  failed (exit {proc.returncode}): {reason}", flush=True)
+        with open(failed, "w") as handle:
+            handle.write(reason + "\n")
+        return None
     return out
 
 
@@ -67,7 +81,8 @@ def choose(by_lr: dict[float, dict]) -> tuple[float, dict]:
     complete = {lr: s for lr, s in by_lr.items() if s["matched"] == s["n"]}
     if complete:
         return max(complete.items(), key=lambda item: item[1]["retain"][0])
-    return min(by_lr.items(), key=lambda item: item[1]["forget"][0])
+    ran = {lr: s for lr, s in by_lr.items() if "forget" in s} or by_lr
+    return max(ran.items(), key=lambda item: (item[1]["matched"], -item[1].get("forget", (1.0, 0.0))[0]))
 
 
 def fmt(pair: tuple[float, float] | None, digits: int = 3) -> str:
@@ -105,14 +120,16 @@ def main(argv: list[str] | None = None) -> None:
             by_lr: dict[float, dict] = {}
             for lr in args.lora_lrs if rank else [None]:
                 tag = f"r{rank}/lr{lr:g}" if rank else "full"
-                dirs = [
+                runs = [
                     fit(os.path.join(args.out, tag, rule, f"seed{s}"), rule, s, rank, lr, env)
                     for s in args.seeds
                 ]
-                rows = compare_runs([os.path.join(ROOT, d) for d in dirs], out_png=None)
+                done = [os.path.join(ROOT, d) for d in runs if d is not None]
+                rows = compare_runs(done, out_png=None) if done else []
                 for row in rows:
                     row.pop("_history", None), row.pop("_metrics", None)
                 summary = summarize(rows)
+                summary["n"], summary["failed"] = len(runs), runs.count(None)
                 by_lr[lr if lr is not None else 1e-3] = summary
                 study["settings"][f"{tag}/{rule}"] = {"runs": rows, "summary": summary}
             lr, best = choose(by_lr)

@@ -59,3 +59,45 @@ def test_sweep_runs_then_skips_finished_runs(tmp_path):
     assert len(glob.glob(os.path.join(tmp_path, "*", "lr0.001_seed0", "results.json"))) == 2
     again = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("# done already") == 2
+
+
+def test_prepare_rwku_keeps_every_field_the_protocols_need(tmp_path, monkeypatch):
+    """The hub is replaced by records in RWKU's published schema; level-3 ``type`` survives and the
+    membership-inference subsets are written."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data", os.path.join(ROOT, "scripts", "prepare_data.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    targets = [{"target": f"T{i}"} for i in range(200)]
+    probe = {"query": "q", "answer": "a", "subject": "T0"}
+    hub = {
+        "forget_target": targets,
+        "train_original_passage": [
+            {"text": "about T0", "subject": "T0"},
+            {"text": "about T150", "subject": "T150"},
+        ],
+        "forget_level1": [{**probe, "level": "1"}, {**probe, "subject": "T99", "level": "1"}],
+        "forget_level2": [{**probe, "level": "2"}],
+        "forget_level3": [{**probe, "level": "3", "type": "affirmative suffix"}],
+        "neighbor_level1": [{**probe, "level": "1"}],
+        "neighbor_level2": [{**probe, "level": "2"}],
+        "mia_forget": [{"text": "T0 was born", "subject": "T0"}],
+        "mia_retain": [{"text": "T0 is known", "subject": "T0"}],
+    }
+    monkeypatch.setattr(module, "_load", lambda name, config, split="train": hub[config])
+    module.prepare_rwku(str(tmp_path))
+    level3 = json.load(open(tmp_path / "eval" / "forget_level3.json"))
+    assert level3 == [
+        {"query": "q", "answer": "a", "subject": "T0", "level": "3", "type": "affirmative suffix"}
+    ]
+    assert len(json.load(open(tmp_path / "eval" / "forget_level1.json"))) == 1  # T99 is not a forget target
+    assert json.load(open(tmp_path / "eval" / "mia_forget.json")) == [
+        {"text": "T0 was born", "subject": "T0"}
+    ]
+    assert (tmp_path / "retain_targets_151-200.jsonl").read_text().strip() == json.dumps(
+        {"text": "about T150"}
+    )

@@ -110,13 +110,15 @@ class MembershipInference(MetricSet):
     ``mia_retain`` files.
 
     Keys: ``forget_mia_<attack>``, ``forget_holdout_mia_<attack>`` and ``retain_mia_<attack>``
-    (mean loss-like scores; higher = less familiar), and ``forget_mia_<attack>_auc`` (forget vs
-    holdout; 0.5 = indistinguishable from unseen text), for attack in loss, zlib, mink, minkpp.
+    (mean loss-like scores; higher = less familiar), and with a holdout ``forget_mia_<attack>_auc``
+    (forget vs holdout; 0.5 = indistinguishable from unseen text), for attack in loss, zlib, mink,
+    minkpp.
 
     Args:
         forget: JSON/JSONL file(s) of forget texts (members before unlearning).
-        holdout: file(s) of texts from the same distribution that were never trained on.
-        retain: optional file(s) of retain texts (reported as means only).
+        holdout: file(s) of texts from the same distribution that were never trained on (for the
+            AUC; RWKU itself reports means only: leave it out).
+        retain: optional file(s) of retain texts (RWKU's ``mia_retain``; means only).
         text_field: the field that holds the text (RWKU: ``text``).
         k: the fraction of least likely tokens for Min-K% and Min-K%++ (0.2 = 20 %).
         max_texts: score only the first N texts of each set (``None`` = all).
@@ -125,7 +127,7 @@ class MembershipInference(MetricSet):
     def __init__(
         self,
         forget: str | list[str],
-        holdout: str | list[str],
+        holdout: str | list[str] | None = None,
         retain: str | list[str] | None = None,
         text_field: str = "text",
         k: float = 0.2,
@@ -162,7 +164,7 @@ class MembershipInference(MetricSet):
         for name, rows in scores.items():
             for attack in ATTACKS:
                 out[f"{name}_mia_{attack}"] = math.fsum(r[attack] for r in rows) / max(len(rows), 1)
-        for attack in ATTACKS:
+        for attack in ATTACKS if "forget_holdout" in scores else ():
             out[f"forget_mia_{attack}_auc"] = auc(
                 [r[attack] for r in scores["forget"]], [r[attack] for r in scores["forget_holdout"]]
             )

@@ -12,13 +12,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
-from lit_unlearn.data.synthetic import generate_corpus
 from lit_unlearn.eval import MultipleChoice, compare_runs
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import _local_task_names, _task_manager, run_lm_eval
 from lit_unlearn.eval.metrics import MetricSet, choice_logliks, load_multiple_choice
 from lit_unlearn.eval.report import pareto_front
-from lit_unlearn.eval.rwku import RWKU, greedy_generate, rouge_l_recall
+from lit_unlearn.eval.rwku import greedy_generate
 from lit_unlearn.models import load_tokenizer
 from lit_unlearn.module import UnlearningModule
 from tests.conftest import SMOKE_PEOPLE
@@ -84,20 +83,6 @@ def test_local_task_index_and_bad_mc_file(mc_task, tmp_path):
         load_multiple_choice(str(bad))
 
 
-@pytest.mark.parametrize(
-    ("prediction", "reference", "expected"),
-    [
-        ("the cat sat on the mat", "the cat was on the mat", 5 / 6),
-        ("Paris", "paris france", 0.5),
-        ("", "anything", 0.0),
-        ("a b c", "c b a", 1 / 3),
-        ("completely different", "nothing shared", 0.0),
-    ],
-)
-def test_rouge_l_recall_hand_computed(prediction, reference, expected):
-    assert rouge_l_recall(prediction, reference) == pytest.approx(expected, abs=1e-6)
-
-
 def test_greedy_generation_is_left_padding_safe(target):
     model, tok = target
     prompts = ["Q : where was", "1 plus 2 equals", "count up from 3 : 3 4"]
@@ -107,35 +92,6 @@ def test_greedy_generation_is_left_padding_safe(target):
     ]
     assert batched == single
     assert tok.padding_side == "right"  # restored
-
-
-def test_rwku_metric_set_scores_levels_and_saves_outputs(target, tmp_path):
-    model, tok = target
-    corpus = generate_corpus(SMOKE_PEOPLE)
-    forget_probe = corpus.probes_for("qa", corpus.forget_people)[0]
-    retain_probe = corpus.probes_for("qa", corpus.retain_people)[0]
-    (tmp_path / "forget_level2.json").write_text(
-        json.dumps([{"query": forget_probe.prompt, "answer": forget_probe.answer}])
-    )
-    (tmp_path / "neighbor_level2.json").write_text(
-        json.dumps([{"query": retain_probe.prompt, "answer": retain_probe.answer}])
-    )
-    rwku = RWKU(
-        str(tmp_path), max_new_tokens=3, stop_strings=["."], outputs_path=str(tmp_path / "outputs.jsonl")
-    )
-    rwku.setup(tok, 64)
-    scores = rwku.compute(model, tok)
-    assert set(scores) == {
-        "forget_rougeL_level2",
-        "forget_rougeL",
-        "retain_neighbor_rougeL_level2",
-        "retain_neighbor_rougeL",
-    }
-    assert scores["forget_rougeL"] == 1.0 and scores["retain_neighbor_rougeL"] == 1.0  # the target knows both
-    outputs = [json.loads(line) for line in open(tmp_path / "outputs.jsonl")]
-    assert [o["level"] for o in outputs] == ["forget_level2", "neighbor_level2"]
-    with pytest.raises(FileNotFoundError, match="RWKU"):
-        RWKU(str(tmp_path / "missing")).setup(tok, 64)
 
 
 class Scripted(MetricSet):
