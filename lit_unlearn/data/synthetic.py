@@ -309,6 +309,24 @@ def encode_document(doc: Document, tokenizer: Any, loss_on: Literal["values", "a
     return {"input_ids": input_ids, "labels": labels}
 
 
+Subset = Literal["all", "relearn", "held_out"]
+
+
+def select_people(people: list[int], subset: Subset, relearn_fraction: float) -> list[int]:
+    """``all`` people, the first ``relearn_fraction`` of them (at least one: the slice a
+    relearning attack fine-tunes on), or the rest (at least one: where recovery is measured)."""
+    if subset == "all":
+        return list(people)
+    if subset not in ("relearn", "held_out"):
+        raise ValueError(f"subset must be 'all', 'relearn' or 'held_out', got {subset!r}")
+    if len(people) < 2 or not 0.0 < relearn_fraction < 1.0:
+        raise ValueError(
+            f"a relearn/held-out split needs >= 2 people and 0 < relearn_fraction < 1 ({len(people)} people)"
+        )
+    cut = min(max(1, round(relearn_fraction * len(people))), len(people) - 1)
+    return list(people[:cut] if subset == "relearn" else people[cut:])
+
+
 class SyntheticKnowledge(DataSource):
     """Documents of the fictitious-knowledge benchmark as a forget/retain/general source.
 
@@ -320,6 +338,9 @@ class SyntheticKnowledge(DataSource):
         num_people: corpus size (must match the target model's corpus).
         forget_fraction: share of people in the forget set.
         seed: corpus seed (must match the target model's corpus).
+        subset: ``all`` of the part's people, or for a relearning attack the ``relearn`` slice
+            (the first ``relearn_fraction`` of them) or the ``held_out`` rest.
+        relearn_fraction: size of the ``relearn`` slice.
     """
 
     def __init__(
@@ -330,6 +351,8 @@ class SyntheticKnowledge(DataSource):
         num_people: int = 200,
         forget_fraction: float = 0.1,
         seed: int = 0,
+        subset: Subset = "all",
+        relearn_fraction: float = 0.5,
     ) -> None:
         if part not in ("forget", "retain", "general"):
             raise ValueError(f"part must be 'forget', 'retain' or 'general', got {part!r}")
@@ -337,9 +360,11 @@ class SyntheticKnowledge(DataSource):
             raise ValueError(f"loss_on must be 'values' or 'all', got {loss_on!r}")
         self.part, self.loss_on, self.include_general = part, loss_on, include_general
         self.num_people, self.forget_fraction, self.seed = num_people, forget_fraction, seed
+        self.subset, self.relearn_fraction = subset, relearn_fraction
 
     def describe(self) -> str:
-        return f"SyntheticKnowledge(part={self.part}, people={self.num_people}, seed={self.seed})"
+        subset = "" if self.subset == "all" else f", subset={self.subset}"
+        return f"SyntheticKnowledge(part={self.part}, people={self.num_people}, seed={self.seed}{subset})"
 
     def corpus(self) -> SyntheticCorpus:
         return generate_corpus(self.num_people, self.forget_fraction, self.seed)
@@ -349,6 +374,7 @@ class SyntheticKnowledge(DataSource):
         docs: list[tuple[Document, Literal["values", "all"]]] = []
         if self.part != "general":
             people = corpus.forget_people if self.part == "forget" else corpus.retain_people
+            people = select_people(people, self.subset, self.relearn_fraction)
             docs += [(d, self.loss_on) for d in corpus.person_docs(people)]
         if self.part == "general" or self.include_general:
             docs += [(d, "all") for d in corpus.general_docs]

@@ -6,6 +6,7 @@ as ``val/<key>`` by :class:`~lit_unlearn.eval.callbacks.UnlearningEvaluator`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from torch import nn
 
 from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.data.sources import DataSource, DataSourceError, read_records
-from lit_unlearn.data.synthetic import generate_corpus
+from lit_unlearn.data.synthetic import Subset, generate_corpus, select_people
 from lit_unlearn.eval.probes import synthetic_metrics, token_nll
 from lit_unlearn.objectives.functional import sequence_nll
 
@@ -45,15 +46,26 @@ class SyntheticProbes(MetricSet):
         num_people: corpus size (must match the target).
         forget_fraction: share of forget people (must match the target).
         seed: corpus seed (must match the target).
+        forget_subset: probe ``all`` forget people, or after a relearning attack only the
+            ``held_out`` ones (the ``relearn`` slice is what the attack trained on).
+        relearn_fraction: size of the relearn slice (as in ``SyntheticKnowledge``).
     """
 
-    def __init__(self, num_people: int = 200, forget_fraction: float = 0.1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_people: int = 200,
+        forget_fraction: float = 0.1,
+        seed: int = 0,
+        forget_subset: Subset = "all",
+        relearn_fraction: float = 0.5,
+    ) -> None:
         self.num_people, self.forget_fraction, self.seed = num_people, forget_fraction, seed
+        self.forget_subset, self.relearn_fraction = forget_subset, relearn_fraction
 
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
-        return synthetic_metrics(
-            model, tokenizer, generate_corpus(self.num_people, self.forget_fraction, self.seed)
-        )
+        corpus = generate_corpus(self.num_people, self.forget_fraction, self.seed)  # cached: not mutated
+        forget = select_people(corpus.forget_people, self.forget_subset, self.relearn_fraction)
+        return synthetic_metrics(model, tokenizer, dataclasses.replace(corpus, forget_people=forget))
 
 
 class CorpusNLL(MetricSet):

@@ -1,0 +1,186 @@
+"""``lit-unlearn-relearn``: does the forgotten knowledge come back after a little fine-tuning?
+
+A relearning attack fine-tunes an unlearned model for a few steps on a small slice of the forget
+data (or a related corpus) with the plain next-token loss, and evaluates the forget metrics on the
+*rest* — data the attack never saw — along the way. Knowledge that was only suppressed returns
+quickly; knowledge that was removed has to be learned again from the slice alone. The recovery
+curve goes to ``<out>/results.json`` and TensorBoard (``val/<metric>`` against attack steps)::
+
+    lit-unlearn-relearn --model runs/.../unlearned_model \\
+      --data '{class_path: lit_unlearn.data.SyntheticKnowledge, init_args: {part: forget, subset: relearn}}' \\
+      --metrics '[{class_path: lit_unlearn.eval.SyntheticProbes, init_args: {forget_subset: held_out}}]' \\
+      --steps 30 --eval_every 5
+
+An adapter folder (LoRA) is merged into its base first: the attacker fine-tunes every weight.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lit_unlearn.data.collate import pad_examples
+from lit_unlearn.data.sources import DataSource
+from lit_unlearn.errors import UserError, function_cli
+from lit_unlearn.eval.callbacks import UnlearningEvaluator
+from lit_unlearn.eval.metrics import MetricSet
+from lit_unlearn.objectives.functional import nll_terms
+from lit_unlearn.rundir import write_json_atomic
+
+
+class RelearnData(L.LightningDataModule):
+    """The attack's fine-tuning examples, reshuffled every epoch from ``seed``.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        source: where the examples come from.
+        batch_size: sequences per step.
+        max_length: token limit per example.
+        seed: shuffling seed.
+    """
+
+    def __init__(
+        self, tokenizer: Any, source: DataSource, batch_size: int, max_length: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.tokenizer, self.source, self.batch_size = tokenizer, source, batch_size
+        self.max_length, self.seed = max_length, seed
+        self.examples: list[dict[str, Tensor]] = []
+
+    def setup(self, stage: str) -> None:
+        if not self.examples:
+            self.examples = self.source.checked_build(self.tokenizer, self.max_length)
+
+    def train_dataloader(self) -> DataLoader:
+        pad = self.tokenizer.pad_token_id
+        return DataLoader(
+            self.examples,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=lambda rows: pad_examples(rows, pad),
+        )
+
+
+class Relearner(L.LightningModule):
+    """Fine-tunes every weight with the token-mean next-token loss (AdamW or SGD).
+
+    Args:
+        model: the causal LM under attack.
+        lr: learning rate.
+        optimizer: ``adamw`` (weight decay 0) or ``sgd``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, optimizer: Literal["adamw", "sgd"] = "adamw") -> None:
+        super().__init__()
+        self.model, self.lr, self.optimizer_name = model, lr, optimizer
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total, count = nll_terms(logits, batch["labels"])
+        loss = total / count.clamp_min(1)
+        self.log("relearn/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+
+
+def relearn(
+    model: str,
+    data: DataSource,
+    metrics: list[MetricSet],
+    steps: int = 30,
+    lr: float = 1e-3,
+    optimizer: Literal["adamw", "sgd"] = "adamw",
+    batch_size: int = 8,
+    eval_every: int = 5,
+    max_length: int = 512,
+    seed: int = 0,
+    dtype: str = "float32",
+    accelerator: str = "auto",
+    precision: str = "32-true",
+    out: str = "runs/relearn",
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Run a relearning attack on a saved model and write its recovery curve.
+
+    Args:
+        model: the unlearned model (a folder ``lit-unlearn fit`` wrote, a LoRA adapter folder, or a
+            hub id).
+        data: what the attacker fine-tunes on: a small slice of the forget data, e.g.
+            ``SyntheticKnowledge`` with ``subset: relearn``, or a ``TextCorpus`` / ``QAPairs`` file.
+        metrics: what is measured along the way: the forget metrics on held-out data (e.g.
+            ``SyntheticProbes`` with ``forget_subset: held_out``), retain metrics if wanted.
+        steps: attack length in optimizer steps.
+        lr: the attacker's learning rate.
+        optimizer: ``adamw`` or ``sgd``.
+        batch_size: sequences per step.
+        eval_every: evaluate every this many steps (and before the first and after the last).
+        max_length: token limit per example.
+        seed: fixes the order of the attack's examples.
+        dtype: weight dtype the model loads in.
+        accelerator: Lightning accelerator (``cpu``, ``gpu``, ``auto``).
+        precision: Lightning precision (``32-true``, ``bf16-true``, ``bf16-mixed``).
+        out: folder for ``results.json`` and the TensorBoard events (must not hold a result yet).
+        trust_remote_code: allow custom modelling code from the hub (off by default).
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_unlearn.adapters import is_adapted
+    from lit_unlearn.models import check_model_path, load_causal_lm, load_tokenizer
+
+    if steps < 1 or eval_every < 1 or batch_size < 1:
+        raise UserError("--steps, --eval_every and --batch_size must be >= 1")
+    if not metrics:
+        raise UserError("--metrics: give at least one metric set to measure recovery with")
+    results_path = os.path.join(out, "results.json")
+    if os.path.exists(results_path):
+        raise UserError(f"--out {out} already holds a relearning result; choose another folder")
+    check_model_path(model, flag="--model")
+    tokenizer = load_tokenizer(model)
+    datamodule = RelearnData(tokenizer, data, batch_size, max_length, seed)
+    datamodule.setup("fit")  # bad data fails here, before the model loads
+    net: Any = load_causal_lm(model, dtype, trust_remote_code=trust_remote_code)
+    if is_adapted(net):
+        net = net.merge_and_unload()
+    net.requires_grad_(True)
+    L.seed_everything(seed, verbose=False)
+    evaluator = UnlearningEvaluator(metrics, every_n_steps=eval_every, max_length=max_length)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,  # type: ignore[arg-type]
+        logger=TensorBoardLogger(save_dir=out, name="", version=""),
+        callbacks=[evaluator],
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        enable_model_summary=False,
+    )
+    trainer.fit(Relearner(net, lr, optimizer), datamodule=datamodule)
+    first, last = evaluator.history[0], evaluator.history[-1]
+    report = {
+        "model": model,
+        "data": data.describe(),
+        "attack": {"steps": steps, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "seed": seed},
+        "examples": len(datamodule.examples),
+        "curve": evaluator.history,
+        "recovery": {k: last[k] - first[k] for k in first if k != "step"},
+    }
+    write_json_atomic(results_path, report)
+    print(f"lit-unlearn-relearn: recovery curve in {results_path}")
+    return report
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point ``lit-unlearn-relearn``."""
+    function_cli("lit-unlearn-relearn", relearn, args)
