@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -267,6 +268,11 @@ class UnlearningModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         check_supported(trainer)
+        if self.adapter is not None and str(trainer.precision) in ("bf16-true", "16-true"):
+            rank_zero_warn(
+                f"--trainer.precision {trainer.precision} casts the LoRA adapters to half precision too; for "
+                "float32 adapters on a bf16 base (peft's default) use --model.dtype bfloat16 --trainer.precision 32-true"
+            )
         if self.model is None:  # after the data module's setup: data errors surface before the load
             assert isinstance(self.model_source, str)
             self.model = load_causal_lm(self.model_source, *self.load_args)

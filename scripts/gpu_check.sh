@@ -3,7 +3,8 @@
 #   1. the synthesis kernels on CUDA (ratio to the memory-bandwidth floor);
 #   2. bench_step.py on a ~1 B-parameter random Llama in bf16: one-GPU DDP vs one-GPU FSDP2, with
 #      and without activation checkpointing (step time, peak CUDA memory);
-#   3. the tiny end-to-end fit with configs/trainer/gpu_fsdp.yaml restricted to one device.
+#   3. the tiny end-to-end fit with configs/trainer/gpu_fsdp.yaml restricted to one device;
+#   4. the same fit with LoRA on a bf16 base (float32 adapters), activation checkpointing, merged save.
 # Results go to bench_results/gpu/ (JSON + the printed tables in gpu_check.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +24,9 @@ echo "== 3. tiny fit, gpu_fsdp.yaml on one device"
 timeout 120 .venv/bin/lit-unlearn fit --config configs/debug/tiny.yaml --config configs/trainer/gpu_fsdp.yaml \
   --trainer.devices 1 --trainer.strategy.init_args.data_parallel_size 1 --trainer.precision bf16-true \
   --trainer.default_root_dir "$OUT/tiny_fit"
+echo "== 4. tiny fit, LoRA, bf16, activation checkpointing"
+timeout 120 .venv/bin/lit-unlearn fit --config configs/debug/tiny.yaml --config configs/adapter/lora.yaml \
+  --trainer.accelerator gpu --trainer.precision 32-true --model.dtype bfloat16 \
+  --model.activation_checkpointing true --model.adapter.merge_on_save true --model.synthesizer SAGO \
+  --model.optimizer.init_args.lr 1e-2 --trainer.default_root_dir "$OUT/tiny_lora"
 echo "gpu_check: all done"
