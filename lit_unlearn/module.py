@@ -29,10 +29,10 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lit_unlearn.adapters import AdaptersOff, LoRA, adapter_weights, is_adapted
