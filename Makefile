@@ -38,7 +38,7 @@ lint:  $(STAMP) ## ruff check + ruff format --check + mypy (pinned versions; par
 	$(BIN)/python -m pip install --quiet $(LINT_TOOLS)
 	$(BIN)/ruff check lit_unlearn tests scripts
 	$(BIN)/ruff format --check lit_unlearn tests scripts
-	$(BIN)/mypy lit_unlearn
+	$(BIN)/mypy lit_unlearn scripts
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache

@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
         )
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
+        printed = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not printed:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(line[0][7:])
+        row = json.loads(printed[0][7:])
         row["process_seconds"] = round(time.perf_counter() - start, 2)
         rows.append(row)
     build = rows[0]

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 MODES = [
     "automatic",
@@ -76,7 +77,9 @@ def worker(args: argparse.Namespace) -> dict:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     batches = [{"forget": part(), "retain": part()} for _ in range(n_batches)]
-    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
+        cast(Any, batches), batch_size=None
+    )
 
     class Timer(L.Callback):
         def __init__(self):
@@ -113,18 +116,19 @@ def worker(args: argparse.Namespace) -> dict:
     layout, _, rule_name = args.mode.rpartition(":")
     checkpointing = "ac" in layout.split("+")
     layout = layout.split("+")[0] if layout != "ac" else ""
+    module: L.LightningModule
     if args.mode == "automatic":
         module = Summed()
     else:
         rule = {cls.__name__: cls for cls in RULES}[rule_name]()
         module = UnlearningModule(
-            model,
+            cast(Any, model),  # an already loaded model (the CLI passes a name)
             synthesizer=rule,
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
             diagnostics_every_n_steps=0,
             activation_checkpointing=checkpointing,
         )
-    strategy: object = "auto"
+    strategy: Any = "auto"
     devices = 1
     if layout.startswith(("ddp", "fsdp")):  # ddp2, fsdp2, fsdp1: strategy and process count
         from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy

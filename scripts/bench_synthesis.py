@@ -14,6 +14,7 @@ boolean-mask indexing and one ``.item()`` per tensor.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -160,11 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for cls in RULES:
         rule: Synthesizer = cls(forget_weight=g, retain_weight=a)
-        ms, floor_ms = timed_against_floor(lambda rule=rule: rule(forget, retain, out=out), floor, args.reps)
+        ms, floor_ms = timed_against_floor(functools.partial(rule, forget, retain, out=out), floor, args.reps)
         floor_all.append(floor_ms)
-        ref_ms = timed(
-            lambda name=cls.__name__: REFERENCES[name](forget, retain, a, g), max(2, args.reps // 2)
-        )
+        reference = functools.partial(REFERENCES[cls.__name__], forget, retain, a, g)
+        ref_ms = timed(reference, max(2, args.reps // 2))
         check = REFERENCES[cls.__name__](forget, retain, a, g)
         max_err = max((u - c).abs().max().item() for u, c in zip(rule(forget, retain), check))
         rows.append(
