@@ -260,9 +260,9 @@ class UnlearningModule(L.LightningModule):
                 "lit-unlearn shards with FSDP2 only (set tensor_parallel_size: 1)"
             )
         dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        for module in (self.model, self.reference):
-            if module is not None:
-                shard_with_fsdp2(module, dp_mesh)
+        shard_with_fsdp2(self.model, dp_mesh)
+        if self.reference is not None and not isinstance(self.reference, AdaptersOff):
+            shard_with_fsdp2(self.reference, dp_mesh)  # adapters off = the model itself: sharded above
         object.__setattr__(self.model, "_lit_unlearn_sharded", True)
 
     def setup(self, stage: str) -> None:

@@ -1,6 +1,7 @@
 """LoRA through the real ``lit-unlearn fit`` on 2 CPU processes: data-parallel (DDP) and sharded
 (FSDP2) runs train the same adapters as 1 process at the same global batch; the saved adapter
-holds whole (gathered) tensors and the merged model (``merge_on_save``) agrees too."""
+holds whole (gathered) tensors and the merged model (``merge_on_save``) agrees too. PCGrad runs
+with gradient ascent, SAGO with NPO (whose reference is the same network with its adapters off)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def _fit(root, rule: str, layout: str) -> str:
     args = ["fit", "--config", TINY, "--config", LORA, "--trainer.max_steps", "6"]
     args += ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.5"]
     args += ["--model.synthesizer", rule, "--model.synthesizer.retain_weight", "0.5"]
+    if rule == "SAGO":  # NPO: its reference is the model with adapters off, sharded once with it
+        args += ["--model.forget_objective", os.path.join(ROOT, "configs", "objective", "forget", "npo.yaml")]
     args += ["--data.forget_batch_size", per_device, "--data.retain_batch_size", per_device]
     # float64: sign gating and projections switch at 0, and fp32 rounding between one 8-sequence
     # backward and two 4-sequence ones would flip a few coordinates and blur the comparison.
