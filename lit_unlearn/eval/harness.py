@@ -58,12 +58,15 @@ def _redirected_tasks(include_path: str | None, redirects: dict[str, str]) -> st
     """A folder of task YAMLs that each ``include`` an indexed task reading one of the redirected
     datasets and override only its ``dataset_path``: indexed after the originals, they replace them
     under the same names (groups, tags, prompts, few-shot splits and metrics stay lm-eval's own)."""
+    import atexit
+    import shutil
     import tempfile
 
     import yaml
 
     index = _task_manager(include_path, True).task_index
     out = tempfile.mkdtemp(prefix="lit_unlearn_lm_eval_")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # lm-eval reads them until the process ends
     found: set[str] = set()
     for name, entry in index.items():
         source = (entry.cfg or {}).get("dataset_path")
