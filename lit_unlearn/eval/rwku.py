@@ -14,7 +14,8 @@ Two protocols are implemented, because the published numbers come from two code 
     with BOS twice; ``Answer:`` follows the assistant header; greedy, 30 new tokens, stopping at EOS,
     ``<|eot_id|>`` or a newline token; scored with the ``rouge`` package's ROUGE-L recall
     (case-sensitive, whitespace tokens, no stemming, sentences split at "."; its counts are of
-    distinct words), an empty answer scored as the string ``NOANSWER``.
+    distinct words), an empty answer scored as the string ``NOANSWER`` (an answer of full stops
+    only, on which the package raises, scores 0 instead of stopping the evaluation).
 ``sago`` (the SAGO paper's port)
     the same instructions with ``Answer:`` at the end of the user message; one BOS; greedy, 32 new
     tokens, the answer cut at the first ``"\n\n"``, ``"\nQuestion"`` or ``"Question:"`` and stripped;
@@ -93,7 +94,10 @@ def score_official(prediction: str, reference: str) -> float:
 
     if not reference.strip():
         return 0.0
-    return float(Rouge().get_scores(prediction.strip() or "NOANSWER", reference)[0]["rouge-l"]["r"])
+    try:
+        return float(Rouge().get_scores(prediction.strip() or "NOANSWER", reference)[0]["rouge-l"]["r"])
+    except ValueError:  # only full stops (e.g. "..."): the package finds no sentence and raises
+        return 0.0
 
 
 def score_sago(prediction: str, reference: str) -> float:
