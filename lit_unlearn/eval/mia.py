@@ -75,33 +75,49 @@ def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
     return wins / (len(members) * len(nonmembers))
 
 
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int, where: str = "text"
+) -> list[list[int]]:
+    """Token ids of each text with BOS in front (added when the tokenizer does not add it), cut
+    to ``max_length``; a text with no token after BOS is a one-line error naming it."""
+    bos = tokenizer.bos_token_id
+    out = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        if len(ids) < 2:
+            raise DataSourceError(f"membership inference: {where} {i} ({text[:40]!r}) has no token to score")
+        out.append(ids[:max_length])
+    return out
+
+
 @torch.no_grad()
-def score_texts(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], k: float = 0.2, max_length: int = 512
+def score_ids(
+    model: nn.Module, ids: Sequence[list[int]], texts: Sequence[str], k: float
 ) -> list[dict[str, float]]:
-    """Attack scores of each text: tokenized with BOS (added when the tokenizer does not), cut to
-    ``max_length`` tokens, one forward pass each (a 128k-token vocabulary's log-softmax over a
-    batch would not fit next to a 7B model)."""
+    """Attack scores of tokenized texts, one forward pass each (a 128k-token vocabulary's
+    log-softmax over a batch would not fit next to a 7B model)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    bos = tokenizer.bos_token_id
     out = []
     try:
-        for text in texts:
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-            if bos is not None and (not ids or ids[0] != bos):
-                ids = [bos, *ids]
-            ids = ids[:max_length]
-            if len(ids) < 2:
-                raise DataSourceError(f"membership inference: the text {text[:40]!r} has no token to score")
-            tensor = torch.tensor([ids], device=device)
+        for row, text in zip(ids, texts):
+            tensor = torch.tensor([row], device=device)
             logits = model(input_ids=tensor).logits[0, :-1]
             picked, standardised = token_statistics(logits, tensor[0, 1:])
             out.append(attack_scores(picked.cpu(), standardised.cpu(), text, k))
     finally:
         model.train(was_training)
     return out
+
+
+def score_texts(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], k: float = 0.2, max_length: int = 512
+) -> list[dict[str, float]]:
+    """Attack scores of each text (see :func:`tokenize_texts` and :func:`score_ids`)."""
+    return score_ids(model, tokenize_texts(tokenizer, texts, max_length), texts, k)
 
 
 class MembershipInference(MetricSet):
@@ -138,7 +154,7 @@ class MembershipInference(MetricSet):
         self.files = {"forget": forget, "forget_holdout": holdout, "retain": retain}
         self.text_field, self.k, self.max_texts = text_field, k, max_texts
         self._texts: dict[str, list[str]] = {}
-        self._max_length = 512
+        self._ids: dict[str, list[list[int]]] = {}
 
     def texts(self) -> dict[str, list[str]]:
         """The texts of each set, read and validated."""
@@ -151,14 +167,19 @@ class MembershipInference(MetricSet):
         return out
 
     def setup(self, tokenizer: Any, max_length: int) -> None:
+        """Read and tokenize every set once (bad or empty texts fail here, before training)."""
         texts = self.texts()
         self._texts = {name: t[: self.max_texts] if self.max_texts else t for name, t in texts.items()}
-        self._max_length = max_length
+        for name, rows in self._texts.items():
+            if not rows:
+                raise DataSourceError(f"membership inference: the {name} set has no text")
+        self._ids = {
+            name: tokenize_texts(tokenizer, t, max_length, f"{name} text") for name, t in self._texts.items()
+        }
 
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         scores = {
-            name: score_texts(model, tokenizer, texts, self.k, self._max_length)
-            for name, texts in self._texts.items()
+            name: score_ids(model, self._ids[name], texts, self.k) for name, texts in self._texts.items()
         }
         out: dict[str, float] = {}
         for name, rows in scores.items():

@@ -72,6 +72,16 @@ def test_bad_inputs_are_one_clear_line(tmp_path):
         MembershipInference(str(good), str(good), k=0.0)
 
 
+def test_a_text_without_tokens_fails_at_setup_naming_it(tmp_path, smoke_target):
+    from lit_unlearn.models import load_tokenizer
+
+    forget, holdout = tmp_path / "forget.jsonl", tmp_path / "holdout.jsonl"
+    forget.write_text(json.dumps({"text": "a b"}) + "\n")
+    holdout.write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(DataSourceError, match=r"forget_holdout text 1 \('   '\) has no token"):
+        MembershipInference(str(forget), str(holdout)).setup(load_tokenizer(smoke_target), 64)
+
+
 def test_files_and_synthetic_sets_agree(smoke_target, tmp_path):
     """The same texts through files (RWKU's schema) and the synthetic set give the same numbers;
     the trained-on forget documents are recognised (AUC near 1) against never-seen variants."""
