@@ -8,6 +8,7 @@ with its adapters switched off — no second copy of the weights.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -65,7 +66,13 @@ class LoRA:
             target_modules=self.target_modules,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
+        adapted = get_peft_model(model, config)
+        # a local base folder is recorded absolute, so the saved adapter loads from anywhere
+        # (peft records the path as given; hub ids stay as they are)
+        base = adapted.peft_config["default"].base_model_name_or_path
+        if base and not os.path.isabs(base) and os.path.isdir(base):
+            adapted.peft_config["default"].base_model_name_or_path = os.path.abspath(base)
+        return adapted
 
 
 def is_adapted(model: Any) -> bool:
@@ -141,23 +148,6 @@ def merged_state_dict(
         raise ValueError(f"cannot merge adapter tensors {leftover[:3]}: not attached to a LoRA layer")
     merged.update({k.removeprefix(prefix): v for k, v in state.items()})
     return merged
-
-
-def pin_local_base(adapter_dir: str) -> None:
-    """Make a saved adapter's ``base_model_name_or_path`` absolute when it names a local folder
-    relative to the working directory, so the adapter loads from anywhere (hub ids stay as they are)."""
-    import json
-    import os
-
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    with open(path) as handle:
-        config = json.load(handle)
-    base = config.get("base_model_name_or_path")
-    if not base or os.path.isabs(base) or not os.path.isdir(base):
-        return
-    config["base_model_name_or_path"] = os.path.abspath(base)
-    with open(path, "w") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
 
 
 def adapter_weights(model: nn.Module) -> list[torch.Tensor]:

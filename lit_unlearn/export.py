@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 
-from lit_unlearn.adapters import is_adapted, merged_state_dict, pin_local_base
+from lit_unlearn.adapters import is_adapted, merged_state_dict
 from lit_unlearn.errors import SaveFailed
 from lit_unlearn.models import gathered_state_dict
 from lit_unlearn.rundir import MODEL_DIR, run_directory, save_pretrained_atomic
@@ -53,8 +53,6 @@ class ExportModel(L.Callback):
                 save_pretrained_atomic(
                     model.get_base_model(), tokenizer, self.path, "merged", state_dict=merged
                 )
-            if is_adapted(model):
-                pin_local_base(self.path)
         except Exception as err:
             ckpt = (
                 getattr(trainer.checkpoint_callback, "last_model_path", "")

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 
+from lit_unlearn.adapters import LoRA
 from lit_unlearn.gradients import TwoTaskGradients
 from lit_unlearn.module import UnlearningModule
 from lit_unlearn.objectives import NLL, NPO, GradientAscent, SimNPO
@@ -241,11 +242,15 @@ def test_module_arguments_are_validated(synthetic_tokenizer_dir):
         UnlearningModule(model, trainable_parameters="nothing_matches")
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(synthetic_tokenizer_dir, pairs, tmp_path):
+@pytest.mark.parametrize("rank", [None, 4], ids=["full", "lora"])
+def test_resume_from_checkpoint_equals_uninterrupted(synthetic_tokenizer_dir, pairs, tmp_path, rank):
+    """Bit-identical weights (with LoRA: the adapters and the untouched base)."""
+
     def module():
         return UnlearningModule(
             make_model(synthetic_tokenizer_dir),
             synthesizer=SAGO(retain_weight=0.5),
+            adapter=LoRA(rank=rank) if rank else None,
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
             warmup_ratio=0.3,
             lr_decay="linear",
