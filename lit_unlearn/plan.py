@@ -34,10 +34,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lit_unlearn.adapters import LLAMA_LINEAR
 from lit_unlearn.errors import UserError, function_cli
 
 GIB = 1024**3
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 PRECISIONS = {  # precision -> (weight and gradient dtype, compute dtype)
     "32-true": ("float32", "float32"),
@@ -62,17 +62,14 @@ class ModelShape:
     # decoder-layer linear layers by name: (sum of in_features, sum of out_features) over the layers
     linears: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def check_targets(self, targets: list[str]) -> None:
+    def adapter_parameters(self, rank: int, targets: list[str]) -> int:
+        """Parameters of rank-``rank`` LoRA adapters on the decoder layers' linear layers named
+        ``targets`` (``A`` is ``rank x in``, ``B`` is ``out x rank``)."""
         missing = [t for t in targets if t not in self.linears]
         if missing:
             raise UserError(
                 f"--lora_targets: {missing} are not linear layers of this model (it has {sorted(self.linears)})"
             )
-
-    def adapter_parameters(self, rank: int, targets: list[str]) -> int:
-        """Parameters of rank-``rank`` LoRA adapters on the decoder layers' linear layers named
-        ``targets`` (``A`` is ``rank x in``, ``B`` is ``out x rank``)."""
-        self.check_targets(targets)
         return rank * sum(sum(self.linears[t]) for t in targets)
 
 
@@ -183,7 +180,7 @@ def plan(
         trained, tb, frozen = p, pb, 0.0
         gathered: float = 2 * 2 * shape.largest_layer * pb  # params + grads of 2 layers (one prefetched)
     else:  # LoRA: the base is frozen; peft keeps bf16/fp16 models' adapters in float32
-        targets = lora_targets or [t for t in LORA_TARGETS if t in shape.linears]
+        targets = lora_targets or [t for t in LLAMA_LINEAR if t in shape.linears]
         adapters = shape.adapter_parameters(lora_rank, targets)
         trained, tb, frozen = adapters / share, max(pb, 4), p * pb
         per_layer = adapters / max(shape.layers, 1)

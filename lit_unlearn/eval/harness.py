@@ -246,10 +246,8 @@ def evaluate_saved(
     check_model_path(model, flag="--model")
     if not tasks and not metrics:
         raise UserError("lit-unlearn-eval: give --tasks (lm-eval) and/or --metrics (metric sets)")
-    if tasks:
-        task_manager(
-            tasks, include_path, dataset_paths=dataset_paths
-        )  # bad names fail before the model loads
+    if tasks:  # bad task names fail here, before the model loads
+        task_manager(tasks, include_path, dataset_paths=dataset_paths)
     tokenizer = load_tokenizer(model)
     for metric in metrics or []:
         metric.setup(tokenizer, max_length)  # bad data files fail before the model loads
