@@ -28,6 +28,7 @@ not the mean of their level columns), so that column cannot be reproduced from t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -100,14 +101,18 @@ def score_official(prediction: str, reference: str) -> float:
         return 0.0
 
 
-def score_sago(prediction: str, reference: str) -> float:
-    """ROUGE-L recall of ``rouge_score`` with stemming, as the SAGO port calls it."""
+@functools.cache
+def _stemming_scorer() -> Any:
     from rouge_score import rouge_scorer
 
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def score_sago(prediction: str, reference: str) -> float:
+    """ROUGE-L recall of ``rouge_score`` with stemming, as the SAGO port calls it."""
     if not prediction.strip() or not reference.strip():
         return 0.0
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(scorer.score(reference, prediction)["rougeL"].recall)
+    return float(_stemming_scorer().score(reference, prediction)["rougeL"].recall)
 
 
 SCORERS = {"official": score_official, "sago": score_sago}
@@ -210,6 +215,9 @@ class RWKU(MetricSet):
         self.max_new_tokens = max_new_tokens or BUDGET[protocol]
         self.batch_size, self.outputs_path = batch_size, outputs_path
         self._items: dict[str, list[dict[str, Any]]] = {}
+        self._prompts: dict[str, list[str]] = {}
+        self._special = True  # whether tokenizing the prompts adds BOS (see build_prompt)
+        self._stop_ids: list[int] = []
 
     def setup(self, tokenizer: Any, max_length: int) -> None:
         for level, name in LEVEL_FILES.items():
@@ -220,18 +228,18 @@ class RWKU(MetricSet):
             raise FileNotFoundError(f"RWKU: none of {list(LEVEL_FILES.values())} found in {self.directory}")
         if self.chat_template and not getattr(tokenizer, "chat_template", None):
             raise UserError("RWKU chat_template: true, but the tokenizer has no chat template")
-
-    def prompts(self, tokenizer: Any, level: str) -> tuple[list[str], bool]:
-        """The prompts of one level's items and whether tokenizing them adds special tokens."""
         chat = self.chat_template
         if chat is None:
             chat = bool(getattr(tokenizer, "chat_template", None))
-        number = int(level[-1])
-        built = [
-            build_prompt(tokenizer, number, item["query"], item.get("type"), self.protocol, chat)
-            for item in self._items[level]
-        ]
-        return [text for text, _ in built], built[0][1] if built else True
+        # prompts and stops depend on the tokenizer only: built once, used at every evaluation
+        for level, items in self._items.items():
+            built = [
+                build_prompt(tokenizer, int(level[-1]), item["query"], item.get("type"), self.protocol, chat)
+                for item in items
+            ]
+            self._prompts[level] = [text for text, _ in built]
+            self._special = built[0][1] if built else True
+        self._stop_ids = stop_token_ids(tokenizer, self.protocol)
 
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -243,10 +251,10 @@ class RWKU(MetricSet):
             for level, items in self._items.items():
                 if not level.startswith(group):
                     continue
-                prompts, special = self.prompts(tokenizer, level)
+                prompts = self._prompts[level]
                 answers = greedy_generate(
                     model, tokenizer, prompts, self.max_new_tokens, stops, self.batch_size,
-                    add_special_tokens=special, stop_ids=stop_token_ids(tokenizer, self.protocol),
+                    add_special_tokens=self._special, stop_ids=self._stop_ids,
                 )  # fmt: skip
                 scores = [score(a, str(it["answer"])) for a, it in zip(answers, items)]
                 results[f"{prefix}_{level.split('_')[1]}"] = sum(scores) / len(scores)
