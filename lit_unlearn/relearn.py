@@ -29,7 +29,7 @@ from lit_unlearn.data.sources import DataSource
 from lit_unlearn.errors import UserError, function_cli
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.metrics import MetricSet
-from lit_unlearn.objectives.functional import nll_terms
+from lit_unlearn.objectives.functional import mean_nll
 from lit_unlearn.rundir import write_json_atomic
 
 
@@ -82,8 +82,7 @@ class Relearner(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total, count = nll_terms(logits, batch["labels"])
-        loss = total / count.clamp_min(1)
+        loss = mean_nll(logits, batch["labels"])
         self.log("relearn/loss", loss, prog_bar=True)
         return loss
 
