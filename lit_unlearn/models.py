@@ -280,6 +280,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def drop_gathered_parameters(model: nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``model``. A gathered unit (the root stays gathered after a
+    forward pass without backward) has its full-size parameters registered in place of the
+    sharded ones, so ``model.parameters()`` would not return what the optimizer steps.
+    Unsharded models: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def is_sharded(model: nn.Module | None) -> bool:
     """Whether the model's parameters are sharded ``DTensor`` s (FSDP2): its forward passes are
     then collectives, so every rank must run the same ones (evaluation included)."""

@@ -43,6 +43,7 @@ from lit_unlearn.models import (
     DTYPES,
     check_model_path,
     compile_trainable,
+    drop_gathered_parameters,
     enable_activation_checkpointing,
     frozen_copy,
     load_causal_lm,
@@ -298,23 +299,33 @@ class UnlearningModule(L.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def on_fit_start(self) -> None:
-        params = self._trainable()
         if self.reference is not None:
-            self.reference.to(device=self.device, dtype=params[0].dtype)
+            self.reference.to(device=self.device, dtype=self._trainable()[0].dtype)
+        assert self.model is not None
+        self.forget_objective.prepare(self.model, self._forget_batches())
+
+    def on_train_start(self) -> None:
+        # Everything derived from restored state happens here, after every checkpoint restore:
+        # under FSDP (ModelParallelStrategy) the checkpoint is loaded after on_fit_start. There,
+        # torch only restores optimizer state into an optimizer whose state it can initialise,
+        # which it does not do once .grad is set: installing the task buffers (which point .grad
+        # at them) in on_fit_start silently dropped AdamW's moments on resume, and the collapse
+        # guard's baseline was taken from the first resumed step instead of the checkpoint.
+        if self.retain_baseline is not None:
+            self._baseline = torch.tensor(self.retain_baseline, device=self.device)
+        # A forward pass before this point (an evaluation, the sanity check) leaves FSDP's root
+        # unit gathered, and a gathered unit exposes full-size stand-ins instead of its sharded
+        # parameters: the buffers must hold the parameters the optimizer steps.
+        assert self.model is not None
+        drop_gathered_parameters(self.model)
         buffer_dtype = torch.float32 if self.grad_buffer_dtype == "float32" else None
         self.grads = TwoTaskGradients(
-            params, buffer_dtype, self.accumulate_grad_batches, self.trainer.world_size
+            self._trainable(), buffer_dtype, self.accumulate_grad_batches, self.trainer.world_size
         )
         # Dot products and norms of sharded buffers are summed over ranks: whole-tensor values.
         self.synthesizer.use_reducer(self.grads.reducer)
-        assert self.model is not None
-        self.forget_objective.prepare(self.model, self._forget_batches())
-        if self.retain_baseline is not None:
-            self._baseline = torch.tensor(self.retain_baseline, device=self.device)
         if is_adapted(self.model):
-            self._adapter_before = adapter_weights(self.model)
-
-    def on_train_start(self) -> None:
+            self._adapter_before = adapter_weights(self.model)  # the restored adapters, when resuming
         batches, k = self.trainer.num_training_batches, self.accumulate_grad_batches
         if k > 1 and math.isfinite(batches) and batches % k:
             log.warning(

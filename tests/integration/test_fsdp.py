@@ -192,3 +192,31 @@ def test_bf16_weights_with_an_fp32_forget_buffer_and_clipping_run_sharded(tmp_pa
     assert all(w.dtype == torch.bfloat16 and torch.isfinite(w.float()).all() for w in weights.values())
     changed = [k for k, w in weights.items() if not torch.equal(w, _initial()[k].to(w.dtype))]
     assert changed  # the update reached the weights
+
+
+@pytest.mark.integration
+def test_sharded_adamw_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """The shipped optimizer (AdamW) and full fine-tuning, sharded: its moments come back from
+    the distributed checkpoint (torch restores optimizer state only into an optimizer whose
+    state it can initialise, so the task buffers must not claim .grad before the restore), and
+    the buffers hold the sharded parameters even though the step-0 evaluation left FSDP's root
+    unit gathered. Both failures changed the resumed weights by ~lr per step before the fix."""
+    args = ["fit", "--config", TINY, "--config", FSDP, "--trainer.max_steps", "8"]
+    args += ["--model.synthesizer", "SAGO", "--model.optimizer.init_args.lr", "0.01"]
+    args += ["--data.forget_batch_size", "4", "--data.retain_batch_size", "4"]
+    args += ["--model.dtype", "float64", "--model.grad_buffer_dtype", "param"]
+    args += ["--checkpoint.every_n_train_steps", "2"]
+    full = run("lit-unlearn", *args, "--trainer.default_root_dir", str(tmp_path / "full"), timeout=240)
+    assert full.returncode == 0, full.stderr[-3000:]
+    root = tmp_path / "cut"
+    code, err, ckpt = sigterm_after_first_checkpoint(
+        str(root), *args, "--trainer.default_root_dir", str(root)
+    )
+    assert code == 143 and ckpt is not None, err[-3000:]
+    resumed = run(
+        "lit-unlearn", *args, "--trainer.default_root_dir", str(root), "--ckpt_path", ckpt, timeout=240
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (a,), (b,) = run_dirs(str(tmp_path / "full")), run_dirs(str(root))
+    assert results(b)["steps"] == 8
+    assert relative_difference(saved_weights(b), saved_weights(a), _initial()) <= 1e-12
