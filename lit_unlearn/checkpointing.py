@@ -4,7 +4,13 @@
 
 - every ``every_n_train_steps`` optimizer steps and at the end of training it writes
   ``<run dir>/checkpoints/last.ckpt`` (optimizer, scheduler, data position, RNG, evaluator and
-  report state: ``--ckpt_path last.ckpt`` continues exactly where the run stopped);
+  report state: ``--ckpt_path last.ckpt`` continues exactly where the run stopped). The end of
+  training is saved after the final evaluation, so the last checkpoint holds what
+  ``results.json`` reports;
+- every save is written beside ``last.ckpt`` under a temporary name, fsynced and renamed over
+  it (never through ``$TMPDIR``; a kill or a full disk mid-save leaves the previous one intact),
+  with a digest that refuses a corrupted checkpoint on resume (``lit_unlearn.checkpoint_files``);
+  what a killed save left behind is removed when the next run in that directory starts;
 - on SIGTERM (a scheduler's time limit, ``kill``) or Ctrl-C it lets the current optimizer step
   finish, writes ``last.ckpt`` and exits with 143 / 130. Ranks agree on the stop inside the
   step's existing reduction, so a signal that reaches one rank stops all of them at the same
@@ -18,15 +24,25 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from types import FrameType
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lit_unlearn.checkpoint_files import (
+    VerifiedCheckpointIO,
+    remove_orphans,
+    replace_directory,
+    temporary_name,
+    write_directory_digest,
+)
 from lit_unlearn.errors import RunInterrupted, TrainingDiverged, UserError
+from lit_unlearn.rundir import MODEL_DIR, RESULTS_FILE, run_directory
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +74,28 @@ class RunCheckpoint(ModelCheckpoint):
         self._previous: dict[int, Any] = {}
         self._signal_name: str | None = None
         self._module: Any = None
+        self._saved_evaluations = -1  # evaluations recorded when last.ckpt was last written
+        self._finishing = False  # training done, final checkpoint written, outputs being saved
+        self._run_dir: str | None = None
 
     @property
     def state_key(self) -> str:
         return "RunCheckpoint"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # leave a user's own plugin alone
+            trainer.strategy.checkpoint_io = VerifiedCheckpointIO()
+        run_dir = self._run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
+        if stage == "fit":
+            self._install_handlers()
+        if trainer.is_global_zero and stage == "fit":
+            # leftovers of a save killed in an earlier segment of this run (the directories are this run's own)
+            for directory in {str(self.dirpath or ""), run_dir} - {""}:
+                for path in remove_orphans(directory):
+                    log.info("removed %s, left by an interrupted save", path)
 
     # ------------------------------------------------------------------ periodic and final saves
     def on_train_batch_end(
@@ -82,11 +116,43 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_last(trainer)
+        self._finishing = True  # from here a signal stops the export at once: the checkpoint is final
 
     def _save_last(self, trainer: L.Trainer) -> str:
-        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+        # A step saved before the final evaluation is saved again: the evaluator's history is part
+        # of the checkpoint, and a resume or a recovery must report what this run reported.
+        evaluations = _evaluations(trainer)
+        if (
+            self._last_global_step_saved != trainer.global_step
+            or not self.last_model_path
+            or evaluations != self._saved_evaluations
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._saved_evaluations = evaluations
         return self.last_model_path
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Write ``filepath`` so that it is never partly written: a single file goes through
+        :class:`VerifiedCheckpointIO` (temporary name beside it, fsync, rename); a sharded
+        checkpoint (a directory, written by every rank) is written under a temporary name, given
+        a digest file and swapped in by rank 0."""
+        direct = isinstance(trainer.strategy.checkpoint_io, VerifiedCheckpointIO) and not getattr(
+            trainer.strategy, "_save_distributed_checkpoint", False
+        )
+        if direct:
+            trainer.save_checkpoint(filepath, self.save_weights_only)
+        else:
+            tmp = trainer.strategy.broadcast(temporary_name(filepath))
+            trainer.save_checkpoint(tmp, self.save_weights_only)  # ends with a barrier
+            if trainer.is_global_zero:
+                if os.path.isdir(tmp):
+                    write_directory_digest(tmp)
+                replace_directory(tmp, filepath)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     # ------------------------------------------------------------------ errors
     def on_exception(
@@ -112,20 +178,48 @@ class RunCheckpoint(ModelCheckpoint):
             log.warning("could not write last.ckpt after %s: %s", type(exception).__name__, err)
 
     # ------------------------------------------------------------------ signals
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._module = pl_module
+    def _install_handlers(self) -> None:
+        """Our SIGTERM/SIGINT handler; the handlers found the first time are restored in teardown."""
         if not self.handle_signals:
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:  # replaces Lightning's own SIGTERM handler for the training loop; restored in teardown
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+            try:
+                previous = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: leave signals alone
                 return
+            self._previous.setdefault(sig, previous)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed in setup too: Lightning captures the handlers it finds when training starts and
+        # puts them back *before* on_fit_end, so ours also covers the export of the model and
+        # results. Here it replaces Lightning's own SIGTERM handler for the training loop.
+        self._module = pl_module
+        self._install_handlers()
+        if self._signal_name is not None:  # a signal during set-up: stop at the first step boundary
+            pl_module.stop_requested = True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self._module is not None and self._module.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now, keep the last periodic checkpoint
+        path = self.last_model_path if self.last_model_path and os.path.exists(self.last_model_path) else None
+        step = self._last_global_step_saved
+        if self._finishing:
+            # The final checkpoint is written; stop the export now (its temporary folder is removed).
+            raise RunInterrupted(
+                name,
+                step,
+                path,
+                f"{name} while saving the run's outputs (missing: {', '.join(self._missing_outputs()) or 'none'}); "
+                f"the finished training (step {step}, final evaluation included) is in {path}; run the same "
+                f"command plus --ckpt_path {path} to write them",
+            )
+        if self._signal_name is not None and signum == signal.SIGINT:
+            # second Ctrl-C: abort now, mid-step; the last periodic checkpoint stays
+            where = (
+                f"last checkpoint: {path} (step {step}); resume with the same command plus --ckpt_path {path}"
+                if path
+                else "no checkpoint was written yet"
+            )
+            raise RunInterrupted(name, step, path, f"aborted by a second {name} (nothing saved now); {where}")
         self._signal_name = self._signal_name or name
         if self._module is not None:
             self._module.stop_requested = True
@@ -136,7 +230,21 @@ class RunCheckpoint(ModelCheckpoint):
             flush=True,
         )
 
+    def _missing_outputs(self) -> list[str]:
+        run_dir = self._run_dir or ""
+        return [name for name in (MODEL_DIR, RESULTS_FILE) if not os.path.exists(os.path.join(run_dir, name))]
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def _evaluations(trainer: L.Trainer) -> int:
+    """How many evaluations the run's evaluators have recorded (their history is checkpointed)."""
+    callbacks: list[Any] = list(getattr(trainer, "callbacks", []))
+    total = 0
+    for cb in callbacks:
+        if hasattr(cb, "matched_step"):
+            total += len(getattr(cb, "history", None) or ())
+    return total

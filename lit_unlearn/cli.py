@@ -21,11 +21,13 @@ code 2; ``LIT_UNLEARN_DEBUG=1`` shows the traceback too.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from lit_unlearn.checkpoint_files import check_checkpoint
 from lit_unlearn.checkpointing import RunCheckpoint
 from lit_unlearn.data import UnlearningDataModule
 from lit_unlearn.errors import (
@@ -45,6 +47,7 @@ from lit_unlearn.rundir import (
     check_run_directory,
     finished_outputs,
     local_run_directory,
+    release_claims,
     run_directory,
 )
 
@@ -71,8 +74,40 @@ def _class_name(spec: Any, default: str) -> str:
     return str(path).rsplit(".", 1)[-1] if path else default
 
 
+# Settings that say where a run writes or how it is launched, not what it computes: left out of
+# the configuration digest in the run directory's name (a resumed run keeps its directory anyway).
+_NOT_IN_DIGEST = (
+    "config",
+    "ckpt_path",
+    "resume",
+    "print_config",
+    "trainer.logger",
+    "trainer.default_root_dir",
+)
+
+
+def config_digest(config: Any) -> str:
+    """8 hex digits naming the resolved configuration: runs that differ in any setting (α, γ, β,
+    steps, data, ...) get different run directories. Stable across processes and machines."""
+    import hashlib
+    import json
+
+    data = config.as_dict() if hasattr(config, "as_dict") else dict(config)
+    data = {k: v for k, v in data.items() if k != "subcommand"}
+    for dotted in _NOT_IN_DIGEST:
+        *parents, last = dotted.split(".")
+        node: Any = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    text = json.dumps(data, sort_keys=True, default=lambda o: type(o).__name__)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def run_name(config: Any) -> tuple[str, str]:
-    """``(benchmark, method/lr_seed)`` for the run directory, from the parsed config."""
+    """``(benchmark, method/lr<lr>_seed<seed>_<digest>)`` for the run directory, from the parsed
+    config (the digest: :func:`config_digest`)."""
     forget = _get(config, "data.forget")
     kind = _class_name(forget, "")
     path = _get(forget, "init_args.path") if forget is not None else None
@@ -89,7 +124,8 @@ def run_name(config: Any) -> tuple[str, str]:
     )
     lr = _get(config, "model.optimizer.init_args.lr")
     lr_text = f"{lr:g}" if isinstance(lr, (int, float)) else "default"
-    return benchmark, f"{method}/lr{lr_text}_seed{_get(config, 'seed_everything')}"
+    seed = _get(config, "seed_everything")
+    return benchmark, f"{method}/lr{lr_text}_seed{seed}_{config_digest(config)}"
 
 
 def fill_run_logger(config: Any, ckpt_path: str | None) -> None:
@@ -151,6 +187,13 @@ class UnlearnCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ExportModel, "export")
+        parser.add_argument(
+            "--resume.allow_data_change",
+            type=bool,
+            default=False,
+            help="with --ckpt_path: resume even though the training data differ from the checkpoint's "
+            "(changed, added or removed files, other source settings); refused by default",
+        )
         parser.link_arguments(
             "model.model", "data.tokenizer", compute_fn=lambda m: m if isinstance(m, str) else None
         )
@@ -178,7 +221,21 @@ class UnlearnCLI(LightningCLI):
         lr = _get(config, "model.optimizer.init_args.lr")
         if isinstance(lr, (int, float)) and not lr > 0:
             raise UserError(f"--model.optimizer.init_args.lr must be > 0, got {lr}")
-        fill_run_logger(config, _get(config, "ckpt_path"))
+        max_steps = _get(config, "trainer.max_steps")
+        if self.subcommand == "fit" and isinstance(max_steps, int) and max_steps == 0:
+            raise UserError(
+                "--trainer.max_steps 0 would train nothing and export the untouched model as unlearned; "
+                "give a number of optimizer steps > 0 (or -1 with --trainer.max_epochs), or use "
+                "lit-unlearn validate / lit-unlearn-eval to evaluate a model"
+            )
+        ckpt_path = _get(config, "ckpt_path")
+        if (
+            self.subcommand == "fit"
+            and isinstance(ckpt_path, str)
+            and ckpt_path not in ("last", "best", "hpc")
+        ):
+            check_checkpoint(ckpt_path)  # cheap checks, before the data or a model are read
+        fill_run_logger(config, ckpt_path)
         if self.subcommand == "fit" and _get(config, "trainer.enable_checkpointing") is False:
             raise UserError(
                 "--trainer.enable_checkpointing false is not supported by lit-unlearn fit (last.ckpt is what makes "
@@ -193,9 +250,11 @@ class UnlearnCLI(LightningCLI):
                 f"--trainer.precision {configured}: this device would run {trainer.precision} instead; "
                 f"ask for {trainer.precision} explicitly"
             )
+        config = self.config.get(self.subcommand, {})
         if trainer.global_rank == 0:  # before the process group exists: no collectives here
-            resuming = bool(self.config.get(self.subcommand, {}).get("ckpt_path"))
-            check_run_directory(run_directory(trainer), resuming)
+            check_run_directory(run_directory(trainer), bool(config.get("ckpt_path")))
+        if self.datamodule is not None and hasattr(self.datamodule, "allow_data_change"):
+            self.datamodule.allow_data_change = bool(_get(config, "resume.allow_data_change"))
         trainer.callbacks.append(RunManifest())
         if not any(isinstance(cb, TradeoffReport) for cb in trainer.callbacks):
             trainer.callbacks.append(TradeoffReport())
@@ -218,27 +277,79 @@ def _checkpoint_hint(cli_holder: dict[str, Any]) -> str:
 
 
 def _parse_error(err: BaseException) -> str:
-    """One line from a jsonargparse error, with the available classes for a component flag."""
-    text = " ".join(str(err).split())
+    """One line from a jsonargparse error: an unknown or unimportable class for a component flag
+    lists the available classes; an empty or looping component file says so."""
+    raw = str(err)
+    text = " ".join(raw.split())
     for key, package in COMPONENTS.items():
-        if f'"{key}"' in text or f"'{key}'" in text:
-            import importlib
-
-            module = importlib.import_module(package)
-            base = getattr(module, "Synthesizer", None) or module.Objective
-            names = sorted(
-                n
-                for n in getattr(module, "__all__", [])
-                if isinstance(getattr(module, n), type)
-                and issubclass(getattr(module, n), base)
-                and getattr(module, n) is not base
-            )
-            given = text.rsplit(": ", 1)[-1] if ": " in text else "value"
+        if f'"{key}"' not in text and f"'{key}'" not in text:
+            continue
+        flag = f"--{key}"
+        loop = re.search(r"Config file loop detected: (\S+) ->", raw)
+        if loop:  # what jsonargparse says of a component file with no class in it
             return (
-                f"--{key}: {given!r} is not an available class{suggest(given, names)}; "
-                f"choose one of {', '.join(names)}, or give a full class_path"
+                f"{flag}: {loop.group(1)} holds no class (expected e.g. 'class_path: {package}.<Name>' "
+                "with optional init_args)"
             )
+        names = _available(package)
+        missing = re.search(r"Problem with given class_path '([^']+)':\s*(.+?)(?:\n|$)", raw)
+        if missing:
+            return (
+                f"{flag}: cannot import class_path {missing.group(1)!r} ({missing.group(2).strip()}); "
+                f"choose one of {', '.join(names)}, or give an importable class path"
+            )
+        given = text.rsplit(": ", 1)[-1] if ": " in text else "value"
+        return (
+            f"{flag}: {given!r} is not an available class{suggest(given, names)}; "
+            f"choose one of {', '.join(names)}, or give a full class_path"
+        )
     return text[:500]
+
+
+def _available(package: str) -> list[str]:
+    import importlib
+
+    module = importlib.import_module(package)
+    base = getattr(module, "Synthesizer", None) or module.Objective
+    return sorted(
+        n
+        for n in getattr(module, "__all__", [])
+        if isinstance(getattr(module, n), type)
+        and issubclass(getattr(module, n), base)
+        and getattr(module, n) is not base
+    )
+
+
+def _check_config_files(args: list[str]) -> None:
+    """``--config FILE``: the file must hold a mapping of settings (jsonargparse's own message for
+    an empty file is "Unexpected config:")."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        path = (
+            args[i + 1]
+            if arg == "--config" and i + 1 < len(args)
+            else arg.partition("=")[2]
+            if arg.startswith("--config=")
+            else None
+        )
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                content = yaml.safe_load(handle)
+        except (yaml.YAMLError, UnicodeDecodeError) as yaml_err:
+            raise UserError(
+                f"--config {path}: not valid YAML ({' '.join(str(yaml_err).split())[:200]})"
+            ) from yaml_err
+        if content is None:
+            raise UserError(
+                f"--config {path}: the file is empty; expected a YAML mapping of settings (e.g. 'trainer: ...')"
+            )
+        if not isinstance(content, dict):
+            raise UserError(
+                f"--config {path}: expected a YAML mapping of settings, found a {type(content).__name__}"
+            )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -246,6 +357,7 @@ def main(args: list[str] | None = None) -> None:
     holder: dict[str, Any] = {}
 
     def run() -> None:
+        _check_config_files(list(sys.argv[1:] if args is None else args))
         try:
             holder["cli"] = UnlearnCLI(
                 UnlearningModule,
@@ -258,14 +370,11 @@ def main(args: list[str] | None = None) -> None:
                 args=args,
             )
         except RunInterrupted as stop:
-            if stop.checkpoint and is_rank_zero():
-                print(
-                    f"{PROGRAM}: stopped by {stop.signal_name} after step {stop.step}; state saved to {stop.checkpoint}; "
-                    f"resume with the same command plus --ckpt_path {stop.checkpoint}",
-                    file=sys.stderr,
-                )
+            if is_rank_zero():
+                print(f"{PROGRAM}: {stop.message}", file=sys.stderr, flush=True)
             raise
         except UserError:
+            release_claims()  # refused before training: leave no empty run directory behind
             raise
         except Exception as err:
             from jsonargparse import ArgumentError

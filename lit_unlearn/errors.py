@@ -38,11 +38,23 @@ class SaveFailed(RuntimeError):
 
 
 class RunInterrupted(SystemExit):
-    """Training stopped at an optimizer-step boundary on SIGTERM/SIGINT, after saving ``last.ckpt``."""
+    """The run stopped on SIGTERM/SIGINT (exit 143/130): at an optimizer-step boundary after
+    saving ``last.ckpt``, or at once (a second Ctrl-C, a signal during the final export), in
+    which case ``message`` says which checkpoint to resume from."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str | None) -> None:
+    def __init__(
+        self, signal_name: str, step: int, checkpoint: str | None, message: str | None = None
+    ) -> None:
         super().__init__(EXIT_SIGTERM if signal_name == "SIGTERM" else EXIT_SIGINT)
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        resume = (
+            f"resume with the same command plus --ckpt_path {checkpoint}"
+            if checkpoint
+            else "no checkpoint was written yet"
+        )
+        self.message = message or (
+            f"stopped by {signal_name} after step {step}; state saved to {checkpoint}; {resume}"
+        )
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:

@@ -53,8 +53,25 @@ def _check_local(name_or_path: str, what: str, flag: str | None = None) -> None:
                 else ""
             )
             raise ModelPathError(f"{flag}: local path {name_or_path!r} does not exist{hint}")
+        _refuse_run_directory(os.path.expanduser(name_or_path), flag)
         return
     _hub_preflight(name_or_path, flag)
+
+
+def _refuse_run_directory(path: str, flag: str) -> None:
+    """A lit-unlearn run directory is not a model: point at the model folder inside it."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+        return
+    markers = ("unlearned_model", "checkpoints", "results.json", "manifest.json")
+    if not any(os.path.exists(os.path.join(path, m)) for m in markers):
+        return
+    model = os.path.join(path, "unlearned_model")
+    hint = (
+        f"use {model}"
+        if os.path.isdir(model)
+        else "its run has not written unlearned_model/ yet (resume it with --ckpt_path <dir>/checkpoints/last.ckpt)"
+    )
+    raise ModelPathError(f"{flag}: {path!r} is a lit-unlearn run directory, not a model: {hint}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,8 +1,9 @@
 """The run directory: where a run's files go, and the rules that keep earlier runs safe.
 
 - :class:`RunLogger` (the CLI's default logger) names the directory after the run:
-  ``<root>/<benchmark>/<forget>+<retain>_<synthesizer>/lr<lr>_seed<seed>``, and takes the next
-  free ``-2``, ``-3``, ... rather than write into a directory that is in use.
+  ``<root>/<benchmark>/<forget>+<retain>_<synthesizer>/lr<lr>_seed<seed>_<digest>``, the digest
+  naming every other setting, and claims it with an exclusive ``mkdir`` (the next free ``-2``,
+  ``-3``, ... when it exists), so two runs never write into one directory.
 - :func:`run_directory` is the one way to ask for it (``trainer.log_dir`` broadcasts under DDP,
   so every rank must call it, never rank 0 alone).
 - :func:`check_run_directory` refuses a directory that holds a finished run (``results.json`` or
@@ -14,17 +15,18 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lit_unlearn.checkpoint_files import replace_file, temporary_name
 from lit_unlearn.errors import UserError
 
 MODEL_DIR = "unlearned_model"
@@ -49,10 +51,13 @@ class RunLogger(TensorBoardLogger):
 
     The directory is ``<save_dir>/<name>/<version>``. ``lit-unlearn fit`` fills in what is left
     unset: ``save_dir`` = ``--trainer.default_root_dir``, ``name`` = the benchmark (from the data),
-    ``version`` = ``<forget objective>+<retain objective>_<synthesizer>/lr<lr>_seed<seed>``, and
-    when resuming from ``<dir>/checkpoints/last.ckpt``, ``<dir>`` itself. A directory that already
-    holds files is never reused by a new run: the next free ``<version>-2``, ``-3``, ... is taken
-    (an explicit ``version`` is used as given, and a finished run there is refused).
+    ``version`` = ``<forget objective>+<retain objective>_<synthesizer>/lr<lr>_seed<seed>_<digest>``
+    (the digest: 8 hex digits of the resolved configuration, so runs of a sweep that differ in
+    any setting get different directories), and when resuming from
+    ``<dir>/checkpoints/last.ckpt``, ``<dir>`` itself. The directory is claimed by creating it
+    (atomic: exactly one process succeeds); a new run never enters an existing one but takes the
+    next free ``<version>-2``, ``-3``, ... (with ``unique: false`` an explicit ``version`` is used
+    as given, and a finished run there is refused).
 
     Args:
         save_dir: root folder of the runs (default: the CLI's ``--trainer.default_root_dir``).
@@ -102,21 +107,61 @@ class RunLogger(TensorBoardLogger):
 
     def _free(self, base: str) -> str:
         # Processes launched by this one (DDP ranks re-running the command) must not probe: by
-        # then rank 0 may have created the directory, and they would pick the next suffix.
+        # then rank 0 has claimed the directory, and they would pick the next suffix.
         key = f"{self.root_dir}|{base}|"
         parent, _, choice = os.environ.get(_VERSION_ENV, "").partition(":")
         if parent == str(os.getppid()) and choice.startswith(key):
             return choice[len(key) :]
-        candidate, n = base, 1
-        while _holds_files(os.path.join(self.root_dir, candidate)):
-            n += 1
-            candidate = f"{base}-{n}"
+        candidate = claim_directory(self.root_dir, base)
         os.environ[_VERSION_ENV] = f"{os.getpid()}:{key}{candidate}"
         return candidate
 
 
-def _holds_files(path: str) -> bool:
-    return os.path.isdir(path) and any(os.scandir(path))
+def claim_directory(root: str, base: str) -> str:
+    """Create ``root/base`` (or the first free ``base-2``, ``base-3``, ...) and return the name
+    taken. The creation is the test: ``mkdir`` succeeds for exactly one process, so runs started
+    at the same moment (a sweep, an array job) never share a directory. An empty directory that
+    an earlier start of this same name left behind is not reused (it may be another process's
+    fresh claim)."""
+    n = 1
+    while True:
+        candidate = base if n == 1 else f"{base}-{n}"
+        path = os.path.join(root, candidate)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.mkdir(path)
+            _CLAIMED.append(path)
+            atexit.register(_remove_if_empty, path)
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+_CLAIMED: list[str] = []  # run directories this process created
+_START_FILES = ("config.yaml", "hparams.yaml", "manifest.json", "events.out.tfevents.")
+
+
+def _remove_if_empty(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(path)  # only succeeds while nothing was written (the run failed before starting)
+
+
+def release_claims() -> list[str]:
+    """Remove the run directories this process claimed that hold only what a start writes
+    (config, hyper-parameters, manifest, an events file): after a refused input nothing is left
+    behind. A directory with a checkpoint, results or a model is never touched."""
+    removed = []
+    for path in _CLAIMED:
+        if not os.path.isdir(path):
+            continue
+        entries = os.listdir(path)
+        ckpt_dir = os.path.join(path, "checkpoints")
+        if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+            continue
+        if all(e == "checkpoints" or e.startswith(_START_FILES) for e in entries):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _umask() -> int:
@@ -162,32 +207,49 @@ def _unwrap_architectures(config_path: str, model: Any) -> None:
 
 
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place (mode 0644)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, default=float)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON to a temporary file beside ``path``, fsync it and rename it into place (mode
+    0666 minus the umask). ``path`` is either the old file or the new one, never a partial one."""
+    text = json.dumps(payload, indent=2, default=float).encode()
+    replace_file(path, lambda handle: handle.write(text))
+
+
+def _normal_permissions(root: str) -> None:
+    """Give every file under ``root`` the permissions of a newly created file (some writers, e.g.
+    safetensors through a temporary file, leave 0600)."""
+    file_mode, dir_mode = 0o666 & ~_umask(), 0o777 & ~_umask()
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, dir_mode)
+        for name in files:
+            full = os.path.join(directory, name)
+            if not os.path.islink(full):
+                os.chmod(full, file_mode)
+
+
+def _fsync_tree(root: str) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(directory, name)
+            if os.path.islink(full):
+                continue
+            with open(full, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str, replace: bool = False) -> Iterator[str]:
-    """Fill a temporary sibling of ``path`` (yielded); on success it is renamed to ``path``, on
-    any error it is removed, so ``path`` is either complete or absent. ``replace``: remove an
-    existing ``path`` first (otherwise the rename fails if it exists). Normal permissions."""
-    parent = os.path.dirname(path) or "."
+    """Fill a temporary sibling of ``path`` (yielded); on success its files are fsynced and it is
+    renamed to ``path``; on any error it is removed, so ``path`` is either complete or absent
+    (a killed process leaves only the temporary sibling, which ``remove_orphans`` clears when
+    the run directory is next used). ``replace``: remove an existing ``path`` first (otherwise
+    the rename fails if it exists). Normal permissions."""
+    parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}-")
+    tmp = temporary_name(path)
+    os.mkdir(tmp)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        _normal_permissions(tmp)
+        _fsync_tree(tmp)
         if replace and os.path.isdir(path):
             shutil.rmtree(path)
         os.rename(tmp, path)

@@ -31,16 +31,16 @@ FORMAT = 1  # bump when the stored layout changes
 Example = dict[str, Tensor]
 
 
-def _files(value: Any) -> Iterator[str]:
+def data_files(value: Any) -> Iterator[str]:
     """Paths of existing files named anywhere in a source's arguments."""
     if isinstance(value, str) and os.path.isfile(value):
         yield value
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _files(v)
+            yield from data_files(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
-            yield from _files(v)
+            yield from data_files(v)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -63,10 +63,15 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def settings_hash(described: Sequence[dict[str, Any]]) -> str:
+    """A short hash of sources as :func:`source_identity` describes them (classes and settings)."""
+    return _hash({"format": FORMAT, "sources": list(described)})
+
+
 def sources_key(sources: Sequence[Any]) -> str:
     """A short hash of the sources' classes, settings and the size and mtime of their files."""
     described = [source_identity(source) for source in sources]
-    stats = [(path, os.path.getsize(path), os.stat(path).st_mtime_ns) for path in _files(described)]
+    stats = [(path, os.path.getsize(path), os.stat(path).st_mtime_ns) for path in data_files(described)]
     return _hash({"format": FORMAT, "sources": described, "files": stats})
 
 

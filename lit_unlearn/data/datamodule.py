@@ -20,10 +20,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_unlearn.data.cache import cached_examples, mark_validated, validated
+from lit_unlearn.data.cache import (
+    cached_examples,
+    data_files,
+    mark_validated,
+    settings_hash,
+    source_identity,
+    validated,
+)
 from lit_unlearn.data.collate import PaddedExamples, PairedBatches, pad_examples
 from lit_unlearn.data.sampling import PairedBatchSampler
 from lit_unlearn.data.sources import DataSource, Example
+from lit_unlearn.errors import UserError
 from lit_unlearn.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -100,6 +108,8 @@ class UnlearningDataModule(L.LightningDataModule):
         self.retain_examples: Sequence[Example] = []
         self.val_examples: dict[str, Sequence[Example]] = {}
         self._resume: tuple[int, int] | None = None  # (epoch, batches already consumed)
+        # set by ``--resume.allow_data_change``: resume even if the data fingerprint differs
+        self.allow_data_change = False
 
     # ------------------------------------------------------------------ building
     def _build(self, sources: list[DataSource]) -> list[Example]:
@@ -150,6 +160,20 @@ class UnlearningDataModule(L.LightningDataModule):
             self.val_examples = {name.removeprefix("val_"): found for name, found in examples.items()}
             log.info(
                 "data: %d forget and %d retain examples", len(self.forget_examples), len(self.retain_examples)
+            )
+        if stage in (None, "fit"):
+            self._check_one_batch_fits()
+
+    def _check_one_batch_fits(self) -> None:
+        """A training step needs one global forget batch (before the model is loaded, not after)."""
+        _, world = self._rank_world()
+        need = self.forget_batch_size * world
+        if len(self.forget_examples) < need:
+            where = ", ".join(source.describe() for source in self.forget_sources)
+            raise UserError(
+                f"--data.forget_batch_size {self.forget_batch_size}: the forget set ({where}) has "
+                f"{len(self.forget_examples)} example(s), fewer than one global batch ({self.forget_batch_size} "
+                f"per device x {world} process(es) = {need}); lower --data.forget_batch_size or add forget data"
             )
 
     # ------------------------------------------------------------------ loaders
@@ -233,13 +257,64 @@ class UnlearningDataModule(L.LightningDataModule):
         # `processed`, not `completed`: a checkpoint saved in on_train_batch_end has finished the batch
         # but not yet counted it as completed.
         consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_consumed": consumed, "seed": self.seed}
+        return {
+            "epoch": trainer.current_epoch,
+            "batches_consumed": consumed,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the training data are, per group: a hash of the sources' classes and settings,
+        each file's size and modification time, and the number of examples built."""
+        out: dict[str, Any] = {}
+        for name, sources in self._groups()[:2]:  # forget and retain: what the steps consume
+            described = [source_identity(source) for source in sources]
+            files = {
+                os.path.abspath(path): [os.path.getsize(path), os.stat(path).st_mtime_ns]
+                for path in data_files(described)
+            }
+            examples = self.forget_examples if name == "forget" else self.retain_examples
+            out[name] = {"settings": settings_hash(described), "files": files, "examples": len(examples)}
+        return out
+
+    def _check_fingerprint(self, saved: dict[str, Any]) -> None:
+        now = self.fingerprint()
+        changes = []
+        for name in sorted(saved.keys() | now.keys()):
+            old, new = saved.get(name, {}), now.get(name, {})
+            if old.get("settings") != new.get("settings"):
+                changes.append(f"{name} sources' settings")
+            old_files, new_files = old.get("files", {}), new.get("files", {})
+            for path in sorted(old_files.keys() | new_files.keys()):
+                if path not in new_files:
+                    changes.append(f"{path} is no longer used")
+                elif path not in old_files:
+                    changes.append(f"{path} is new")
+                elif old_files[path][0] != new_files[path][0]:
+                    changes.append(f"{path} size {old_files[path][0]} -> {new_files[path][0]} bytes")
+                elif old_files[path][1] != new_files[path][1]:
+                    changes.append(f"{path} modified since the checkpoint")
+            if old.get("examples") != new.get("examples") and not changes:
+                changes.append(f"{name} examples {old.get('examples')} -> {new.get('examples')}")
+        if not changes:
+            return
+        if self.allow_data_change:
+            log.warning("resuming on changed data (--resume.allow_data_change): %s", "; ".join(changes))
+            return
+        raise UserError(
+            f"--ckpt_path: the training data changed since the checkpoint was written ({'; '.join(changes[:3])}"
+            f"{'; ...' if len(changes) > 3 else ''}); resume with the data it was trained on, or pass "
+            "--resume.allow_data_change true to continue on the new data"
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         if state_dict.get("seed", self.seed) != self.seed:
             log.warning("resuming with data seed %s, checkpoint used %s", self.seed, state_dict["seed"])
+        if state_dict.get("fingerprint") is not None:
+            self._check_fingerprint(state_dict["fingerprint"])
         self._resume = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
         # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader is stateful;
         # here the sampler skips the consumed batches itself, so the warning does not apply.

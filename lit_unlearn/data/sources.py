@@ -70,7 +70,9 @@ def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, di
     if ext == ".txt":
         return [(path, {fields[0]: text})]
     if ext == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # JSON Lines ends records at "\n" only: str.splitlines would also split at U+2028,
+        # U+2029 or U+0085, which json.dumps(ensure_ascii=False) writes raw inside strings.
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -19,6 +19,8 @@ FILES: dict[str, bytes] = {
     "malformed.jsonl": (GOOD + '{"question": "q", "answer": \n').encode(),
     "wrong_keys.jsonl": b'{"prompt": "q", "response": "a"}\n',
     "empty_answer.jsonl": (GOOD + '{"question": "q", "answer": "  "}\n').encode(),
+    "one.jsonl": GOOD.encode(),
+    "empty.yaml": b"",
 }
 LM_EVAL_OVERLAY = """trainer:
   callbacks:
@@ -138,6 +140,55 @@ CASES = [
         "missing config file", lambda d: ["--config", os.path.join(d, "nope.yaml")], lambda d: ["nope.yaml"]
     ),
     Case(
+        "max_steps 0",
+        lambda d: ["--trainer.max_steps", "0"],
+        lambda d: ["--trainer.max_steps 0", "train nothing"],
+    ),
+    Case(
+        "truncated checkpoint",
+        lambda d: ["--ckpt_path", os.path.join(d, "truncated.ckpt")],
+        lambda d: [os.path.join(d, "truncated.ckpt"), "not a PyTorch checkpoint archive"],
+    ),
+    Case(
+        "corrupted checkpoint (tensor bytes)",
+        lambda d: ["--ckpt_path", os.path.join(d, "corrupted.ckpt")],
+        lambda d: [os.path.join(d, "corrupted.ckpt"), "corrupted", "do not match the digest"],
+    ),
+    Case(
+        "foreign checkpoint",
+        lambda d: ["--ckpt_path", os.path.join(d, "foreign.ckpt")],
+        lambda d: [os.path.join(d, "foreign.ckpt"), "not a lit-unlearn training checkpoint"],
+    ),
+    Case(
+        "forget set smaller than one batch",
+        forget_file("one.jsonl"),
+        lambda d: ["--data.forget_batch_size 8", "one.jsonl", "1 example(s)", "fewer than one global batch"],
+    ),
+    Case(
+        "empty YAML config",
+        lambda d: ["--config", os.path.join(d, "empty.yaml")],
+        lambda d: [f"--config {os.path.join(d, 'empty.yaml')}", "the file is empty"],
+    ),
+    Case(
+        "empty component file",
+        lambda d: ["--model.synthesizer", os.path.join(d, "empty.yaml")],
+        lambda d: ["--model.synthesizer", "empty.yaml holds no class", "class_path"],
+    ),
+    Case(
+        "class path to a missing module",
+        lambda d: ["--model.synthesizer", "my_rules.Foo"],
+        lambda d: ["--model.synthesizer", "'my_rules.Foo'", "No module named 'my_rules'", "SAGO"],
+    ),
+    Case(
+        "run directory as --model",
+        lambda d: ["--model.model", os.path.join(os.path.dirname(d), "a_run")],
+        lambda d: [
+            "--model.model",
+            "is a lit-unlearn run directory",
+            os.path.join(os.path.dirname(d), "a_run", "unlearned_model"),
+        ],
+    ),
+    Case(
         "collapsed model (lr = 1e6)",
         lambda d: ["--model.optimizer.init_args.lr", "1e6"],
         lambda d: ["collapsed", "learning rate"],
@@ -146,11 +197,49 @@ CASES = [
 ]
 
 
+def _checkpoints(d) -> None:
+    """A real last.ckpt (2 steps of the tiny config), then a truncated, a corrupted and a foreign one."""
+    import shutil
+
+    import torch
+
+    from tests.test_checkpoint_files import _flip_a_tensor_byte
+
+    proc = run(
+        "lit-unlearn",
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.max_steps",
+        "2",
+        "--export.enabled",
+        "false",
+        "--trainer.default_root_dir",
+        str(d / "ckpt_run"),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    good = last_checkpoint(str(d / "ckpt_run"))
+    shutil.copy(good, d / "truncated.ckpt")
+    with open(d / "truncated.ckpt", "r+b") as handle:
+        handle.truncate(os.path.getsize(good) * 2 // 3)
+    shutil.copy(good, d / "corrupted.ckpt")
+    _flip_a_tensor_byte(str(d / "corrupted.ckpt"))
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, d / "foreign.ckpt")
+
+
 @pytest.fixture(scope="module")
 def case_dir(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("bad")
+    base = tmp_path_factory.mktemp("bad")
+    d = base / "cases"
+    d.mkdir()
     for name, data in FILES.items():
         (d / name).write_bytes(data)
+    _checkpoints(d)
+    # a finished run's directory, beside the cases (its unlearned_model/ is not one of theirs)
+    finished = base / "a_run"
+    (finished / "unlearned_model").mkdir(parents=True)
+    (finished / "unlearned_model" / "config.json").write_text("{}")
+    (finished / "results.json").write_text("{}")
     (d / "lm_eval.yaml").write_text(LM_EVAL_OVERLAY)
     (d / "runs").mkdir()  # the user's runs folder exists; runs/unlearned_modl is a typo of a path in it
     (d / "model").mkdir()
