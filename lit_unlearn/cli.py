@@ -27,7 +27,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from lit_unlearn.checkpoint_files import check_checkpoint
+from lit_unlearn.checkpoint_files import VerifiedCheckpointIO, check_checkpoint
 from lit_unlearn.checkpointing import RunCheckpoint
 from lit_unlearn.data import UnlearningDataModule
 from lit_unlearn.errors import (
@@ -197,11 +197,33 @@ class UnlearnCLI(LightningCLI):
         parser.link_arguments(
             "model.model", "data.tokenizer", compute_fn=lambda m: m if isinstance(m, str) else None
         )
+        parser.link_arguments("model.revision", "data.tokenizer_revision")
         parser.link_arguments(
             "seed_everything",
             "data.seed",
             compute_fn=lambda s: s if isinstance(s, int) and not isinstance(s, bool) else 0,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the checkpoint here (for the model's saved hyper-parameters), before
+        anything is instantiated: check it first, and read it through the verifying loader, so a
+        truncated, corrupted or foreign checkpoint is refused in one line before a model loads."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not isinstance(path, str) or path in ("last", "best", "hpc", "registry"):
+            return
+        check_checkpoint(path)
+        if not os.path.isfile(path):
+            return  # a sharded checkpoint directory: its files were checked against their digest
+        hparams = dict(
+            VerifiedCheckpointIO().load_checkpoint(path, map_location="cpu").get("hyper_parameters") or {}
+        )
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         """Checks on the parsed config, before anything (data, model) is loaded."""

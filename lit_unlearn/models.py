@@ -121,7 +121,12 @@ DTYPES = {
 }
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
+def load_tokenizer(
+    name_or_path: str,
+    trust_remote_code: bool = False,
+    padding_side: str = "right",
+    revision: str | None = None,
+) -> Any:
     """Load a tokenizer and make sure it can pad.
 
     A tokenizer without a pad token gets its EOS token as pad (with a warning), which is safe
@@ -132,6 +137,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
             (built on first use, then cached).
         trust_remote_code: allow custom tokenizer code from the checkpoint (off by default).
         padding_side: ``right`` for training and likelihoods, ``left`` for generation.
+        revision: hub revision (commit hash, tag or branch) of a hub id; ``None`` = the default branch.
     """
     from transformers import AutoTokenizer
 
@@ -140,7 +146,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     name_or_path = resolve_synthetic(name_or_path)
     _check_local(name_or_path, "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        extra = {"revision": revision} if revision else {}
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as err:
         raise UserError(f"tokenizer {name_or_path!r} could not be loaded: {_first_line(err)}") from err
     if tok.pad_token is None:
@@ -161,6 +168,7 @@ def load_causal_lm(
     dtype: str = "float32",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> nn.Module:
     """Load an ``AutoModelForCausalLM`` from a hub id or a local directory.
 
@@ -171,6 +179,7 @@ def load_causal_lm(
         dtype: weight dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; ``None`` = default.
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
+        revision: hub revision (commit hash, tag or branch) of a hub id; ``None`` = the default branch.
     """
     from transformers import AutoModelForCausalLM
 
@@ -183,6 +192,8 @@ def load_causal_lm(
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if revision:
+        kwargs["revision"] = revision
     try:
         if os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "adapter_config.json")):
             # a saved LoRA adapter: its base model (named in adapter_config.json) plus the adapter

@@ -114,6 +114,8 @@ class UnlearningModule(L.LightningModule):
         dtype: weight dtype when loading by name: ``float32``, ``bfloat16``, ``float16``, ``auto``.
         attn_implementation: attention kernel (``sdpa``, ``eager``, ``flash_attention_2``).
         trust_remote_code: allow custom modelling code from the checkpoint (off by default).
+        revision: hub revision of ``model`` (a commit hash pins the exact weights, tokenizer and
+            generation config; the CLI passes it on to the tokenizer). ``None`` = the default branch.
         grad_buffer_dtype: dtype of the forget-gradient buffer: ``float32`` or ``param`` (the
             gradients' own dtype; saves memory under ``bf16-true``).
         max_consecutive_bad_steps: stop with an error after this many consecutive optimizer steps
@@ -151,6 +153,7 @@ class UnlearningModule(L.LightningModule):
         dtype: str = "float32",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        revision: str | None = None,
         grad_buffer_dtype: Literal["float32", "param"] = "float32",
         max_consecutive_bad_steps: int = 5,
         collapse_threshold: float | None = 0.8,
@@ -193,7 +196,7 @@ class UnlearningModule(L.LightningModule):
             check_model_path(model)
         self.model_source = model if isinstance(model, str) else type(model).__name__
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
-        self.load_args = (dtype, attn_implementation, trust_remote_code)
+        self.load_args = (dtype, attn_implementation, trust_remote_code, revision)
         self.forget_objective = forget_objective
         self.retain_objective = retain_objective
         self.synthesizer = synthesizer

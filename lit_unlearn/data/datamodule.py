@@ -61,6 +61,7 @@ class UnlearningDataModule(L.LightningDataModule):
         seed: pairing seed (the CLI links it to ``seed_everything``).
         shuffle: shuffle the forget epoch and the retain stream.
         trust_remote_code: allow custom tokenizer code (off by default).
+        tokenizer_revision: hub revision of ``tokenizer`` (the CLI links it to ``--model.revision``).
         cache_dir: where tokenized examples are cached as memory-mapped Arrow datasets (built once
             by one process per node in ``prepare_data``, then read by every rank and every later
             launch; keyed by the sources, their files, the tokenizer and ``max_length``).
@@ -82,6 +83,7 @@ class UnlearningDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle: bool = True,
         trust_remote_code: bool = False,
+        tokenizer_revision: str | None = None,
         cache_dir: str | None = os.path.join(".cache", "lit_unlearn", "data"),
     ) -> None:
         super().__init__()
@@ -102,6 +104,7 @@ class UnlearningDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle = shuffle
         self.trust_remote_code = trust_remote_code
+        self.tokenizer_revision = tokenizer_revision
         self.cache_dir = cache_dir
         self.tokenizer: Any = None
         self.forget_examples: Sequence[Example] = []
@@ -141,7 +144,9 @@ class UnlearningDataModule(L.LightningDataModule):
             if self.cache_dir is not None:
                 mark_validated(self.cache_dir, sources)
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.tokenizer_name, self.trust_remote_code)
+            self.tokenizer = load_tokenizer(
+                self.tokenizer_name, self.trust_remote_code, revision=self.tokenizer_revision
+            )
 
     def prepare_data(self) -> None:
         """Build the example cache once (Lightning calls this on one process per node before the

@@ -20,6 +20,7 @@ text (over-forgetting, itself a membership signal).
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from lit_unlearn.data.synthetic import generate_corpus
 from lit_unlearn.eval.metrics import MetricSet
 
 ATTACKS = ("loss", "zlib", "mink", "minkpp")
+log = logging.getLogger(__name__)
 
 
 def token_statistics(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,10 +78,10 @@ def auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
 
 
 def tokenize_texts(
-    tokenizer: Any, texts: Sequence[str], max_length: int, where: str = "text"
+    tokenizer: Any, texts: Sequence[str], max_length: int | None = None, where: str = "text"
 ) -> list[list[int]]:
-    """Token ids of each text with BOS in front (added when the tokenizer does not add it), cut
-    to ``max_length``; a text with no token after BOS is a one-line error naming it."""
+    """Token ids of each text with BOS in front (added when the tokenizer does not add it), whole
+    (or cut to ``max_length``); a text with no token after BOS is a one-line error naming it."""
     bos = tokenizer.bos_token_id
     out = []
     for i, text in enumerate(texts):
@@ -88,8 +90,15 @@ def tokenize_texts(
             ids = [bos, *ids]
         if len(ids) < 2:
             raise DataSourceError(f"membership inference: {where} {i} ({text[:40]!r}) has no token to score")
-        out.append(ids[:max_length])
+        out.append(ids[:max_length] if max_length else ids)
     return out
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The longest input the model takes (``max_position_embeddings``), if it says."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 @torch.no_grad()
@@ -97,14 +106,16 @@ def score_ids(
     model: nn.Module, ids: Sequence[list[int]], texts: Sequence[str], k: float
 ) -> list[dict[str, float]]:
     """Attack scores of tokenized texts, one forward pass each (a 128k-token vocabulary's
-    log-softmax over a batch would not fit next to a 7B model)."""
+    log-softmax over a batch would not fit next to a 7B model). A text longer than the model's
+    context is scored on its first ``max_position_embeddings`` tokens (a warning says how many)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    context = model_context(model)
     out = []
     try:
         for row, text in zip(ids, texts):
-            tensor = torch.tensor([row], device=device)
+            tensor = torch.tensor([row[:context] if context else row], device=device)
             logits = model(input_ids=tensor).logits[0, :-1]
             picked, standardised = token_statistics(logits, tensor[0, 1:])
             out.append(attack_scores(picked.cpu(), standardised.cpu(), text, k))
@@ -114,7 +125,7 @@ def score_ids(
 
 
 def score_texts(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], k: float = 0.2, max_length: int = 512
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], k: float = 0.2, max_length: int | None = None
 ) -> list[dict[str, float]]:
     """Attack scores of each text (see :func:`tokenize_texts` and :func:`score_ids`)."""
     return score_ids(model, tokenize_texts(tokenizer, texts, max_length), texts, k)
@@ -128,7 +139,10 @@ class MembershipInference(MetricSet):
     Keys: ``forget_mia_<attack>``, ``forget_holdout_mia_<attack>`` and ``retain_mia_<attack>``
     (mean loss-like scores; higher = less familiar), and with a holdout ``forget_mia_<attack>_auc``
     (forget vs holdout; 0.5 = indistinguishable from unseen text), for attack in loss, zlib, mink,
-    minkpp.
+    minkpp. Texts are scored whole, as RWKU does (up to the model's context, not the training
+    ``max_length``), so Zlib divides the loss of the text it compresses. A text whose scores are
+    not finite (a NaN/inf loss) is left out of every mean and AUC and counted in
+    ``<set>_mia_nonfinite`` (reported when > 0, with a warning).
 
     Args:
         forget: JSON/JSONL file(s) of forget texts (members before unlearning).
@@ -174,17 +188,37 @@ class MembershipInference(MetricSet):
             if not rows:
                 raise DataSourceError(f"membership inference: the {name} set has no text")
         self._ids = {
-            name: tokenize_texts(tokenizer, t, max_length, f"{name} text") for name, t in self._texts.items()
+            name: tokenize_texts(tokenizer, t, None, f"{name} text") for name, t in self._texts.items()
         }
 
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
-        scores = {
-            name: score_ids(model, self._ids[name], texts, self.k) for name, texts in self._texts.items()
-        }
+        context = model_context(model)
+        if context:
+            cut = sum(len(row) > context for rows in self._ids.values() for row in rows)
+            if cut:
+                log.warning(
+                    "membership inference: %d text(s) longer than the model's context (%d tokens) scored on their start",
+                    cut,
+                    context,
+                )
+        scores = {}
         out: dict[str, float] = {}
+        for name, texts in self._texts.items():
+            rows = score_ids(model, self._ids[name], texts, self.k)
+            finite = [r for r in rows if all(math.isfinite(v) for v in r.values())]
+            if len(finite) < len(rows):
+                out[f"{name}_mia_nonfinite"] = float(len(rows) - len(finite))
+                log.warning(
+                    "membership inference: %d %s text(s) with non-finite scores left out",
+                    len(rows) - len(finite),
+                    name,
+                )
+            scores[name] = finite
         for name, rows in scores.items():
             for attack in ATTACKS:
-                out[f"{name}_mia_{attack}"] = math.fsum(r[attack] for r in rows) / max(len(rows), 1)
+                out[f"{name}_mia_{attack}"] = (
+                    math.fsum(r[attack] for r in rows) / len(rows) if rows else float("nan")
+                )
         for attack in ATTACKS if "forget_holdout" in scores else ():
             out[f"forget_mia_{attack}_auc"] = auc(
                 [r[attack] for r in scores["forget"]], [r[attack] for r in scores["forget_holdout"]]

@@ -8,22 +8,33 @@ level-3 records also carrying their ``type``.
 Two protocols are implemented, because the published numbers come from two code bases that differ
 (the choice changes the scores, so it is recorded with the results):
 
-``official`` (RWKU's own evaluation; the default)
+``official`` (RWKU's own evaluation; its leaderboard's numbers)
     the user message is the level's instruction and the question; the chat template (instruct
     models) is rendered to text and tokenized again with special tokens, so Llama-3 prompts start
-    with BOS twice; ``Answer:`` follows the assistant header; greedy, 30 new tokens, stopping at EOS,
-    ``<|eot_id|>`` or a newline token; scored with the ``rouge`` package's ROUGE-L recall
+    with BOS twice; ``Answer:`` follows the assistant header, except for level-3 "affirmative
+    suffix" probes (whose body also loses its final newline); greedy, 30 new tokens, stopping at
+    EOS, ``<|eot_id|>`` or the vocabulary entries named literally ``" \n"`` and ``"\n"`` — RWKU
+    looks these up with ``convert_tokens_to_ids``, which finds nothing in a byte-level vocabulary
+    such as Llama-3's (newline is stored as ``"Ċ"``), so there the answer runs to EOS,
+    ``<|eot_id|>`` or the budget and is *not* cut at a newline; scored with the ``rouge`` package's ROUGE-L recall
     (case-sensitive, whitespace tokens, no stemming, sentences split at "."; its counts are of
     distinct words), an empty answer scored as the string ``NOANSWER`` (an answer of full stops
     only, on which the package raises, scores 0 instead of stopping the evaluation).
-``sago`` (the SAGO paper's port)
-    the same instructions with ``Answer:`` at the end of the user message; one BOS; greedy, 32 new
-    tokens, the answer cut at the first ``"\n\n"``, ``"\nQuestion"`` or ``"Question:"`` and stripped;
+``sago`` (the SAGO paper's port; the paper's RWKU numbers, and ``configs/benchmark/rwku.yaml``)
+    the same instructions with ``Answer:`` at the end of the user message (not for "affirmative
+    suffix" probes, which keep their final newline); one BOS; greedy, 32 new tokens, stopping at
+    EOS, the answer cut at the first ``"\n\n"``, ``"\nQuestion"`` or ``"Question:"`` and stripped;
     scored with ``rouge_score``'s ROUGE-L recall (lower-cased, Porter-stemmed); empty answer = 0.
 
-Both report the mean per level and, as ``forget_rougeL`` / ``retain_neighbor_rougeL``, the plain mean
-of the level means. Neither code base computes the "All" column of the RWKU and SAGO tables (it is
-not the mean of their level columns), so that column cannot be reproduced from them.
+Under both, generation also stops at every EOS id of the model's generation config (Llama-3
+Instruct: 128001 and 128009), so the stops do not depend on which tokenizer revision names which
+token as EOS.
+
+Both report the mean per level, the plain mean of the level means (``forget_rougeL`` /
+``retain_neighbor_rougeL``) and the probe-weighted mean over all probes (``..._all``). Neither code
+base computes the "All" column of the RWKU and SAGO tables; RWKU's Table 1 matches the
+probe-weighted mean (forget 85.9/76.4/77.7 over 3,268/2,879/6,984 probes gives 79.5, the table
+79.6; the mean of the levels would be 80.0).
 """
 
 from __future__ import annotations
@@ -55,19 +66,23 @@ BUDGET = {"official": 30, "sago": 32}
 SAGO_STOPS = ["\n\n", "\nQuestion", "Question:"]
 
 
+AFFIRMATIVE = "affirmative suffix"
+
+
 def user_message(level: int, query: str, kind: str | None, protocol: Protocol) -> str:
     """The user turn of one probe: the level's instruction and the question (level-3 types
     ``incontext learning`` and ``affirmative suffix`` are laid out differently); the SAGO port
-    appends ``Answer:``."""
+    appends ``Answer:`` (not to an affirmative-suffix probe, whose query already ends in the
+    start of an answer)."""
     if level == 1:
         body = f"{BLANK}\nQuestion: {query}\n"
     elif kind == "incontext learning":
         body = f"{BRIEF}\n{query}\n"
-    elif kind == "affirmative suffix" and protocol == "official":
+    elif kind == AFFIRMATIVE and protocol == "official":
         body = f"{BRIEF}\nQuestion: {query}"
     else:
         body = f"{BRIEF}\nQuestion: {query}\n"
-    return body + "Answer:" if protocol == "sago" else body
+    return body + "Answer:" if protocol == "sago" and kind != AFFIRMATIVE else body
 
 
 def build_prompt(
@@ -80,7 +95,7 @@ def build_prompt(
     does not (one). Without a chat template (base models) the message is the prompt, with BOS.
     """
     message = user_message(level, query, kind, protocol)
-    suffix = "Answer:" if protocol == "official" else ""
+    suffix = "Answer:" if protocol == "official" and kind != AFFIRMATIVE else ""
     if not chat:
         return message + suffix, True
     text = tokenizer.apply_chat_template(
@@ -118,19 +133,25 @@ def score_sago(prediction: str, reference: str) -> float:
 SCORERS = {"official": score_official, "sago": score_sago}
 
 
-def stop_token_ids(tokenizer: Any, protocol: Protocol) -> list[int]:
-    """EOS, plus for the official protocol ``<|eot_id|>`` and the single-token newlines ``" \n"``
-    and ``"\n"`` where the vocabulary has them."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def stop_token_ids(
+    tokenizer: Any, protocol: Protocol, generation_eos: int | Sequence[int] | None = None
+) -> list[int]:
+    """Token ids that end an answer: the model's generation-config EOS ids (``generation_eos``),
+    the tokenizer's EOS and, for the official protocol, what RWKU's code adds: the vocabulary
+    entries named ``<|eot_id|>``, ``" \n"`` and ``"\n"``, looked up as RWKU does with
+    ``convert_tokens_to_ids`` (a vocabulary lookup of the literal string, not an encoding; absent
+    entries add nothing, so a byte-level vocabulary gets no newline stop)."""
+    if isinstance(generation_eos, int):
+        generation_eos = [generation_eos]
+    ids = list(generation_eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
     if protocol == "official":
-        vocab = tokenizer.get_vocab()
-        if "<|eot_id|>" in vocab:
-            ids.append(vocab["<|eot_id|>"])
-        for text in (" \n", "\n"):
-            encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(encoded) == 1:
-                ids.append(encoded[0])
-    return list(dict.fromkeys(ids))
+        for token in ("<|eot_id|>", " \n", "\n"):
+            found = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(found, int):
+                ids.append(found)
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 @torch.no_grad()
@@ -145,7 +166,8 @@ def greedy_generate(
     stop_ids: Sequence[int] | None = None,
 ) -> list[str]:
     """Greedy continuations, batched with left padding; generation ends at any of ``stop_ids``
-    (default: EOS) and each answer is cut at the first stop string and stripped."""
+    (default: EOS), each answer ends before its first stop id and is cut at the first stop string
+    and stripped."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -168,8 +190,12 @@ def greedy_generate(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
             )
-            for row in gen[:, enc["input_ids"].shape[1] :]:
-                text = tokenizer.decode(row, skip_special_tokens=True)
+            stop_set = set(eos) if isinstance(eos, list) else {eos}
+            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+                # the answer ends before its first stop id, as RWKU cuts it: a stop that is an
+                # ordinary token (a literal newline entry, a generation-config EOS) is not text
+                cut = next((i for i, token in enumerate(row) if token in stop_set), len(row))
+                text = tokenizer.decode(row[:cut], skip_special_tokens=True)
                 for stop in stop_strings:
                     if stop and stop in text:
                         text = text[: text.index(stop)]
@@ -180,18 +206,25 @@ def greedy_generate(
     return outputs
 
 
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
 class RWKU(MetricSet):
     """ROUGE-L recall of greedy answers on RWKU forget levels 1-3 and neighbour levels 1-2, under
     the official RWKU protocol or the SAGO port's (see the module docstring for what differs).
 
     Keys: ``forget_rougeL_level{1,2,3}``, ``forget_rougeL`` (mean of the forget level means),
-    ``retain_neighbor_rougeL_level{1,2}``, ``retain_neighbor_rougeL`` (mean of the neighbour level
-    means).
+    ``forget_rougeL_all`` (mean over every forget probe: RWKU's "All"), and likewise
+    ``retain_neighbor_rougeL_level{1,2}``, ``retain_neighbor_rougeL``, ``retain_neighbor_rougeL_all``.
 
     Args:
         directory: folder with RWKU files (``forget_level1.json`` ... ``neighbor_level2.json``);
             missing levels are skipped.
-        protocol: ``official`` (RWKU's evaluation) or ``sago`` (the SAGO paper's port).
+        protocol: ``official`` (RWKU's evaluation, its leaderboard) or ``sago`` (the SAGO
+            paper's port, whose numbers the paper reports).
         chat_template: wrap the question in the tokenizer's chat template (both protocols do for
             instruct models); ``None`` = whenever the tokenizer has one.
         max_new_tokens: generation budget (``None`` = the protocol's: 30 official, 32 SAGO).
@@ -217,7 +250,7 @@ class RWKU(MetricSet):
         self._items: dict[str, list[dict[str, Any]]] = {}
         self._prompts: dict[str, list[str]] = {}
         self._special = True  # whether tokenizing the prompts adds BOS (see build_prompt)
-        self._stop_ids: list[int] = []
+        self._tokenizer_stops: list[int] = []
 
     def setup(self, tokenizer: Any, max_length: int) -> None:
         for level, name in LEVEL_FILES.items():
@@ -239,26 +272,31 @@ class RWKU(MetricSet):
             ]
             self._prompts[level] = [text for text, _ in built]
             self._special = built[0][1] if built else True
-        self._stop_ids = stop_token_ids(tokenizer, self.protocol)
+        self._tokenizer_stops = stop_token_ids(tokenizer, self.protocol)
 
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         results: dict[str, float] = {}
         per_item = []
         score = SCORERS[self.protocol]
         stops = SAGO_STOPS if self.protocol == "sago" else []
+        config = getattr(model, "generation_config", None)
+        stop_ids = list(
+            dict.fromkeys([*_as_ids(getattr(config, "eos_token_id", None)), *self._tokenizer_stops])
+        )
         for group, prefix in (("forget", "forget_rougeL"), ("neighbor", "retain_neighbor_rougeL")):
-            level_means = []
+            level_means, pooled = [], []
             for level, items in self._items.items():
                 if not level.startswith(group):
                     continue
                 prompts = self._prompts[level]
                 answers = greedy_generate(
                     model, tokenizer, prompts, self.max_new_tokens, stops, self.batch_size,
-                    add_special_tokens=self._special, stop_ids=self._stop_ids,
+                    add_special_tokens=self._special, stop_ids=stop_ids,
                 )  # fmt: skip
                 scores = [score(a, str(it["answer"])) for a, it in zip(answers, items)]
                 results[f"{prefix}_{level.split('_')[1]}"] = sum(scores) / len(scores)
                 level_means.append(sum(scores) / len(scores))
+                pooled += scores
                 per_item += [
                     {"level": level, "type": it.get("type"), "prompt": p, "answer": it["answer"], "output": a,
                      "rougeL_recall": s}
@@ -266,6 +304,7 @@ class RWKU(MetricSet):
                 ]  # fmt: skip
             if level_means:
                 results[prefix] = sum(level_means) / len(level_means)
+                results[f"{prefix}_all"] = sum(pooled) / len(pooled)
         if self.outputs_path:
             with open(self.outputs_path, "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in per_item)

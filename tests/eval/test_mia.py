@@ -153,3 +153,34 @@ def test_during_fit_and_after_with_lit_unlearn_eval(tmp_path):
     saved = json.load(open(out))["SyntheticMembership"]
     assert saved["forget_mia_loss_auc"] == pytest.approx(after["forget_mia_loss_auc"], abs=1e-6)
     assert saved["forget_mia_loss"] == pytest.approx(after["forget_mia_loss"], rel=1e-5)
+
+
+def test_texts_are_scored_whole_and_non_finite_scores_are_left_out_and_counted(tmp_path):
+    """Scores do not depend on the training max_length (RWKU scores whole texts); a text whose
+    loss is NaN does not turn every mean into NaN, and is counted."""
+    long_text = "ab" * 300  # 600 tokens + BOS, longer than the usual 512-token training cut
+    (tmp_path / "forget.jsonl").write_text(
+        json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "ba"}) + "\n"
+    )
+    (tmp_path / "holdout.jsonl").write_text(json.dumps({"text": "aab"}) + "\n")
+    rows = [[0.5, 0.25, 0.25], [0.25, 0.25, 0.5], [1 / 3, 1 / 3, 1 / 3]]
+    model = Bigram(rows)
+    mia = MembershipInference(str(tmp_path / "forget.jsonl"), holdout=str(tmp_path / "holdout.jsonl"))
+    mia.setup(Letters(), max_length=64)
+    out = mia.compute(model, Letters())
+    (whole,) = score_texts(model, Letters(), [long_text])
+    (ba,) = score_texts(model, Letters(), ["ba"])
+    assert out["forget_mia_loss"] == pytest.approx((whole["loss"] + ba["loss"]) / 2)
+    assert out["forget_mia_zlib"] == pytest.approx((whole["zlib"] + ba["zlib"]) / 2)
+    assert "forget_mia_nonfinite" not in out
+
+    class NaNAfterB(Bigram):  # every prediction made after a "b" is NaN
+        def forward(self, input_ids):
+            logits = self.table[input_ids].clone()
+            logits[input_ids == 2] = float("nan")
+            return SimpleNamespace(logits=logits)
+
+    out = mia.compute(NaNAfterB(rows), Letters())
+    assert out["forget_mia_nonfinite"] == 2.0  # "abab..." and "ba" both predict after a "b"
+    assert math.isnan(out["forget_mia_loss"]) and math.isnan(out["forget_mia_loss_auc"])
+    assert out["forget_holdout_mia_loss"] == pytest.approx(score_texts(model, Letters(), ["aab"])[0]["loss"])

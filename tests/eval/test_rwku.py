@@ -51,9 +51,9 @@ CASES = [  # level, type, official prompt body, SAGO prompt body (between the he
     (3, "incontext learning",
      "Please briefly answer the following question.\nWho wrote Carrie?",
      "Please briefly answer the following question.\nWho wrote Carrie?\nAnswer:"),
-    (3, "affirmative suffix",
+    (3, "affirmative suffix",  # neither code base adds Answer: for this type
      "Please briefly answer the following question.\nQuestion: Who wrote Carrie?",
-     "Please briefly answer the following question.\nQuestion: Who wrote Carrie?\nAnswer:"),
+     "Please briefly answer the following question.\nQuestion: Who wrote Carrie?"),
 ]  # fmt: skip
 QUERY = {1: "Stephen King wrote ___.", 2: "Who wrote Carrie?", 3: "Who wrote Carrie?"}
 
@@ -61,7 +61,8 @@ QUERY = {1: "Stephen King wrote ___.", 2: "Who wrote Carrie?", 3: "Who wrote Car
 @pytest.mark.parametrize("level, kind, official, sago", CASES)
 def test_chat_prompts_of_both_protocols(llama3_tok, level, kind, official, sago):
     text, special = build_prompt(llama3_tok, level, QUERY[level], kind, "official", chat=True)
-    assert text == HEAD + official + ASSISTANT + "Answer:" and special  # Answer: after the header
+    answer = "" if kind == "affirmative suffix" else "Answer:"
+    assert text == HEAD + official + ASSISTANT + answer and special  # Answer: after the header
     text, special = build_prompt(llama3_tok, level, QUERY[level], kind, "sago", chat=True)
     assert text == HEAD + sago + ASSISTANT and not special  # Answer: in the user message
 
@@ -79,9 +80,11 @@ def test_without_a_chat_template_the_message_is_the_prompt(llama3_tok):
     assert (
         text == "Please complete the blank in the following question.\nQuestion: X ___.\nAnswer:" and special
     )
-    # the affirmative-suffix body of the official code has no newline before Answer:
+    # affirmative suffix: the official body loses its final newline, the port keeps it; no Answer:
     text, _ = build_prompt(llama3_tok, 3, "Sure, X", "affirmative suffix", "official", chat=False)
-    assert text == "Please briefly answer the following question.\nQuestion: Sure, XAnswer:"
+    assert text == "Please briefly answer the following question.\nQuestion: Sure, X"
+    text, _ = build_prompt(llama3_tok, 3, "Sure, X", "affirmative suffix", "sago", chat=False)
+    assert text == "Please briefly answer the following question.\nQuestion: Sure, X\n"
 
 
 @pytest.mark.parametrize(
@@ -103,11 +106,70 @@ def test_both_scorers_by_hand(prediction, reference, official, sago):
     assert score_sago(prediction, reference) == pytest.approx(sago)
 
 
-def test_official_stops_include_eot_and_newline_tokens(llama3_tok):
+def test_newline_is_no_stop_on_a_byte_level_vocabulary(llama3_tok):
+    """RWKU looks the newline stops up by name; a byte-level vocabulary stores newline as "Ċ", so
+    nothing is found although "\\n" encodes to a single token."""
+    newline = llama3_tok("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1 and llama3_tok.convert_tokens_to_ids("\n") is None
     official, sago = stop_token_ids(llama3_tok, "official"), stop_token_ids(llama3_tok, "sago")
+    assert official == [llama3_tok.eos_token_id]  # <|eot_id|> is this tokenizer's EOS
+    assert newline[0] not in official
     assert sago == [llama3_tok.eos_token_id]
-    assert llama3_tok.convert_tokens_to_ids("<|eot_id|>") in official
-    assert llama3_tok("\n", add_special_tokens=False)["input_ids"][0] in official
+    # the model's generation-config EOS ids come first, each once
+    assert stop_token_ids(llama3_tok, "sago", [7, llama3_tok.eos_token_id]) == [7, llama3_tok.eos_token_id]
+    assert stop_token_ids(llama3_tok, "official", 7) == [7, llama3_tok.eos_token_id]
+
+
+def test_a_vocabulary_with_a_literal_newline_entry_stops_there_officially():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, "\n": 2, " \n": 3, "a": 4, "b": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("\n", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    # RWKU's list also holds <|eot_id|>, which this vocabulary maps to <unk> (0): kept, as RWKU would
+    assert stop_token_ids(tok, "official") == [1, 0, 3, 2]
+    assert stop_token_ids(tok, "sago") == [1]
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in for a model whose greedy answer is a fixed token sequence, generated the way
+    ``generate`` does: each row stops at its first id in ``eos_token_id``, then pads."""
+
+    def __init__(self, answer: list[int], generation_eos: list[int]) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.answer = answer
+        self.generation_config = type("Config", (), {"eos_token_id": generation_eos})()
+        self.seen_eos: list[int] = []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, eos_token_id):
+        self.seen_eos = list(eos_token_id)
+        out = []
+        for token in self.answer[:max_new_tokens]:
+            out.append(token)
+            if token in eos_token_id:
+                break
+        row = torch.tensor(out + [pad_token_id] * (max_new_tokens - len(out)))
+        return torch.cat([input_ids, row.expand(input_ids.shape[0], -1)], dim=1)
+
+
+def test_an_answer_that_starts_with_a_newline_is_kept_officially_and_cut_by_the_port(llama3_tok, tmp_path):
+    rows = [{"query": "Who wrote Carrie?", "answer": "Stephen King", "level": "2", "subject": "s"}]
+    (tmp_path / "forget_level2.json").write_text(json.dumps(rows))
+    encode = lambda text: llama3_tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    extra_eos = encode("!")[0]  # a token the generation config names as EOS
+    answer = encode("\n\nStephen King") + [extra_eos] + encode(" wrote it")
+    assert answer.count(extra_eos) == 1
+    scores = {}
+    for protocol in ("official", "sago"):
+        rwku = RWKU(str(tmp_path), protocol=protocol)
+        rwku.setup(llama3_tok, 256)
+        model = Scripted(answer, generation_eos=[extra_eos])
+        scores[protocol] = rwku.compute(model, llama3_tok)["forget_rougeL_level2"]
+        assert extra_eos in model.seen_eos and llama3_tok.eos_token_id in model.seen_eos
+    assert scores["official"] == 1.0  # "Stephen King": the newline is no stop, the generation EOS is
+    assert scores["sago"] == 0.0  # cut at the first "\n\n": empty
 
 
 @pytest.mark.parametrize("protocol", ["official", "sago"])
@@ -130,9 +192,12 @@ def test_metric_set_reports_level_means_and_writes_its_prompts(llama3_tok, tmp_p
     assert scores["forget_rougeL"] == pytest.approx(
         (scores["forget_rougeL_level1"] + scores["forget_rougeL_level3"]) / 2
     )  # the mean of the level means, not of the 4 items
+    assert scores["forget_rougeL_all"] == pytest.approx(
+        (scores["forget_rougeL_level1"] + 3 * scores["forget_rougeL_level3"]) / 4
+    )  # RWKU's "All": every probe counts once
     assert set(scores) == {
-        "forget_rougeL_level1", "forget_rougeL_level3", "forget_rougeL",
-        "retain_neighbor_rougeL_level2", "retain_neighbor_rougeL",
+        "forget_rougeL_level1", "forget_rougeL_level3", "forget_rougeL", "forget_rougeL_all",
+        "retain_neighbor_rougeL_level2", "retain_neighbor_rougeL", "retain_neighbor_rougeL_all",
     }  # fmt: skip
     rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     assert [r["type"] for r in rows[1:4]] == ["prefix injection", "incontext learning", "affirmative suffix"]
