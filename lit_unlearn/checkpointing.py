@@ -196,7 +196,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._module = pl_module
         self._install_handlers()
         if self._signal_name is not None:  # a signal during set-up: stop at the first step boundary
-            pl_module.stop_requested = True
+            pl_module.stop_requested = True  # type: ignore[assignment]
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
