@@ -99,6 +99,8 @@ def relearn(
     metrics: list[MetricSet],
     steps: int = 30,
     lr: float = 1e-3,
+    lrs: list[float] | None = None,
+    select_on: str | None = None,
     optimizer: Literal["adamw", "sgd"] = "adamw",
     batch_size: int = 8,
     eval_every: int = 5,
@@ -112,6 +114,14 @@ def relearn(
 ) -> dict[str, Any]:
     """Run a relearning attack on a saved model and write its recovery curve.
 
+    A fixed attack (one ``lr``, ``steps``) under-states what an attacker can do to a model whose
+    knowledge is only suppressed; a tuned one is fair to every method. With ``lrs`` and
+    ``select_on`` the attacker tries each learning rate and picks the learning rate *and* the
+    number of steps (any evaluation point) that maximise ``select_on``, a metric measured on
+    people it may look at (a validation split); report the tuned attack on *other* people (a test
+    split), measured in the same runs (e.g. ``SyntheticProbes`` with ``forget_subset:
+    held_out_validation, forget_name: validation`` and another with ``held_out_test``).
+
     Args:
         model: the unlearned model (a folder ``lit-unlearn fit`` wrote, a LoRA adapter folder, or a
             hub id).
@@ -119,8 +129,13 @@ def relearn(
             ``SyntheticKnowledge`` with ``subset: relearn``, or a ``TextCorpus`` / ``QAPairs`` file.
         metrics: what is measured along the way: the forget metrics on held-out data (e.g.
             ``SyntheticProbes`` with ``forget_subset: held_out``), retain metrics if wanted.
-        steps: attack length in optimizer steps.
-        lr: the attacker's learning rate.
+        steps: attack length in optimizer steps (with ``select_on``: the longest attack tried).
+        lr: the attacker's learning rate (when ``lrs`` is not given).
+        lrs: a grid of learning rates; each is a separate attack from the same unlearned model,
+            written to ``<out>/lr<lr>/``.
+        select_on: the metric key the attacker maximises to pick the learning rate and the number
+            of steps (ties: fewer steps, then the smaller learning rate); ``None`` = report the
+            last point of the (single) attack.
         optimizer: ``adamw`` or ``sgd``.
         batch_size: sequences per step.
         eval_every: evaluate every this many steps (and before the first and after the last).
@@ -132,15 +147,19 @@ def relearn(
         out: folder for ``results.json`` and the TensorBoard events (must not hold a result yet).
         trust_remote_code: allow custom modelling code from the hub (off by default).
     """
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from lit_unlearn.adapters import is_adapted
-    from lit_unlearn.models import check_model_path, load_causal_lm, load_tokenizer
+    from lit_unlearn.models import check_model_path, load_tokenizer
 
     if steps < 1 or eval_every < 1 or batch_size < 1:
         raise UserError("--steps, --eval_every and --batch_size must be >= 1")
     if not metrics:
         raise UserError("--metrics: give at least one metric set to measure recovery with")
+    grid = list(lrs) if lrs else [lr]
+    if any(not value > 0 for value in grid):
+        raise UserError(f"--lrs / --lr: learning rates must be > 0, got {grid}")
+    if len(grid) > 1 and select_on is None:
+        raise UserError(
+            "--lrs with several learning rates needs --select_on, the metric the attacker tunes on"
+        )
     results_path = os.path.join(out, "results.json")
     if os.path.exists(results_path):
         raise UserError(f"--out {out} already holds a relearning result; choose another folder")
@@ -148,6 +167,79 @@ def relearn(
     tokenizer = load_tokenizer(model)
     datamodule = RelearnData(tokenizer, data, batch_size, max_length, seed)
     datamodule.setup("fit")  # bad data fails here, before the model loads
+    curves: dict[str, list[dict[str, float]]] = {}
+    for value in grid:
+        folder = out if len(grid) == 1 else os.path.join(out, f"lr{value:g}")
+        curves[f"{value:g}"] = _attack(
+            model, datamodule, metrics, steps, value, optimizer, eval_every, max_length, seed, dtype,
+            accelerator, precision, folder, trust_remote_code,
+        )  # fmt: skip
+        if select_on is not None and select_on not in curves[f"{value:g}"][0]:
+            keys = sorted(k for k in curves[f"{value:g}"][0] if k != "step")
+            raise UserError(
+                f"--select_on {select_on!r} is not a measured metric; choose one of {', '.join(keys)}"
+            )
+    chosen_lr, chosen = _select(curves, select_on)
+    first = curves[chosen_lr][0]
+    report = {
+        "model": model,
+        "data": data.describe(),
+        "attack": {
+            "steps": steps,
+            "lrs": grid,
+            "optimizer": optimizer,
+            "batch_size": batch_size,
+            "seed": seed,
+            "eval_every": eval_every,
+            "select_on": select_on,
+        },  # fmt: skip
+        "examples": len(datamodule.examples),
+        "selected": {"lr": float(chosen_lr), "step": chosen["step"], "point": chosen},
+        "curve": curves[chosen_lr],
+        "curves": curves,
+        "recovery": {k: chosen[k] - first[k] for k in first if k != "step"},
+    }
+    write_json_atomic(results_path, report)
+    print(
+        f"lit-unlearn-relearn: attack lr {chosen_lr}, {chosen['step']} steps"
+        f"{f' (chosen on {select_on})' if select_on else ''}; recovery curve in {results_path}"
+    )
+    return report
+
+
+def _select(curves: dict[str, list[dict[str, float]]], select_on: str | None) -> tuple[str, dict[str, float]]:
+    """The attack's operating point: the last point of a single attack, or the point of any
+    learning rate that maximises ``select_on`` (ties: fewer steps, then the smaller rate)."""
+    if select_on is None:
+        (name, curve), *_ = curves.items()
+        return name, curve[-1]
+    candidates = [(-p[select_on], p["step"], float(name), name, p) for name, c in curves.items() for p in c]
+    best = min(candidates, key=lambda c: c[:3])
+    return best[3], best[4]
+
+
+def _attack(
+    model: str,
+    datamodule: RelearnData,
+    metrics: list[MetricSet],
+    steps: int,
+    lr: float,
+    optimizer: Literal["adamw", "sgd"],
+    eval_every: int,
+    max_length: int,
+    seed: int,
+    dtype: str,
+    accelerator: str,
+    precision: str,
+    out: str,
+    trust_remote_code: bool,
+) -> list[dict[str, float]]:
+    """One attack from a freshly loaded copy of ``model``; returns its evaluation history."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_unlearn.adapters import is_adapted
+    from lit_unlearn.models import load_causal_lm
+
     net: Any = load_causal_lm(model, dtype, trust_remote_code=trust_remote_code)
     if is_adapted(net):
         net = net.merge_and_unload()
@@ -166,18 +258,7 @@ def relearn(
         enable_model_summary=False,
     )
     trainer.fit(Relearner(net, lr, optimizer), datamodule=datamodule)
-    first, last = evaluator.history[0], evaluator.history[-1]
-    report = {
-        "model": model,
-        "data": data.describe(),
-        "attack": {"steps": steps, "lr": lr, "optimizer": optimizer, "batch_size": batch_size, "seed": seed},
-        "examples": len(datamodule.examples),
-        "curve": evaluator.history,
-        "recovery": {k: last[k] - first[k] for k in first if k != "step"},
-    }
-    write_json_atomic(results_path, report)
-    print(f"lit-unlearn-relearn: recovery curve in {results_path}")
-    return report
+    return list(evaluator.history)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -2,8 +2,8 @@
 
 - :class:`RunLogger` (the CLI's default logger) names the directory after the run:
   ``<root>/<benchmark>/<forget>+<retain>_<synthesizer>/lr<lr>_seed<seed>_<digest>``, the digest
-  naming every other setting, and claims it with an exclusive ``mkdir`` (the next free ``-2``,
-  ``-3``, ... when it exists), so two runs never write into one directory.
+  naming every other setting, and claims it by creating ``.lit_unlearn_run`` in it exclusively
+  (the next free ``-2``, ``-3``, ... when it is taken), so two runs never write into one directory.
 - :func:`run_directory` is the one way to ask for it (``trainer.log_dir`` broadcasts under DDP,
   so every rank must call it, never rank 0 alone).
 - :func:`check_run_directory` refuses a directory that holds a finished run (``results.json`` or
@@ -54,10 +54,11 @@ class RunLogger(TensorBoardLogger):
     ``version`` = ``<forget objective>+<retain objective>_<synthesizer>/lr<lr>_seed<seed>_<digest>``
     (the digest: 8 hex digits of the resolved configuration, so runs of a sweep that differ in
     any setting get different directories), and when resuming from
-    ``<dir>/checkpoints/last.ckpt``, ``<dir>`` itself. The directory is claimed by creating it
-    (atomic: exactly one process succeeds); a new run never enters an existing one but takes the
-    next free ``<version>-2``, ``-3``, ... (with ``unique: false`` an explicit ``version`` is used
-    as given, and a finished run there is refused).
+    ``<dir>/checkpoints/last.ckpt``, ``<dir>`` itself. The directory is claimed atomically (an
+    exclusive create of ``.lit_unlearn_run`` in an empty directory: exactly one process
+    succeeds); a new run never enters a directory that holds anything but takes the next free
+    ``<version>-2``, ``-3``, ... (with ``unique: false`` an explicit ``version`` is used as given,
+    and a finished run there is refused).
 
     Args:
         save_dir: root folder of the runs (default: the CLI's ``--trainer.default_root_dir``).
@@ -117,33 +118,44 @@ class RunLogger(TensorBoardLogger):
         return candidate
 
 
+CLAIM_FILE = ".lit_unlearn_run"  # created exclusively: the run that created it owns the directory
+
+
 def claim_directory(root: str, base: str) -> str:
-    """Create ``root/base`` (or the first free ``base-2``, ``base-3``, ...) and return the name
-    taken. The creation is the test: ``mkdir`` succeeds for exactly one process, so runs started
-    at the same moment (a sweep, an array job) never share a directory. An empty directory that
-    an earlier start of this same name left behind is not reused (it may be another process's
-    fresh claim)."""
+    """Claim ``root/base`` (or the first free ``base-2``, ``base-3``, ...) for a new run and
+    return the name taken. The claim is the exclusive creation of ``CLAIM_FILE`` in an empty
+    directory: it succeeds for exactly one process, so runs started at the same moment (a sweep,
+    an array job) never share a directory, and a directory holding anything else (an earlier
+    run's files) is never entered."""
     n = 1
     while True:
-        candidate = base if n == 1 else f"{base}-{n}"
-        path = os.path.join(root, candidate)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            os.mkdir(path)
-            _CLAIMED.append(path)
-            atexit.register(_remove_if_empty, path)
-            return candidate
-        except FileExistsError:
-            n += 1
+        candidate = base if n == 1 else (f"{base}-{n}" if base else f"run-{n}")
+        path = os.path.join(root, candidate) if candidate else root
+        os.makedirs(path, exist_ok=True)
+        if not set(os.listdir(path)) - {CLAIM_FILE}:
+            try:
+                fd = os.open(os.path.join(path, CLAIM_FILE), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                pass  # another process claimed it a moment ago
+            else:
+                os.write(fd, f"{os.getpid()}\n".encode())
+                os.close(fd)
+                _CLAIMED.append(path)
+                atexit.register(_remove_if_empty, path)
+                return candidate
+        n += 1
 
 
-_CLAIMED: list[str] = []  # run directories this process created
+_CLAIMED: list[str] = []  # run directories this process claimed
 _START_FILES = ("config.yaml", "hparams.yaml", "manifest.json", "events.out.tfevents.")
 
 
 def _remove_if_empty(path: str) -> None:
+    """Undo a claim whose run never wrote anything (it failed before starting)."""
     with contextlib.suppress(OSError):
-        os.rmdir(path)  # only succeeds while nothing was written (the run failed before starting)
+        if set(os.listdir(path)) == {CLAIM_FILE}:
+            os.unlink(os.path.join(path, CLAIM_FILE))
+            os.rmdir(path)
 
 
 def release_claims() -> list[str]:
@@ -158,7 +170,7 @@ def release_claims() -> list[str]:
         ckpt_dir = os.path.join(path, "checkpoints")
         if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
             continue
-        if all(e == "checkpoints" or e.startswith(_START_FILES) for e in entries):
+        if all(e in ("checkpoints", CLAIM_FILE) or e.startswith(_START_FILES) for e in entries):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -26,6 +26,23 @@ def test_relearn_and_held_out_slices_split_the_people():
     with pytest.raises(ValueError, match="relearn/held-out"):
         select_people(people[:1], "relearn", 0.5)
     assert "subset=relearn" in SyntheticKnowledge(subset="relearn").describe()
+    many = generate_corpus(200).forget_people  # 20 forget people: 10 attack, 5 + 5 held out
+    val, test = (select_people(many, s, 0.5) for s in ("held_out_validation", "held_out_test"))
+    assert sorted(val + test) == sorted(select_people(many, "held_out", 0.5)) and len(val) == len(test) == 5
+    assert not set(val) & set(test)
+
+
+def test_the_tuned_attack_picks_the_best_validation_point_of_any_learning_rate():
+    from lit_unlearn.relearn import _select
+
+    curves = {
+        "0.001": [{"step": 0, "v": 0.1}, {"step": 5, "v": 0.4}, {"step": 10, "v": 0.4}],
+        "0.003": [{"step": 0, "v": 0.1}, {"step": 5, "v": 0.3}, {"step": 10, "v": 0.4}],
+    }
+    assert _select(curves, "v") == ("0.001", {"step": 5, "v": 0.4})  # ties: fewer steps, smaller lr
+    curves["0.003"][2]["v"] = 0.5
+    assert _select(curves, "v") == ("0.003", {"step": 10, "v": 0.5})
+    assert _select({"0.001": curves["0.001"]}, None) == ("0.001", {"step": 10, "v": 0.4})  # last point
 
 
 @pytest.mark.integration
@@ -66,6 +83,30 @@ def test_attack_after_unlearning_writes_the_recovery_curve(tmp_path, smoke_targe
               "--metrics", HELD_OUT, "--out", str(tmp_path / "bad"))  # fmt: skip
     assert bad.returncode != 0 and "/nope.jsonl" in bad.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "bad" / "results.json")
+
+    # the tuned attack: two learning rates, the point chosen on validation people, reported on test people
+    probes = f"num_people: {SMOKE_PEOPLE}, forget_fraction: 0.2"
+    split = (
+        f"[{{class_path: lit_unlearn.eval.SyntheticProbes, init_args: {{{probes}, forget_subset: held_out_validation, forget_name: validation}}}},"
+        f" {{class_path: lit_unlearn.eval.SyntheticProbes, init_args: {{{probes}, forget_subset: held_out_test, forget_name: test}}}}]"
+    )
+    tuned_out = tmp_path / "tuned"
+    tuned = run(
+        "lit-unlearn-relearn", "--model", model, "--data", DATA, "--metrics", split, "--steps", "10",
+        "--eval_every", "5", "--lrs", "[0.0003, 0.003]", "--select_on", "validation_qa", "--out", str(tuned_out),
+    )  # fmt: skip
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    report = json.load(open(tuned_out / "results.json"))
+    assert sorted(report["curves"]) == ["0.0003", "0.003"]
+    points = [p for curve in report["curves"].values() for p in curve]
+    assert report["selected"]["point"]["validation_qa"] == max(p["validation_qa"] for p in points)
+    chosen = report["curves"][f"{report['selected']['lr']:g}"]
+    assert report["recovery"]["test_qa"] == pytest.approx(
+        report["selected"]["point"]["test_qa"] - chosen[0]["test_qa"]
+    )
+    assert {"validation_qa", "test_qa", "retain_qa"} <= set(points[0])
+    for lr in ("0.0003", "0.003"):
+        assert glob.glob(str(tuned_out / f"lr{lr}" / "events.out.tfevents.*"))
 
 
 def _tok(path: str):

@@ -309,22 +309,36 @@ def encode_document(doc: Document, tokenizer: Any, loss_on: Literal["values", "a
     return {"input_ids": input_ids, "labels": labels}
 
 
-Subset = Literal["all", "relearn", "held_out"]
+Subset = Literal["all", "relearn", "held_out", "held_out_validation", "held_out_test"]
+SUBSETS = ("all", "relearn", "held_out", "held_out_validation", "held_out_test")
 
 
 def select_people(people: list[int], subset: Subset, relearn_fraction: float) -> list[int]:
-    """``all`` people, the first ``relearn_fraction`` of them (at least one: the slice a
-    relearning attack fine-tunes on), or the rest (at least one: where recovery is measured)."""
+    """``all`` people; the first ``relearn_fraction`` of them (at least one: the slice a
+    relearning attack fine-tunes on); the rest, ``held_out`` (at least one: where recovery is
+    measured); or the held-out people split in two, ``held_out_validation`` (the first half,
+    rounded up: where an attacker tunes its learning rate and length) and ``held_out_test`` (the
+    rest: where the tuned attack is reported)."""
     if subset == "all":
         return list(people)
-    if subset not in ("relearn", "held_out"):
-        raise ValueError(f"subset must be 'all', 'relearn' or 'held_out', got {subset!r}")
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     if len(people) < 2 or not 0.0 < relearn_fraction < 1.0:
         raise ValueError(
             f"a relearn/held-out split needs >= 2 people and 0 < relearn_fraction < 1 ({len(people)} people)"
         )
     cut = min(max(1, round(relearn_fraction * len(people))), len(people) - 1)
-    return list(people[:cut] if subset == "relearn" else people[cut:])
+    if subset == "relearn":
+        return list(people[:cut])
+    held_out = list(people[cut:])
+    if subset == "held_out":
+        return held_out
+    if len(held_out) < 2:
+        raise ValueError(
+            f"a validation/test split of the held-out people needs >= 2 of them, got {len(held_out)}"
+        )
+    half = (len(held_out) + 1) // 2
+    return held_out[:half] if subset == "held_out_validation" else held_out[half:]
 
 
 class SyntheticKnowledge(DataSource):

@@ -47,8 +47,11 @@ class SyntheticProbes(MetricSet):
         forget_fraction: share of forget people (must match the target).
         seed: corpus seed (must match the target).
         forget_subset: probe ``all`` forget people, or after a relearning attack only the
-            ``held_out`` ones (the ``relearn`` slice is what the attack trained on).
+            ``held_out`` ones (the ``relearn`` slice is what the attack trained on), or one half of
+            those: ``held_out_validation`` (to tune an attack on) / ``held_out_test`` (to report).
         relearn_fraction: size of the relearn slice (as in ``SyntheticKnowledge``).
+        forget_name: the prefix of the forget keys (``<forget_name>_qa``, ...), so two subsets can
+            be measured side by side (e.g. ``validation`` and ``test``).
     """
 
     def __init__(
@@ -58,14 +61,22 @@ class SyntheticProbes(MetricSet):
         seed: int = 0,
         forget_subset: Subset = "all",
         relearn_fraction: float = 0.5,
+        forget_name: str = "forget",
     ) -> None:
         self.num_people, self.forget_fraction, self.seed = num_people, forget_fraction, seed
         self.forget_subset, self.relearn_fraction = forget_subset, relearn_fraction
+        self.forget_name = forget_name
 
     def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         corpus = generate_corpus(self.num_people, self.forget_fraction, self.seed)  # cached: not mutated
         forget = select_people(corpus.forget_people, self.forget_subset, self.relearn_fraction)
-        return synthetic_metrics(model, tokenizer, dataclasses.replace(corpus, forget_people=forget))
+        values = synthetic_metrics(model, tokenizer, dataclasses.replace(corpus, forget_people=forget))
+        if self.forget_name == "forget":
+            return values
+        return {
+            (self.forget_name + key[len("forget") :] if key.startswith("forget_") else key): value
+            for key, value in values.items()
+        }
 
 
 class CorpusNLL(MetricSet):
