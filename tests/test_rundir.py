@@ -70,3 +70,26 @@ def test_runs_that_differ_only_in_one_setting_get_different_names():
     assert a != b and a[1].startswith("GradientAscent+NLL_SAGO/lr0.001_seed0_")
     # where the run is written, and which files set it up, do not change its name
     assert config_digest(_config(1.0, root="elsewhere")) == config_digest(_config(1.0))
+
+
+def test_the_documented_resume_path_is_the_tiny_runs_directory(monkeypatch):
+    """README and docs/running.md show the tiny config's run directory; users copy it."""
+    import pytest
+
+    from lit_unlearn import cli
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    seen = {}
+
+    def capture(config, ckpt_path):
+        seen["name"] = run_name(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "fill_run_logger", capture)
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", "configs/debug/tiny.yaml"])
+    benchmark, version = seen["name"]
+    path = f"runs/{benchmark}/{version}/checkpoints/last.ckpt"
+    for doc in ("README.md", os.path.join("docs", "running.md")):
+        assert path in open(os.path.join(root, doc)).read(), doc
