@@ -21,7 +21,7 @@ def _claim(args: tuple[str, str]) -> str:
 
 
 def test_processes_claiming_one_name_at_once_each_get_their_own_directory(tmp_path):
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
+    with multiprocessing.get_context("fork").Pool(4) as pool:
         names = pool.map(_claim, [(str(tmp_path), "synthetic/m/lr0.001_seed0_ab")] * 8)
     assert len(set(names)) == 8
     assert sorted(names)[0] == "synthetic/m/lr0.001_seed0_ab"

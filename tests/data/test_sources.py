@@ -137,3 +137,15 @@ def test_tokenizer_without_pad_uses_eos_with_warning(bpe_tokenizer_dir, caplog):
 def test_missing_tokenizer_path_is_clear():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer("/nonexistent/tokenizer")
+
+
+def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path):
+    """``json.dumps(..., ensure_ascii=False)`` writes U+2028, U+2029 and U+0085 raw; they are text
+    inside a record, not line breaks (str.splitlines would cut the record there)."""
+    from lit_unlearn.data.sources import read_records
+
+    rows = [{"question": "a\u2028b ?", "answer": "c\u2029d\u0085e"}, {"question": "q ?", "answer": "x"}]
+    path = tmp_path / "unicode.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw
+    assert read_records(str(path), ["question", "answer"]) == rows

@@ -52,12 +52,11 @@ def saved_weights(run_dir: str) -> dict[str, Any]:
     return load_file(os.path.join(run_dir, "unlearned_model", "model.safetensors"))
 
 
-def sigterm_after_first_checkpoint(
+def start_until_checkpoint(
     root: str, *args: str, timeout: float = 180
-) -> tuple[int, str, str | None]:
-    """Start ``lit-unlearn`` with ``args``, send SIGTERM once its first ``last.ckpt`` exists (as a
-    cluster's time limit would) and wait; returns ``(exit code, stderr, checkpoint)``."""
-    import signal
+) -> tuple[subprocess.Popen, str | None]:
+    """Start ``lit-unlearn`` with ``args`` and return once its first ``last.ckpt`` exists (or it
+    ended): ``(the running process, the checkpoint)``."""
     import time
 
     proc = subprocess.Popen(
@@ -71,6 +70,17 @@ def sigterm_after_first_checkpoint(
     deadline = time.monotonic() + timeout
     while last_checkpoint(root) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    return proc, last_checkpoint(root)
+
+
+def sigterm_after_first_checkpoint(
+    root: str, *args: str, timeout: float = 180
+) -> tuple[int, str, str | None]:
+    """Start ``lit-unlearn`` with ``args``, send SIGTERM once its first ``last.ckpt`` exists (as a
+    cluster's time limit would) and wait; returns ``(exit code, stderr, checkpoint)``."""
+    import signal
+
+    proc, _ = start_until_checkpoint(root, *args, timeout=timeout)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err, last_checkpoint(root)

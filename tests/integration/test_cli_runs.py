@@ -7,24 +7,20 @@ from __future__ import annotations
 import os
 import signal
 import stat
-import subprocess
-import time
 
 import pytest
 import torch
 
 from tests.engine_helpers import relative_difference
 from tests.integration.cli_helpers import (
-    ENV,
     ROOT,
     TINY,
-    command,
-    last_checkpoint,
     results,
     run,
     run_dirs,
     saved_weights,
     sigterm_after_first_checkpoint,
+    start_until_checkpoint,
 )
 
 SGD = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05"]
@@ -153,7 +149,14 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
     first = run("lit-unlearn", *fixed)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "fixed"
-    for name in ("results.json", "manifest.json", "config.yaml", "unlearned_model/config.json"):
+    for name in (
+        "results.json",
+        "manifest.json",
+        "config.yaml",
+        "unlearned_model/config.json",
+        "unlearned_model/model.safetensors",
+        "checkpoints/last.ckpt",
+    ):
         mode = stat.S_IMODE(os.stat(run_dir / name).st_mode)
         assert mode & 0o644 == 0o644, (name, oct(mode))  # readable by others, as a normal file
     before = (run_dir / "results.json").read_bytes()
@@ -166,27 +169,8 @@ def test_a_finished_run_directory_is_never_overwritten(tmp_path):
 
 @pytest.mark.integration
 def test_ctrl_c_finishes_the_step_saves_last_ckpt_and_exits_130(tmp_path):
-    proc = subprocess.Popen(
-        command(
-            "lit-unlearn",
-            "fit",
-            "--config",
-            TINY,
-            "--trainer.max_steps",
-            "60",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-        ),
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 180
-    while last_checkpoint(tmp_path) is None and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    ckpt = last_checkpoint(tmp_path)
+    args = ["fit", "--config", TINY, "--trainer.max_steps", "60", "--trainer.default_root_dir", str(tmp_path)]
+    proc, ckpt = start_until_checkpoint(str(tmp_path), *args)
     assert ckpt is not None
     first_saved = torch.load(ckpt, weights_only=False)["global_step"]
     proc.send_signal(signal.SIGINT)
