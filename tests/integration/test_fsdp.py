@@ -163,6 +163,21 @@ def test_sharded_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(tmp_
     assert results(cut)["steps"] == 8
     wa, wb = saved_weights(full), saved_weights(cut)
     assert relative_difference(wb, wa, _initial()) <= 1e-12
+    # the sharded checkpoint was swapped in whole, with its file digest, and nothing left beside it
+    assert "lit_unlearn_digest.json" in os.listdir(ckpt)
+    assert sorted(os.listdir(os.path.dirname(ckpt))) == ["last.ckpt"]
+    # one flipped byte in one rank's shard: refused in one line before any process starts
+    shard = os.path.join(ckpt, sorted(n for n in os.listdir(ckpt) if n.endswith(".distcp"))[-1])
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(shard, "wb").write(data)
+    refused = run("lit-unlearn", *args, "--ckpt_path", ckpt, timeout=240)
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert (
+        line.startswith(f"lit-unlearn: error: --ckpt_path {ckpt}: corrupted")
+        and os.path.basename(shard) in line
+    )
 
 
 @pytest.mark.integration
