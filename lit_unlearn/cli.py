@@ -278,8 +278,11 @@ class UnlearnCLI(LightningCLI):
         if self.datamodule is not None and hasattr(self.datamodule, "allow_data_change"):
             self.datamodule.allow_data_change = bool(_get(config, "resume.allow_data_change"))
         trainer.callbacks.append(RunManifest())
-        if not any(isinstance(cb, TradeoffReport) for cb in trainer.callbacks):
-            trainer.callbacks.append(TradeoffReport())
+        reports = [cb for cb in trainer.callbacks if isinstance(cb, TradeoffReport)] or [TradeoffReport()]
+        # results.json last, after unlearned_model/: a run interrupted while saving its outputs then
+        # has neither, so resuming it writes both into its own directory (results.json marks a run
+        # as finished)
+        trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, TradeoffReport)] + reports
 
     def after_fit(self) -> None:
         # No collective here: after fit the ranks may already be leaving. Rank 0's logger knows its

@@ -99,3 +99,18 @@ def test_misspelt_synthesizer_fails_at_parse_time(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", TINY, "--model.synthesizer", "SAGOO"])
     assert "SAGOO" in capsys.readouterr().err
+
+
+def test_results_are_written_after_the_model_whatever_the_callback_order(tmp_path, capsys):
+    """A config that lists TradeoffReport itself (as the benchmark files do) still writes
+    results.json after unlearned_model/: a run stopped while saving has neither, and resumes in place."""
+    overlay = tmp_path / "report_first.yaml"
+    overlay.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lit_unlearn.eval.TradeoffReport\n"
+        "    - class_path: lit_unlearn.eval.UnlearningEvaluator\n"
+        "      init_args: {metrics: [{class_path: lit_unlearn.eval.SyntheticProbes, init_args: {num_people: 20}}]}\n"
+    )
+    main(["fit", "--config", TINY, "--config", str(overlay), "--trainer.max_steps", "1",
+          "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.index("unlearned model saved to") < out.index("lit-unlearn: results in")
