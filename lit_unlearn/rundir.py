@@ -7,7 +7,9 @@
 - :func:`run_directory` is the one way to ask for it (``trainer.log_dir`` broadcasts under DDP,
   so every rank must call it, never rank 0 alone).
 - :func:`check_run_directory` refuses a directory that holds a finished run (``results.json`` or
-  ``unlearned_model/``), or an unfinished one unless the run resumes from a checkpoint.
+  ``unlearned_model/``), or an unfinished one unless the run resumes from a checkpoint, and then
+  holds the directory with a lock (:func:`lock_run_directory`) for the life of the process, so
+  the same run resumed twice at once is refused.
 - :func:`save_pretrained_atomic` writes ``unlearned_model/`` into a temporary directory and
   renames it, so a crash never leaves a half-written model; :func:`write_json_atomic` does the
   same for JSON files. Files get the usual permissions (0644 / 0755 under the default umask).
@@ -187,8 +189,36 @@ def finished_outputs(run_dir: str) -> list[str]:
     return [name for name in (RESULTS_FILE, MODEL_DIR) if os.path.exists(os.path.join(run_dir, name))]
 
 
+_LOCKS: list[int] = []  # open descriptors of the run directories this process holds
+
+
+def lock_run_directory(run_dir: str) -> None:
+    """Hold an exclusive lock on ``run_dir`` (on its ``CLAIM_FILE``) until this process exits, so
+    two processes never run in one directory: e.g. the same run resumed twice at once. The
+    lock is released by the operating system when the process ends, however it ends."""
+    import fcntl
+
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, CLAIM_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").split()
+        os.close(fd)
+        who = f" (pid {holder[-1]})" if holder else ""
+        raise UserError(
+            f"run directory {run_dir} is in use by another lit-unlearn process{who}; wait for it to "
+            "finish (or stop it) before resuming this run"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS.append(fd)
+
+
 def check_run_directory(run_dir: str, resuming: bool) -> None:
-    """Refuse to write into ``run_dir`` when that would replace an earlier run's outputs."""
+    """Refuse to write into ``run_dir`` when that would replace an earlier run's outputs, or while
+    another process runs in it; then hold it (:func:`lock_run_directory`)."""
     if not os.path.isdir(run_dir):
         return
     finished = finished_outputs(run_dir)
@@ -203,6 +233,7 @@ def check_run_directory(run_dir: str, resuming: bool) -> None:
         raise UserError(
             f"run directory {run_dir} holds an unfinished run: {hint}, or choose another directory"
         )
+    lock_run_directory(run_dir)
 
 
 def _unwrap_architectures(config_path: str, model: Any) -> None:

@@ -297,3 +297,30 @@ def test_resuming_on_changed_data_is_refused_unless_allowed(tmp_path):
     assert "--resume.allow_data_change true" in line and "Traceback" not in refused.stderr
     allowed = run("lit-unlearn", *resume, "--resume.allow_data_change", "true")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
+
+
+@pytest.mark.integration
+def test_a_run_directory_in_use_is_refused_to_a_second_process(tmp_path):
+    """Resuming a run while it is still running (two jobs on one checkpoint) is refused: the
+    running process holds its directory."""
+    args = [
+        "fit",
+        "--config",
+        TINY,
+        "--trainer.max_steps",
+        "200",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    running, ckpt = start_until_checkpoint(str(tmp_path), *args)
+    try:
+        assert ckpt is not None
+        run_dir = os.path.dirname(os.path.dirname(ckpt))
+        second = run("lit-unlearn", *args, "--ckpt_path", ckpt)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = second.stderr.strip().splitlines()[-1]
+        assert f"run directory {run_dir} is in use by another lit-unlearn process (pid {running.pid})" in line
+    finally:
+        running.send_signal(signal.SIGTERM)
+        running.communicate(timeout=120)
+    assert running.returncode == 143  # the first run was not disturbed: it stops and saves as usual
