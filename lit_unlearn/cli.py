@@ -282,7 +282,9 @@ class UnlearnCLI(LightningCLI):
         # results.json last, after unlearned_model/: a run interrupted while saving its outputs then
         # has neither, so resuming it writes both into its own directory (results.json marks a run
         # as finished)
-        trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, TradeoffReport)] + reports
+        trainer.callbacks[:] = [
+            cb for cb in trainer.callbacks if not isinstance(cb, TradeoffReport)
+        ] + reports
 
     def after_fit(self) -> None:
         # No collective here: after fit the ranks may already be leaving. Rank 0's logger knows its

@@ -16,6 +16,11 @@ BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
 
 
+def tiny_fit(root: str, *extra: str) -> list[str]:
+    """``fit`` arguments for the shipped tiny config writing below ``root``, plus ``extra``."""
+    return ["fit", "--config", TINY, *extra, "--trainer.default_root_dir", str(root)]
+
+
 def command(program: str, *args: str) -> list[str]:
     return [os.path.join(BIN, program), *args]
 

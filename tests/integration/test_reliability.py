@@ -32,6 +32,7 @@ from tests.integration.cli_helpers import (
     run_dirs,
     saved_weights,
     start_until_checkpoint,
+    tiny_fit,
 )
 
 # Evaluations at steps 0 and 5 and (final) 8; last.ckpt every 2 steps: the periodic save at step 8
@@ -219,16 +220,7 @@ def test_sigterm_during_the_export_exits_143_with_the_checkpoint_and_resume_writ
 
 @pytest.mark.integration
 def test_two_identical_runs_started_together_get_their_own_directories(tmp_path):
-    args = command(
-        "lit-unlearn",
-        "fit",
-        "--config",
-        TINY,
-        "--trainer.max_steps",
-        "2",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    )
+    args = command("lit-unlearn", *tiny_fit(str(tmp_path), "--trainer.max_steps", "2"))
     procs = [
         subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -256,15 +248,7 @@ def test_two_identical_runs_started_together_get_their_own_directories(tmp_path)
 
 @pytest.mark.integration
 def test_a_second_ctrl_c_aborts_with_130_and_names_the_last_checkpoint(tmp_path):
-    args = [
-        "fit",
-        "--config",
-        TINY,
-        "--trainer.max_steps",
-        "200",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
+    args = tiny_fit(str(tmp_path), "--trainer.max_steps", "200")
     proc, ckpt = start_until_checkpoint(str(tmp_path), *args)
     assert ckpt is not None
     proc.send_signal(signal.SIGINT)
@@ -303,15 +287,7 @@ def test_resuming_on_changed_data_is_refused_unless_allowed(tmp_path):
 def test_a_run_directory_in_use_is_refused_to_a_second_process(tmp_path):
     """Resuming a run while it is still running (two jobs on one checkpoint) is refused: the
     running process holds its directory."""
-    args = [
-        "fit",
-        "--config",
-        TINY,
-        "--trainer.max_steps",
-        "200",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
+    args = tiny_fit(str(tmp_path), "--trainer.max_steps", "200")
     running, ckpt = start_until_checkpoint(str(tmp_path), *args)
     try:
         assert ckpt is not None
