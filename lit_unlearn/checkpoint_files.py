@@ -35,6 +35,7 @@ DIGEST_FILE = "lit_unlearn_digest.json"
 TEMP_MARK = ".tmp-"  # temporary names: ".<name>.tmp-<pid>-<random>"
 OLD_MARK = ".old-"  # a directory checkpoint moved aside while its successor is renamed in
 _CHUNK = 1 << 24
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # checkpoint files whose digest matched in this process
 
 
 def _hasher() -> Any:
@@ -230,8 +231,14 @@ def verify_loaded(path: str, checkpoint: Any) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "lit_unlearn" not in checkpoint or "state_dict" not in checkpoint:
         raise _refuse(path, "not a lit-unlearn training checkpoint (no lit_unlearn/state_dict entries)")
     expected = checkpoint.pop(DIGEST_KEY, None)
-    if expected is not None and tensor_digest(checkpoint) != expected:
-        raise _refuse(path, "corrupted (its tensors do not match the digest saved with them)")
+    if expected is None:
+        return checkpoint
+    # Lightning's CLI and then the Trainer each read a resumed checkpoint: hash it once per process
+    key = (os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns, expected)
+    if key not in _VERIFIED:
+        if tensor_digest(checkpoint) != expected:
+            raise _refuse(path, "corrupted (its tensors do not match the digest saved with them)")
+        _VERIFIED.add(key)
     return checkpoint
 
 

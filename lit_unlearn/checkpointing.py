@@ -29,7 +29,6 @@ import signal
 import sys
 from types import FrameType
 from typing import Any
-from weakref import proxy
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -140,19 +139,14 @@ class RunCheckpoint(ModelCheckpoint):
             trainer.strategy, "_save_distributed_checkpoint", False
         )
         if direct:
-            trainer.save_checkpoint(filepath, self.save_weights_only)
-        else:
-            tmp = trainer.strategy.broadcast(temporary_name(filepath))
-            trainer.save_checkpoint(tmp, self.save_weights_only)  # ends with a barrier
-            if trainer.is_global_zero:
-                if os.path.isdir(tmp):
-                    write_directory_digest(tmp)
-                replace_directory(tmp, filepath)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+            return super()._save_checkpoint(trainer, filepath)
+        tmp = trainer.strategy.broadcast(temporary_name(filepath))
+        super()._save_checkpoint(trainer, tmp)  # trainer.save_checkpoint ends with a barrier
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
+            if os.path.isdir(tmp):
+                write_directory_digest(tmp)
+            replace_directory(tmp, filepath)
+        self._last_checkpoint_saved = filepath
 
     # ------------------------------------------------------------------ errors
     def on_exception(

@@ -250,14 +250,7 @@ class UnlearnCLI(LightningCLI):
                 "give a number of optimizer steps > 0 (or -1 with --trainer.max_epochs), or use "
                 "lit-unlearn validate / lit-unlearn-eval to evaluate a model"
             )
-        ckpt_path = _get(config, "ckpt_path")
-        if (
-            self.subcommand == "fit"
-            and isinstance(ckpt_path, str)
-            and ckpt_path not in ("last", "best", "hpc")
-        ):
-            check_checkpoint(ckpt_path)  # cheap checks, before the data or a model are read
-        fill_run_logger(config, ckpt_path)
+        fill_run_logger(config, _get(config, "ckpt_path"))  # the checkpoint was checked in _parse_ckpt_path
         if self.subcommand == "fit" and _get(config, "trainer.enable_checkpointing") is False:
             raise UserError(
                 "--trainer.enable_checkpointing false is not supported by lit-unlearn fit (last.ckpt is what makes "

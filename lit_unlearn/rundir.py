@@ -28,7 +28,7 @@ from typing import Any
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_unlearn.checkpoint_files import replace_file, temporary_name
+from lit_unlearn.checkpoint_files import replace_directory, replace_file, temporary_name
 from lit_unlearn.errors import UserError
 
 MODEL_DIR = "unlearned_model"
@@ -283,7 +283,7 @@ def atomic_directory(path: str, replace: bool = False) -> Iterator[str]:
     """Fill a temporary sibling of ``path`` (yielded); on success its files are fsynced and it is
     renamed to ``path``; on any error it is removed, so ``path`` is either complete or absent
     (a killed process leaves only the temporary sibling, which ``remove_orphans`` clears when
-    the run directory is next used). ``replace``: remove an existing ``path`` first (otherwise
+    the run directory is next used). ``replace``: swap out an existing ``path`` (otherwise
     the rename fails if it exists). Normal permissions."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -293,9 +293,10 @@ def atomic_directory(path: str, replace: bool = False) -> Iterator[str]:
         yield tmp
         _normal_permissions(tmp)
         _fsync_tree(tmp)
-        if replace and os.path.isdir(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        if replace:
+            replace_directory(tmp, path)  # the old one moved aside, never removed before the new one is in
+        else:
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
