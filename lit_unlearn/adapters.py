@@ -43,7 +43,7 @@ class LoRA:
         merge_on_save: bool = False,
     ) -> None:
         if rank < 1:
-            raise UserError(f"--model.adapter.rank must be >= 1, got {rank}")
+            raise UserError(f"--model.network.adapter.rank must be >= 1, got {rank}")
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.target_modules = target_modules or list(LLAMA_LINEAR)
         self.merge_on_save = merge_on_save
@@ -56,7 +56,7 @@ class LoRA:
         missing = [m for m in self.target_modules if m not in present]
         if missing:
             raise UserError(
-                f"--model.adapter.target_modules: {missing} are not layers of {type(model).__name__} "
+                f"--model.network.adapter.target_modules: {missing} are not layers of {type(model).__name__} "
                 f"(it has e.g. {sorted(n for n in present if n)[:8]})"
             )
         config = LoraConfig(

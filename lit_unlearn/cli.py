@@ -27,9 +27,22 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+import lit_unlearn.benchmarks.synthetic  # noqa: F401 (registers the synthetic:// models)
+from lit_unlearn.callbacks import (
+    AccumulationCheck,
+    AdaptersMovedGuard,
+    CollapseGuard,
+    NonFiniteGuard,
+    StepLogger,
+)
+from lit_unlearn.callbacks.checkpointing import RunCheckpoint
+from lit_unlearn.callbacks.export import ExportModel
+from lit_unlearn.callbacks.manifest import RunManifest
+from lit_unlearn.callbacks.progress import name_the_run
 from lit_unlearn.checkpoint_files import VerifiedCheckpointIO, check_checkpoint
-from lit_unlearn.checkpointing import RunCheckpoint
 from lit_unlearn.data import UnlearningDataModule
+from lit_unlearn.engine.checks import check_learning_rate, check_precision
+from lit_unlearn.engine.module import UnlearningModule
 from lit_unlearn.errors import (
     RunInterrupted,
     UserError,
@@ -40,9 +53,6 @@ from lit_unlearn.errors import (
     suggest,
 )
 from lit_unlearn.eval.report import TradeoffReport
-from lit_unlearn.export import ExportModel
-from lit_unlearn.manifest import RunManifest
-from lit_unlearn.module import UnlearningModule
 from lit_unlearn.rundir import (
     check_run_directory,
     finished_outputs,
@@ -58,9 +68,13 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 10,
     "logger": {"class_path": "lit_unlearn.RunLogger"},  # run directories named after the run
 }
-REFUSED_TRAINER_FLAGS = {
-    "accumulate_grad_batches": (1, "--model.accumulate_grad_batches"),
-    "gradient_clip_val": (None, "--model.gradient_clip_val"),
+# Trainer flags that do not apply here, left out of the parser (and of --help): what to use instead.
+SKIPPED_TRAINER_FLAGS = {
+    "accumulate_grad_batches": "is refused under manual optimization; use --model.accumulate_grad_batches",
+    "gradient_clip_val": "is refused under manual optimization; use --model.gradient_clip_val",
+    "gradient_clip_algorithm": "does not apply: --model.gradient_clip_val clips the update's global L2 norm",
+    "barebones": "does not apply: lit-unlearn fit always logs and keeps last.ckpt",
+    "limit_predict_batches": "does not apply: lit-unlearn has no predict subcommand",
 }
 COMPONENTS = {
     "model.synthesizer": "lit_unlearn.synthesis",
@@ -184,20 +198,37 @@ class UnlearnCLI(LightningCLI):
         """``fit``, ``validate`` and ``test`` (the module has no ``predict_step``)."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
+    def add_core_arguments_to_parser(self, parser: Any) -> None:
+        """Lightning's, without the Trainer flags that do not apply (:data:`SKIPPED_TRAINER_FLAGS`)."""
+        parser.add_class_arguments(
+            self.trainer_class,
+            "trainer",
+            fail_untyped=False,
+            instantiate=False,
+            sub_configs=True,
+            skip=set(SKIPPED_TRAINER_FLAGS),
+        )
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ExportModel, "export")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite_guard")
+        parser.add_lightning_class_args(CollapseGuard, "collapse_guard")
         parser.add_argument(
             "--resume.allow_data_change",
             type=bool,
             default=False,
-            help="with --ckpt_path: resume even though the training data differ from the checkpoint's "
-            "(changed, added or removed files, other source settings); refused by default",
+            help="with --ckpt_path: resume although the training data changed (refused by default)",
         )
         parser.link_arguments(
-            "model.model", "data.tokenizer", compute_fn=lambda m: m if isinstance(m, str) else None
+            "model.network.init_args.path",
+            "data.tokenizer",
+            compute_fn=lambda m: m if isinstance(m, str) else None,
         )
-        parser.link_arguments("model.revision", "data.tokenizer_revision")
+        parser.link_arguments("model.network.init_args.revision", "data.tokenizer_revision")
         parser.link_arguments(
             "seed_everything",
             "data.seed",
@@ -228,21 +259,8 @@ class UnlearnCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Checks on the parsed config, before anything (data, model) is loaded."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        for flag, (allowed, replacement) in REFUSED_TRAINER_FLAGS.items():
-            value = _get(config, f"trainer.{flag}")
-            if value not in (allowed, None) and not (flag == "accumulate_grad_batches" and value == 1):
-                raise UserError(
-                    f"--trainer.{flag}={value} is refused under manual optimization; use {replacement} instead"
-                )
-        precision = str(_get(config, "trainer.precision"))
-        if precision in ("16-mixed", "16"):
-            raise UserError(
-                f"--trainer.precision {precision} is not supported (loss scaling would distort the synthesized "
-                "update, and on CPU Lightning would silently run bf16-mixed instead); use bf16-mixed, bf16-true or 32-true"
-            )
-        lr = _get(config, "model.optimizer.init_args.lr")
-        if isinstance(lr, (int, float)) and not lr > 0:
-            raise UserError(f"--model.optimizer.init_args.lr must be > 0, got {lr}")
+        check_precision(_get(config, "trainer.precision"))
+        check_learning_rate(_get(config, "model.optimizer.init_args.lr"))
         max_steps = _get(config, "trainer.max_steps")
         if self.subcommand == "fit" and isinstance(max_steps, int) and max_steps == 0:
             raise UserError(
@@ -270,7 +288,8 @@ class UnlearnCLI(LightningCLI):
             check_run_directory(run_directory(trainer), bool(config.get("ckpt_path")))
         if self.datamodule is not None and hasattr(self.datamodule, "allow_data_change"):
             self.datamodule.allow_data_change = bool(_get(config, "resume.allow_data_change"))
-        trainer.callbacks.append(RunManifest())
+        trainer.callbacks.extend([AdaptersMovedGuard(), AccumulationCheck(), StepLogger(), RunManifest()])
+        name_the_run(trainer.callbacks)  # the bar shows the run's name instead of v_num
         reports = [cb for cb in trainer.callbacks if isinstance(cb, TradeoffReport)] or [TradeoffReport()]
         # results.json last, after unlearned_model/: a run interrupted while saving its outputs then
         # has neither, so resuming it writes both into its own directory (results.json marks a run
@@ -301,6 +320,9 @@ def _parse_error(err: BaseException) -> str:
     lists the available classes; an empty or looping component file says so."""
     raw = str(err)
     text = " ".join(raw.split())
+    for flag, why in SKIPPED_TRAINER_FLAGS.items():
+        if re.search(rf"--trainer\.{flag}\b|\btrainer\.{flag}\b|'{flag}'", text):
+            return f"--trainer.{flag} {why}"
     for key, package in COMPONENTS.items():
         if f'"{key}"' not in text and f"'{key}'" not in text:
             continue

@@ -65,6 +65,22 @@ def describe(value: Any) -> Any:
     return repr(value)
 
 
+def component_name(described: Any) -> str:
+    """The class name in a :func:`describe` d component (or in a results file of an earlier
+    version, which recorded ``{"name", "args"}``)."""
+    if isinstance(described, dict):
+        path = described.get("class_path") or described.get("name") or ""
+        return str(path).rsplit(".", 1)[-1]
+    return str(described).rsplit(".", 1)[-1]
+
+
+def component_args(described: Any) -> dict[str, Any]:
+    """The constructor arguments in a :func:`describe` d component (``{}`` if none)."""
+    if not isinstance(described, dict):
+        return {}
+    return dict(described.get("init_args") or described.get("args") or {})
+
+
 def describe_path(obj: Any) -> str:
     """``module.QualName`` of a class or function."""
     return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}".lstrip(".")

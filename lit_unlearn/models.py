@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ def looks_local(name_or_path: str) -> bool:
 def _check_local(name_or_path: str, what: str, flag: str | None = None) -> None:
     """Fail at once for a local-looking path that does not exist (no hub retries), and for a hub
     id that is neither cached nor reachable."""
-    flag = flag or ("--model.model" if what == "model" else "--data.tokenizer")
+    flag = flag or ("--model.network.path" if what == "model" else "--data.tokenizer")
     if looks_local(name_or_path):
         if not os.path.exists(os.path.expanduser(name_or_path)):
             hint = (
@@ -105,10 +106,55 @@ def _hub_preflight(repo_id: str, flag: str) -> None:
     )
 
 
-def check_model_path(name_or_path: str, flag: str = "--model.model") -> None:
-    """Refuse a local-looking model path that does not exist, or an unreachable uncached hub id
-    (``synthetic://`` names pass)."""
-    if not name_or_path.startswith("synthetic://"):
+SchemeResolver = Callable[[str], str]
+"""Maps a ``scheme://name`` model reference to a local directory (building it if need be)."""
+SCHEME_ENTRY_POINTS = "lit_unlearn.model_schemes"
+_SCHEMES: dict[str, SchemeResolver] = {}
+
+
+def register_model_scheme(scheme: str, resolver: SchemeResolver) -> None:
+    """Let ``scheme://...`` stand for a model that ``resolver`` provides as a local directory.
+
+    Packages register their schemes on import, or declare them as ``lit_unlearn.model_schemes``
+    entry points (``synthetic = "lit_unlearn.benchmarks.synthetic.target:resolve_synthetic"``),
+    so this module never imports the benchmarks that use it.
+    """
+    _SCHEMES[scheme] = resolver
+
+
+def _scheme(name_or_path: str) -> str | None:
+    scheme, sep, _ = name_or_path.partition("://")
+    return scheme if sep and scheme.isidentifier() else None
+
+
+def _resolver(scheme: str) -> SchemeResolver:
+    if scheme not in _SCHEMES:
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group=SCHEME_ENTRY_POINTS, name=scheme):
+            register_model_scheme(scheme, entry.load())
+    if scheme not in _SCHEMES:
+        known = sorted({*_SCHEMES, *(e.name for e in entry_points(group=SCHEME_ENTRY_POINTS))})
+        raise UserError(
+            f"no model provider for {scheme}:// (known: {', '.join(s + '://' for s in known) or 'none'}); "
+            "give a hub id or a local directory"
+        )
+    return _SCHEMES[scheme]
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A hub id or local path unchanged; a ``scheme://name`` reference as its provider's directory."""
+    scheme = _scheme(name_or_path)
+    return name_or_path if scheme is None else _resolver(scheme)(name_or_path)
+
+
+def check_model_path(name_or_path: str, flag: str = "--model.network.path.path") -> None:
+    """Refuse a local-looking model path that does not exist, an unreachable uncached hub id, or
+    an unknown ``scheme://`` (whose provider builds the model later, when it is loaded)."""
+    scheme = _scheme(name_or_path)
+    if scheme is not None:
+        _resolver(scheme)
+    else:
         _check_local(name_or_path, "model", flag)
 
 
@@ -141,9 +187,7 @@ def load_tokenizer(
     """
     from transformers import AutoTokenizer
 
-    from lit_unlearn.target import resolve_synthetic
-
-    name_or_path = resolve_synthetic(name_or_path)
+    name_or_path = resolve_model(name_or_path)
     _check_local(name_or_path, "tokenizer")
     try:
         extra = {"revision": revision} if revision else {}
@@ -183,11 +227,9 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    from lit_unlearn.target import resolve_synthetic
-
-    name_or_path = resolve_synthetic(name_or_path)
+    name_or_path = resolve_model(name_or_path)
     if dtype not in DTYPES:
-        raise UserError(f"--model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UserError(f"--model.network.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     _check_local(name_or_path, "model")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
@@ -203,7 +245,9 @@ def load_causal_lm(
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as err:  # not found / no network / no weights: one line, not transformers' page
-        raise UserError(f"--model.model {name_or_path!r} could not be loaded: {_first_line(err)}") from err
+        raise UserError(
+            f"--model.network.path {name_or_path!r} could not be loaded: {_first_line(err)}"
+        ) from err
     return model.train()  # from_pretrained returns eval mode; unlearning trains it
 
 
@@ -220,36 +264,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
-def tiny_llama(
-    vocab_size: int,
-    hidden: int = 64,
-    intermediate: int = 192,
-    layers: int = 2,
-    heads: int = 4,
-    max_positions: int = 64,
-    pad_token_id: int | None = None,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-) -> nn.Module:
-    """A small ``LlamaForCausalLM`` built from a config (untied embeddings), for the synthetic benchmark."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-    )
-    return LlamaForCausalLM(config)
-
-
 def select_trainable(model: nn.Module, pattern: Any, flag: str = "trainable_parameters") -> None:
     """Train only the parameters whose names match ``pattern`` (a compiled regex; ``None`` = all)."""
     if pattern is None:
@@ -261,14 +275,14 @@ def select_trainable(model: nn.Module, pattern: Any, flag: str = "trainable_para
 
 
 def compile_trainable(pattern: str | None) -> re.Pattern[str] | None:
-    """Compile ``--model.trainable_parameters`` (a one-line error naming the flag if invalid)."""
+    """Compile ``--model.network.trainable_parameters`` (a one-line error naming the flag if invalid)."""
     if pattern is None:
         return None
     try:
         return re.compile(pattern)
     except re.error as err:
         raise UserError(
-            f"--model.trainable_parameters {pattern!r} is not a valid regular expression ({err})"
+            f"--model.network.trainable_parameters {pattern!r} is not a valid regular expression ({err})"
         ) from None
 
 
@@ -348,6 +362,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     legacy = getattr(model, "gradient_checkpointing_enable", None)
     if legacy is None:
         raise UserError(
-            f"--model.activation_checkpointing: {type(model).__name__} does not support activation checkpointing"
+            f"--model.network.activation_checkpointing: {type(model).__name__} does not support activation checkpointing"
         )
     legacy(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("RESULT " + json.dumps(phase(args.phase, args.corpus, args.tokenizer, args.cache or None)))
         return {}
 
-    from lit_unlearn.data.synthetic import build_tokenizer, generate_corpus
+    from lit_unlearn.benchmarks.synthetic.corpus import build_tokenizer, generate_corpus
 
     work = tempfile.mkdtemp(prefix="bench_data-")
     corpus = generate_corpus(200)

@@ -54,8 +54,9 @@ def worker(args: argparse.Namespace) -> dict:
     import lightning as L
     import torch
 
-    from lit_unlearn.models import tiny_llama
-    from lit_unlearn.module import UnlearningModule
+    from lit_unlearn.benchmarks.synthetic import tiny_llama
+    from lit_unlearn.engine.model_setup import ModelSetup
+    from lit_unlearn.engine.module import UnlearningModule
     from lit_unlearn.objectives.functional import mean_nll
     from lit_unlearn.synthesis import RULES
 
@@ -122,11 +123,11 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         rule = {cls.__name__: cls for cls in RULES}[rule_name]()
         module = UnlearningModule(
-            cast(Any, model),  # an already loaded model (the CLI passes a name)
+            ModelSetup(cast(Any, model), activation_checkpointing=checkpointing),
+            # an already loaded model (the CLI passes a name)
             synthesizer=rule,
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
             diagnostics_every_n_steps=0,
-            activation_checkpointing=checkpointing,
         )
     strategy: Any = "auto"
     devices = 1

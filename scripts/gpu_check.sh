@@ -26,7 +26,7 @@ timeout 120 .venv/bin/lit-unlearn fit --config configs/debug/tiny.yaml --config 
   --trainer.default_root_dir "$OUT/tiny_fit"
 echo "== 4. tiny fit, LoRA, bf16, activation checkpointing"
 timeout 120 .venv/bin/lit-unlearn fit --config configs/debug/tiny.yaml --config configs/adapter/lora.yaml \
-  --trainer.accelerator gpu --trainer.precision 32-true --model.dtype bfloat16 \
-  --model.activation_checkpointing true --model.adapter.merge_on_save true --model.synthesizer SAGO \
+  --trainer.accelerator gpu --trainer.precision 32-true --model.network.dtype bfloat16 \
+  --model.network.activation_checkpointing true --model.network.adapter.merge_on_save true --model.synthesizer SAGO \
   --model.optimizer.init_args.lr 1e-2 --trainer.default_root_dir "$OUT/tiny_lora"
 echo "gpu_check: all done"

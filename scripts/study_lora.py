@@ -5,8 +5,8 @@
 Every run is an ordinary ``lit-unlearn fit --config configs/benchmark/synthetic.yaml`` (GradDiff,
 AdamW, evaluation every 10 steps, stop at matched forgetting: forget Q/A <= 0.2, 200 steps at most)
 with ``--model.synthesizer configs/synthesizer/<rule>.yaml``; rank 0 means full fine-tuning at the
-benchmark's lr 1e-3, rank r adds ``--config configs/adapter/lora.yaml --model.adapter.rank r
---model.adapter.alpha 2r`` (so the adapter scale alpha/r stays 2) and runs each of ``--lora_lrs``.
+benchmark's lr 1e-3, rank r adds ``--config configs/adapter/lora.yaml --model.network.adapter.rank r
+--model.network.adapter.alpha 2r`` (so the adapter scale alpha/r stays 2) and runs each of ``--lora_lrs``.
 For every (rank, rule) the table reports, for the lr whose seeds all reached the target with the
 best mean retain accuracy (or, if none did, the lr with the most matched seeds), the mean ± std over
 the finished seeds of
@@ -40,8 +40,8 @@ def fit(out: str, rule: str, seed: int, rank: int, lr: float | None, env: dict[s
     cmd = [os.path.join(BIN, "lit-unlearn"), "fit", "--config", BENCHMARK]
     cmd += ["--model.synthesizer", f"configs/synthesizer/{rule}.yaml", "--seed_everything", str(seed)]
     if rank:
-        cmd += ["--config", "configs/adapter/lora.yaml", "--model.adapter.rank", str(rank)]
-        cmd += ["--model.adapter.alpha", str(2 * rank)]
+        cmd += ["--config", "configs/adapter/lora.yaml", "--model.network.adapter.rank", str(rank)]
+        cmd += ["--model.network.adapter.alpha", str(2 * rank)]
     if lr is not None:
         cmd += ["--model.optimizer.init_args.lr", str(lr)]
     cmd += ["--trainer.logger.init_args.save_dir", out, "--trainer.logger.init_args.name", ""]

@@ -40,7 +40,7 @@ from itertools import combinations
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 BENCHMARK = "configs/benchmark/synthetic.yaml"
-DATA = "{class_path: lit_unlearn.data.SyntheticKnowledge, init_args: {part: forget, subset: relearn}}"
+DATA = "{class_path: lit_unlearn.benchmarks.synthetic.SyntheticKnowledge, init_args: {part: forget, subset: relearn}}"
 PROBES = (
     "[{class_path: lit_unlearn.eval.SyntheticProbes, init_args: {forget_subset: held_out_validation, "
     "forget_name: validation}}, {class_path: lit_unlearn.eval.SyntheticProbes, init_args: "

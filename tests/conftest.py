@@ -25,7 +25,7 @@ SMOKE_STEPS = 150
 @pytest.fixture(scope="session")
 def smoke_target(tmp_path_factory) -> str:
     """The smoke-scale synthetic target (20 people, 150 steps, ~5 s), built once per session."""
-    from lit_unlearn.target import build_target
+    from lit_unlearn.benchmarks.synthetic.target import build_target
 
     out = tmp_path_factory.mktemp("target") / "smoke"
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def smoke_target(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def synthetic_tokenizer_dir(tmp_path_factory) -> str:
     """The word-level tokenizer of the 20-person corpus, saved offline."""
-    from lit_unlearn.data.synthetic import build_tokenizer, generate_corpus
+    from lit_unlearn.benchmarks.synthetic.corpus import build_tokenizer, generate_corpus
 
     out = tmp_path_factory.mktemp("tok") / "synthetic"
     build_tokenizer(generate_corpus(SMOKE_PEOPLE)).save_pretrained(out)
@@ -92,7 +92,7 @@ def mc_task(tmp_path_factory):
     import json
     import random
 
-    from lit_unlearn.data.synthetic import VALUES, generate_corpus
+    from lit_unlearn.benchmarks.synthetic.corpus import VALUES, generate_corpus
 
     corpus = generate_corpus(SMOKE_PEOPLE)
     rng = random.Random(0)

@@ -11,10 +11,12 @@ from typing import Any
 import lightning as L
 import torch
 
+from lit_unlearn.benchmarks.synthetic import tiny_llama
+from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
+from lit_unlearn.callbacks import engine_callbacks
 from lit_unlearn.data import QAPairs, UnlearningDataModule
-from lit_unlearn.data.synthetic import generate_corpus
-from lit_unlearn.models import load_tokenizer, tiny_llama
-from lit_unlearn.module import UnlearningModule
+from lit_unlearn.engine.module import UnlearningModule
+from lit_unlearn.models import load_tokenizer
 
 PEOPLE = 20
 
@@ -113,8 +115,11 @@ def fit(
         use_distributed_sampler=False,
         log_every_n_steps=1,
     )
+    given = list(trainer_kw.pop("callbacks", []))
     kw.update(trainer_kw)
-    trainer = L.Trainer(**kw)
+    # the guards and the step logger, as lit-unlearn fit installs them (a given guard replaces its default)
+    defaults = [cb for cb in engine_callbacks() if not any(type(g) is type(cb) for g in given)]
+    trainer = L.Trainer(**kw, callbacks=[*defaults, *given])
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from lit_unlearn.adapters import AdaptersOff, LoRA
+from lit_unlearn.callbacks.export import ExportModel
+from lit_unlearn.engine.model_setup import ModelSetup
+from lit_unlearn.engine.module import UnlearningModule
 from lit_unlearn.errors import TrainingDiverged
-from lit_unlearn.export import ExportModel
 from lit_unlearn.models import load_causal_lm
-from lit_unlearn.module import UnlearningModule
 from lit_unlearn.objectives import NPO, RMU, EmbedDiff
 from lit_unlearn.synthesis import SAGO
 from tests.engine_helpers import (
@@ -28,7 +29,7 @@ def _base_name(name: str) -> str:
 def test_only_adapters_train_and_the_task_buffers_are_adapter_sized(synthetic_tokenizer_dir, varlen):
     model = make_model(synthetic_tokenizer_dir, torch.float32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    module = UnlearningModule(model, synthesizer=SAGO(), adapter=LoRA(rank=4), optimizer=sgd(0.5))
+    module = UnlearningModule(ModelSetup(model, adapter=LoRA(rank=4)), synthesizer=SAGO(), optimizer=sgd(0.5))
     fit(module, make_dm(synthetic_tokenizer_dir, *varlen), max_steps=3)
     params = dict(module.model.named_parameters())
     base = {_base_name(n): p for n, p in params.items() if "lora_" not in n}
@@ -45,32 +46,32 @@ def test_the_reference_is_the_base_with_adapters_off_not_a_copy(synthetic_tokeni
     """NPO's log-ratio starts at exactly 0 (fresh adapters are the identity) and no second copy of
     the weights exists; RMU's layer hooks work through it too."""
     module = UnlearningModule(
-        make_model(synthetic_tokenizer_dir, torch.float32),
+        ModelSetup(make_model(synthetic_tokenizer_dir, torch.float32), adapter=LoRA(rank=4)),
         NPO(beta=0.1),
-        adapter=LoRA(rank=4),
         optimizer=sgd(0.1),
     )
     trainer = fit(module, make_dm(synthetic_tokenizer_dir, *varlen), max_steps=1, log_every_n_steps=1)
     assert isinstance(module.reference, AdaptersOff) and module.reference.adapted is module.model
     assert abs(trainer.callback_metrics["train/forget_log_ratio"].item()) < 1e-6
     rmu = UnlearningModule(
-        make_model(synthetic_tokenizer_dir, torch.float32),
+        ModelSetup(make_model(synthetic_tokenizer_dir, torch.float32), adapter=LoRA(rank=4)),
         RMU(layer=1, steering_coeff=4.0),
         EmbedDiff(layer=1),
-        adapter=LoRA(rank=4),
         optimizer=sgd(0.1),
     )
     fit(rmu, make_dm(synthetic_tokenizer_dir, *varlen), max_steps=2)
-    assert rmu.bad_steps == 0
+    assert rmu.state.skipped_steps == 0
 
 
 def test_a_run_whose_adapters_do_not_move_stops(synthetic_tokenizer_dir, varlen):
     """Training only lora_A (its gradient is 0 while lora_B is 0) is the silent no-op of
     open-unlearning #178: it must fail after the first step, not save an unchanged model."""
     module = UnlearningModule(
-        make_model(synthetic_tokenizer_dir, torch.float32),
-        adapter=LoRA(rank=4),
-        trainable_parameters="lora_A",
+        ModelSetup(
+            make_model(synthetic_tokenizer_dir, torch.float32),
+            adapter=LoRA(rank=4),
+            trainable_parameters="lora_A",
+        ),
         optimizer=sgd(0.1),
     )
     with pytest.raises(TrainingDiverged, match="no adapter weight changed"):
@@ -79,9 +80,11 @@ def test_a_run_whose_adapters_do_not_move_stops(synthetic_tokenizer_dir, varlen)
 
 def test_activation_checkpointing_still_trains_the_adapters(synthetic_tokenizer_dir, varlen):
     module = UnlearningModule(
-        make_model(synthetic_tokenizer_dir, torch.float32),
-        adapter=LoRA(rank=4),
-        activation_checkpointing=True,
+        ModelSetup(
+            make_model(synthetic_tokenizer_dir, torch.float32),
+            adapter=LoRA(rank=4),
+            activation_checkpointing=True,
+        ),
         optimizer=sgd(0.5),
     )
     fit(module, make_dm(synthetic_tokenizer_dir, *varlen), max_steps=2)  # the guard would stop it
@@ -95,7 +98,9 @@ def test_adapter_and_merged_model_reload_with_the_same_logits(
 
     from lit_unlearn.eval.harness import evaluate_saved
 
-    module = UnlearningModule(smoke_target, adapter=LoRA(rank=4, merge_on_save=True), optimizer=sgd(0.5))
+    module = UnlearningModule(
+        ModelSetup(smoke_target, adapter=LoRA(rank=4, merge_on_save=True)), optimizer=sgd(0.5)
+    )
     export = ExportModel()
     fit(
         module,

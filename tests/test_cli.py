@@ -114,3 +114,27 @@ def test_results_are_written_after_the_model_whatever_the_callback_order(tmp_pat
           "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
     out = capsys.readouterr().out
     assert out.index("unlearned model saved to") < out.index("lit-unlearn: results in")
+
+
+def test_fit_help_fits_in_700_lines(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) <= 700
+    assert "--model.network" in out and "--collapse_guard.threshold" in out
+    assert "--trainer.accumulate_grad_batches" not in out  # refused under manual optimization
+
+
+def test_the_progress_bar_names_the_run_instead_of_v_num():
+    from types import SimpleNamespace
+
+    from lit_unlearn.callbacks.progress import RunRichProgressBar, RunTQDMProgressBar
+
+    logger = SimpleNamespace(version="GradientAscent+NLL_SAGO/lr0.001_seed0_abcd1234")
+    trainer = SimpleNamespace(
+        loggers=[logger], logger=logger, progress_bar_metrics={"train/forget_loss": 1.5}
+    )
+    for bar in (RunTQDMProgressBar(), RunRichProgressBar()):
+        metrics = bar.get_metrics(trainer, None)
+        assert metrics == {"run": "SAGO/lr0.001_seed0_abcd1234", "train/forget_loss": 1.5}

@@ -208,7 +208,7 @@ def test_paper_overlay_matches_the_official_settings(key, capsys, monkeypatch):
             "class_path": "lit_unlearn.objectives.EmbedDiff",
             "init_args": {"layer": 7},
         }
-        assert model["trainable_parameters"] == r"layers\.(5|6|7)\.mlp\.down_proj"
+        assert model["network"]["init_args"]["trainable_parameters"] == r"layers\.(5|6|7)\.mlp\.down_proj"
         assert (model["warmup_ratio"], model["lr_decay"]) == (0.0, "constant")
     else:
         assert model["retain_objective"]["class_path"] == "lit_unlearn.objectives.NLL"
@@ -218,7 +218,7 @@ def test_paper_overlay_matches_the_official_settings(key, capsys, monkeypatch):
     assert model["accumulate_grad_batches"] == micro
     assert per_device * micro * trainer["devices"] == 32  # the official global batch on 4 GPUs
     assert model["gradient_clip_val"] == (1.0 if engine == "D" else None)
-    assert model["dtype"] == "bfloat16" and trainer["precision"] == "bf16-true"
+    assert model["network"]["init_args"]["dtype"] == "bfloat16" and trainer["precision"] == "bf16-true"
     assert config["seed_everything"] == 0 and data["max_length"] == 512
     header = open(path).read()
     assert "Official settings" in header and f"lr {lr}" in header
@@ -256,7 +256,7 @@ def test_components_combine_and_run_two_steps(forget, synthesizer, tmp_path, mon
             "configs/objective/retain/embed_diff.yaml",
             "--model.retain_objective.layer",
             "1",
-            "--model.trainable_parameters",
+            "--model.network.trainable_parameters",
             r"layers\.1\.mlp\.down_proj",
         ]
     main(args)

@@ -17,7 +17,7 @@ def test_hub_ids_pass_and_missing_local_paths_fail_clearly(tmp_path):
 
 
 def test_bad_dtype_names_the_flag(smoke_target):
-    with pytest.raises(ValueError, match="--model.dtype must be one of"):
+    with pytest.raises(ValueError, match="--model.network.dtype must be one of"):
         load_causal_lm(smoke_target, dtype="float8")
 
 

@@ -61,7 +61,7 @@ def _config(retain_weight: float, root: str = "runs") -> Namespace:
         config=["a.yaml"],
         trainer=Namespace(default_root_dir=root, max_steps=20, logger=Namespace(class_path="x")),
         model=Namespace(synthesizer=synth, optimizer=Namespace(init_args=Namespace(lr=1e-3))),
-        data=Namespace(forget=Namespace(class_path="lit_unlearn.data.SyntheticKnowledge")),
+        data=Namespace(forget=Namespace(class_path="lit_unlearn.benchmarks.synthetic.SyntheticKnowledge")),
     )
 
 

@@ -1,9 +1,8 @@
-"""Forget/retain data: sources (formats), pairing, the DataModule and the synthetic benchmark."""
+"""Forget/retain data: sources (formats), pairing and the DataModule (the synthetic benchmark lives in lit_unlearn.benchmarks.synthetic)."""
 
 from lit_unlearn.data.datamodule import UnlearningDataModule
 from lit_unlearn.data.sampling import PairedBatchSampler
 from lit_unlearn.data.sources import DataSource, DataSourceError, HFDataset, QAPairs, TextCorpus
-from lit_unlearn.data.synthetic import SyntheticKnowledge, build_tokenizer, generate_corpus
 
 __all__ = [
     "DataSource",
@@ -11,9 +10,6 @@ __all__ = [
     "HFDataset",
     "PairedBatchSampler",
     "QAPairs",
-    "SyntheticKnowledge",
     "TextCorpus",
     "UnlearningDataModule",
-    "build_tokenizer",
-    "generate_corpus",
 ]

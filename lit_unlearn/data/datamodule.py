@@ -48,24 +48,21 @@ class UnlearningDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: hub id or local path of the tokenizer (usually the model's).
-        forget: one or more forget sources (e.g. ``TextCorpus``, ``QAPairs``, ``SyntheticKnowledge``).
+        forget: one or more forget sources.
         retain: one or more retain sources.
-        max_length: longest sequence in tokens (corpora are cut into chunks of this size; the
-            paper uses 512). Must not exceed the model's context.
+        max_length: longest sequence in tokens, at most the model's context (paper: 512).
         forget_batch_size: forget sequences per device per micro-batch.
         retain_batch_size: retain sequences per device per micro-batch (default: as forget).
-        val_forget: optional held-out forget sources for validation losses.
-        val_retain: optional held-out retain sources for validation losses.
+        val_forget: held-out forget sources (validation losses).
+        val_retain: held-out retain sources (validation losses).
         eval_batch_size: batch size of the validation loaders.
         num_workers: DataLoader worker processes (results do not depend on it).
         seed: pairing seed (the CLI links it to ``seed_everything``).
         shuffle: shuffle the forget epoch and the retain stream.
         trust_remote_code: allow custom tokenizer code (off by default).
-        tokenizer_revision: hub revision of ``tokenizer`` (the CLI links it to ``--model.revision``).
-        cache_dir: where tokenized examples are cached as memory-mapped Arrow datasets (built once
-            by one process per node in ``prepare_data``, then read by every rank and every later
-            launch; keyed by the sources, their files, the tokenizer and ``max_length``).
-            ``None`` = tokenize in memory on every rank at every launch.
+        tokenizer_revision: hub revision of ``tokenizer`` (the CLI links it to ``--model.network.revision``).
+        cache_dir: cache of tokenized examples (memory-mapped Arrow, built once per node, keyed by
+            sources, files, tokenizer and ``max_length``); ``None`` = tokenize on every launch.
     """
 
     def __init__(

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import lightning as L
 
+from lit_unlearn.engine.outcome import model_of
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.logs import log_at_step
 from lit_unlearn.models import gathered_state_dict, is_sharded
@@ -81,10 +82,10 @@ class UnlearningEvaluator(L.Callback):
         passes are collectives), broadcast, log and record; returns the values."""
         step = trainer.global_step
         values: dict[str, float] = {}
-        if trainer.is_global_zero or is_sharded(getattr(pl_module, "model", None)):
+        if trainer.is_global_zero or is_sharded(model_of(pl_module)):
             tokenizer = self._setup(trainer)
             start = time.perf_counter()
-            model: Any = pl_module.model
+            model: Any = model_of(pl_module)
             for metric in self.metrics:
                 values.update(metric.compute(model, tokenizer))
             summary = ", ".join(f"{k}={v:.3f}" for k, v in values.items())
@@ -114,7 +115,7 @@ class UnlearningEvaluator(L.Callback):
                 f"matched forgetting: {self.monitor}={value:.3f} reached target {self.target} at step {self.matched_step}",
             )
             run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
-            model: Any = getattr(pl_module, "model", None)
+            model: Any = model_of(pl_module)
             if self.save_matched_model and hasattr(model, "save_pretrained"):
                 full = gathered_state_dict(model)  # collective for a sharded model
                 if trainer.is_global_zero:

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from lit_unlearn.engine.outcome import model_of
 from lit_unlearn.errors import UserError, function_cli, suggest
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.logs import log_at_step
@@ -324,9 +325,9 @@ class LMEvalCallback(L.Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A sharded model's forward passes are collectives: every rank runs the same evaluation.
-        if trainer.is_global_zero or is_sharded(getattr(pl_module, "model", None)):
+        if trainer.is_global_zero or is_sharded(model_of(pl_module)):
             tokenizer = trainer.datamodule.tokenizer
-            model: Any = pl_module.model
+            model: Any = model_of(pl_module)
             self.results = run_lm_eval(
                 model, tokenizer, self.tasks, self.include_path, self.num_fewshot, self.limit, self.batch_size,
                 add_bos_token=self.add_bos_token, apply_chat_template=self.apply_chat_template,

@@ -15,10 +15,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lit_unlearn.benchmarks.synthetic.corpus import Subset, generate_corpus, select_people
+from lit_unlearn.benchmarks.synthetic.probes import synthetic_metrics, token_nll
 from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.data.sources import DataSource, DataSourceError, read_records
-from lit_unlearn.data.synthetic import Subset, generate_corpus, select_people
-from lit_unlearn.eval.probes import synthetic_metrics, token_nll
 from lit_unlearn.objectives.functional import sequence_nll
 
 Split = Literal["forget", "retain", "general"]

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
 from lit_unlearn.data.sources import DataSourceError, read_records
-from lit_unlearn.data.synthetic import generate_corpus
 from lit_unlearn.eval.metrics import MetricSet
 
 ATTACKS = ("loss", "zlib", "mink", "minkpp")

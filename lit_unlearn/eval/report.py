@@ -26,22 +26,14 @@ from typing import Any
 import lightning as L
 import torch
 
+from lit_unlearn.engine.outcome import components, engine_of
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import LMEvalCallback
+from lit_unlearn.logs import component_args, component_name
 from lit_unlearn.rundir import RESULTS_FILE, local_run_directory, run_directory, write_json_atomic
 
 SCORE = r"val/{side}_(?!.*(ppl|nll)$).*"  # a side's metrics except perplexities and NLLs
 GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
-
-
-def describe(obj: Any) -> dict[str, Any]:
-    """``{"name": class name, "args": public scalar attributes}`` of a synthesizer or objective."""
-    args = {
-        k: v
-        for k, v in vars(obj).items()
-        if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))
-    }
-    return {"name": type(obj).__name__, "args": args}
 
 
 def _find(trainer: L.Trainer, cls: type) -> Any:
@@ -164,7 +156,8 @@ class TradeoffReport(L.Callback):
         for part in ("forget", "retain"):
             if isinstance(batch, dict) and part in batch:
                 self.tokens += int(batch[part]["attention_mask"].numel())
-        geometry = getattr(pl_module, "last_geometry", None)
+        engine = engine_of(pl_module)
+        geometry = engine.state.last_geometry if engine is not None else None
         if geometry is not None and (not self.geometry or self.geometry[-1]["step"] != geometry["step"]):
             self.geometry.append(dict(geometry))
 
@@ -207,7 +200,8 @@ class TradeoffReport(L.Callback):
         lm_eval_cb = _find(trainer, LMEvalCallback)
         wall = self.elapsed_before + self._elapsed()
         dm = trainer.datamodule
-        accumulate = getattr(pl_module, "accumulate_grad_batches", 1)
+        engine = engine_of(pl_module)
+        accumulate = engine.accumulate_grad_batches if engine is not None else 1
         opt = pl_module.optimizers()
         optimizer = opt.optimizer if hasattr(opt, "optimizer") else opt
         peak = (
@@ -217,10 +211,7 @@ class TradeoffReport(L.Callback):
         )
         return {
             "run_dir": run_dir or local_run_directory(trainer),
-            "model": getattr(pl_module, "model_source", None),
-            "synthesizer": describe(pl_module.synthesizer),
-            "forget_objective": describe(pl_module.forget_objective),
-            "retain_objective": describe(pl_module.retain_objective),
+            **components(pl_module),
             "optimizer": {"name": type(optimizer).__name__, "lr": optimizer.defaults.get("lr")},
             "forget_metric": self.forget_metric,
             "retain_metric": self.retain_metric,
@@ -235,7 +226,7 @@ class TradeoffReport(L.Callback):
             "final": history[-1] if history else None,
             "history": history,
             "steps": trainer.global_step,
-            "skipped_steps": getattr(pl_module, "bad_steps", 0),
+            "skipped_steps": engine.state.skipped_steps if engine is not None else 0,
             "wall_seconds": round(wall, 3),
             "tokens_per_second": round(self.tokens * trainer.world_size / max(wall, 1e-9), 1),
             "peak_memory_bytes": int(peak),
@@ -257,12 +248,12 @@ class TradeoffReport(L.Callback):
 
         final = results["final"] or {}
         params = {
-            "synthesizer": results["synthesizer"]["name"],
-            "forget_objective": results["forget_objective"]["name"],
-            "retain_objective": results["retain_objective"]["name"],
+            "synthesizer": component_name(results["synthesizer"]),
+            "forget_objective": component_name(results["forget_objective"]),
+            "retain_objective": component_name(results["retain_objective"]),
             "lr": float(results["optimizer"]["lr"] or 0.0),
-            "forget_weight": float(results["synthesizer"]["args"].get("forget_weight", 1.0)),
-            "retain_weight": float(results["synthesizer"]["args"].get("retain_weight", 1.0)),
+            "forget_weight": float(component_args(results["synthesizer"]).get("forget_weight", 1.0)),
+            "retain_weight": float(component_args(results["synthesizer"]).get("retain_weight", 1.0)),
             "seed": int(getattr(trainer.datamodule, "seed", 0) or 0),
         }
         metrics = {
@@ -279,7 +270,7 @@ class TradeoffReport(L.Callback):
             results["history"],
             results["forget_metric"],
             results["retain_metric"],
-            f"{results['forget_objective']['name']} + {results['synthesizer']['name']}",
+            f"{component_name(results['forget_objective'])} + {component_name(results['synthesizer'])}",
         )
         writer.add_figure("tradeoff/forget_vs_retain", fig, trainer.global_step)
         writer.flush()
@@ -371,8 +362,8 @@ def compare_runs(
         geo = r.get("geometry", {})
         rows.append(
             {
-                "synthesizer": r["synthesizer"]["name"],
-                "objective": f"{r['forget_objective']['name']}+{r['retain_objective']['name']}",
+                "synthesizer": component_name(r["synthesizer"]),
+                "objective": f"{component_name(r['forget_objective'])}+{component_name(r['retain_objective'])}",
                 "matched": "yes" if r.get("matched") else "no",
                 "step": point.get("step"),
                 "forget": point.get(fm),

@@ -4,7 +4,14 @@
 >>> rule = SAGO(forget_weight=1.0, retain_weight=0.5)   # γ, α of the paper
 """
 
-from lit_unlearn.synthesis.base import AllReduceSum, Granularity, Reducer, Synthesizer, local_sum
+from lit_unlearn.synthesis.base import (
+    AllReduceSum,
+    Granularity,
+    Reducer,
+    RetainGuarantee,
+    Synthesizer,
+    local_sum,
+)
 from lit_unlearn.synthesis.diagnostics import GEOMETRY_KEYS, GeometryAccumulator, synthesis_diagnostics
 from lit_unlearn.synthesis.gating import SAGO, SAGOPreferRetain
 from lit_unlearn.synthesis.projection import PCGrad, PCGradGlobal
@@ -18,6 +25,7 @@ __all__ = [
     "PCGrad",
     "PCGradGlobal",
     "Reducer",
+    "RetainGuarantee",
     "SAGO",
     "SAGOPreferRetain",
     "Synthesizer",

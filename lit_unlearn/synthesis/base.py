@@ -1,18 +1,28 @@
-"""The synthesizer contract: validate, gather cross-tensor statistics, combine tensor by tensor.
+"""The synthesizer contract: validate, gather cross-tensor statistics, combine chunk by chunk.
 
 A synthesizer turns the forget gradient ``g_f`` and the retain gradient ``g_r`` (one tensor per
-trainable parameter) into the update ``u`` handed to the optimizer (docs/method.md). Every rule
-is split in two phases so the engine can stream it with bounded memory:
+trainable parameter) into the update ``u`` handed to the optimizer (docs/method.md). A new rule
+writes one method, plain tensor arithmetic::
 
-1. :meth:`Synthesizer.statistics` computes whatever the rule needs across tensors (per-tensor
-   dot products for PCGrad, one global dot product for PCGrad-global, nothing for SAGO). Sums go
-   through the injected ``reducer`` so a sharded strategy can all-reduce partial sums.
-2. :meth:`Synthesizer.combine_tensor` writes ``u_j`` for one tensor into caller-provided storage,
-   which may alias the forget or the retain tensor (the engine writes into ``.grad``).
+    class Halfway(Synthesizer):
+        granularity = "element"
+        def combine(self, forget, retain, stats=None):
+            return 0.5 * (self.forget_weight * forget + self.retain_weight * retain)
 
-Element-wise arithmetic runs on flat chunks with two small scratch buffers that stay in cache on
-CPU; this is both allocation-free (no parameter-sized temporaries) and 3-5x faster than whole-
-tensor ``torch.where`` on a 2-core CPU (see ``scripts/bench_synthesis.py``).
+and the base class does the rest: checks the inputs, runs :meth:`Synthesizer.combine` on flat
+chunks of each tensor (bounded extra memory, any mix of storage dtypes) and writes the result
+into the caller's storage (``out=``, which may alias an input: the engine writes into ``.grad``).
+Rules that need sums across coordinates implement :meth:`Synthesizer.statistics` (per-tensor dot
+products for PCGrad, one global dot product for PCGrad-global), sending partial sums through the
+injected ``reducer`` so a sharded strategy can all-reduce them; :meth:`Synthesizer.tensor_statistics`
+hands each tensor its share, which ``combine`` receives as ``stats``.
+
+Optional fast path: :meth:`Synthesizer.fused_kernel` returns an allocation-free kernel that writes
+into scratch buffers which stay in cache on CPU (3-5x faster than whole-tensor ``torch.where`` on a
+2-core CPU; ``scripts/bench_synthesis.py``). The shipped rules have one; a new rule does not need it.
+
+Each rule declares what it guarantees (:attr:`Synthesizer.retain_guarantee`); the property suite
+checks exactly what each rule declares.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import torch
 from torch import Tensor
 
 Granularity = Literal["element", "tensor", "global"]
+RetainGuarantee = Literal["element", "tensor", "global"]
+"""Where a rule promises ``⟨u, g_r⟩ ≥ 0``: every coordinate, every tensor, or the whole vector."""
 Reducer = Callable[[Tensor], Tensor]
 """Sums a float32 tensor of partial sums across shards or ranks and returns the total."""
 
@@ -131,9 +143,9 @@ def _check_weight(name: str, value: float) -> float:
 class Synthesizer(ABC):
     """Base class of every gradient-synthesis rule.
 
-    Subclasses set :attr:`granularity` and implement :meth:`combine_tensor` (and
-    :meth:`statistics` when they need sums across tensors). Call an instance on two sequences of
-    tensors, one per trainable parameter: ``update = rule(forget_grads, retain_grads)``.
+    Subclasses set :attr:`granularity` and :attr:`retain_guarantee` and implement :meth:`combine`
+    (and :meth:`statistics` when they need sums across coordinates). Call an instance on two
+    sequences of tensors, one per trainable parameter: ``update = rule(forget_grads, retain_grads)``.
 
     Args:
         forget_weight: gamma in the paper, the weight of the forget branch.
@@ -146,6 +158,8 @@ class Synthesizer(ABC):
     """
 
     granularity: ClassVar[Granularity]
+    retain_guarantee: ClassVar[RetainGuarantee | None] = None
+    """Where ``⟨u, g_r⟩ ≥ 0`` holds for any inputs and weights ``α, γ ≥ 0`` (``None``: no promise)."""
 
     def __init__(
         self,
@@ -246,9 +260,39 @@ class Synthesizer(ABC):
         """Rule-specific diagnostics from :meth:`statistics` (e.g. PCGrad's projected fraction)."""
         return {}
 
+    def tensor_statistics(self, state: Any, index: int) -> Any:
+        """Tensor ``index``'s share of :meth:`statistics` (what :meth:`combine` gets as ``stats``);
+        by default all of it."""
+        return state
+
     @abstractmethod
+    def combine(self, forget: Tensor, retain: Tensor, stats: Any = None) -> Tensor:
+        """The update for matching flat chunks of one tensor's forget and retain gradients, given
+        that tensor's ``stats`` (``None`` for rules without statistics). Element-wise given the
+        statistics: the base class applies it chunk by chunk."""
+
+    def fused_kernel(self, stats: Any) -> ChunkKernel | None:
+        """Optional fast path: an in-place kernel ``(f, r, out, scratch_a, scratch_b)`` equal to
+        :meth:`combine` for one tensor's ``stats``; ``None`` = use :meth:`combine`."""
+        return None
+
     def combine_tensor(self, state: Any, index: int, forget: Tensor, retain: Tensor, out: Tensor) -> None:
         """Write the update of tensor ``index`` into ``out`` (which may alias an input)."""
+        stats = self.tensor_statistics(state, index)
+        kernel = self.fused_kernel(stats)
+        if kernel is None:
+
+            def kernel(f: Tensor, r: Tensor, o: Tensor, a: Tensor, b: Tensor) -> None:
+                o.copy_(self.combine(f, r) if stats is None else self.combine(f, r, stats))
+
+        run_chunked(forget, retain, out, kernel)
+
+    def state_dict(self) -> dict[str, Any]:
+        """State a stateful rule carries across steps (checkpointed); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     def _extra_repr(self) -> str:
         return ""

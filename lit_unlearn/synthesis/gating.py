@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lit_unlearn.synthesis.base import Granularity, Synthesizer, run_chunked
+from lit_unlearn.synthesis.base import ChunkKernel, Granularity, RetainGuarantee, Synthesizer
 
 
 def _conflict_mask(f: Tensor, r: Tensor, out: Tensor) -> Tensor:
@@ -45,8 +45,13 @@ class SAGO(Synthesizer):
     """
 
     granularity: ClassVar[Granularity] = "element"
+    retain_guarantee: ClassVar[RetainGuarantee | None] = "element"
 
-    def combine_tensor(self, state: Any, index: int, forget: Tensor, retain: Tensor, out: Tensor) -> None:
+    def combine(self, forget: Tensor, retain: Tensor, stats: Any = None) -> Tensor:
+        conflict = torch.sign(forget) * retain < 0
+        return torch.where(conflict, self.retain_weight * retain, self.forget_weight * forget)
+
+    def fused_kernel(self, stats: Any) -> ChunkKernel:
         alpha, gamma = self.retain_weight, self.forget_weight
 
         def kernel(f: Tensor, r: Tensor, o: Tensor, conflict: Tensor, scaled_f: Tensor) -> None:
@@ -56,7 +61,7 @@ class SAGO(Synthesizer):
             # lerp with a 0/1 weight selects exactly: start + 0·d = start, end - d·0 = end.
             torch.lerp(scaled_f, o, conflict, out=o)
 
-        run_chunked(forget, retain, out, kernel)
+        return kernel
 
 
 class SAGOPreferRetain(Synthesizer):
@@ -79,8 +84,13 @@ class SAGOPreferRetain(Synthesizer):
     """
 
     granularity: ClassVar[Granularity] = "element"
+    retain_guarantee: ClassVar[RetainGuarantee | None] = "element"
 
-    def combine_tensor(self, state: Any, index: int, forget: Tensor, retain: Tensor, out: Tensor) -> None:
+    def combine(self, forget: Tensor, retain: Tensor, stats: Any = None) -> Tensor:
+        keep = torch.sign(forget) * retain >= 0
+        return self.retain_weight * retain + torch.where(keep, self.forget_weight * forget, 0.0)
+
+    def fused_kernel(self, stats: Any) -> ChunkKernel:
         alpha, gamma = self.retain_weight, self.forget_weight
 
         def kernel(f: Tensor, r: Tensor, o: Tensor, keep: Tensor, scaled_f: Tensor) -> None:
@@ -90,4 +100,4 @@ class SAGOPreferRetain(Synthesizer):
             torch.mul(r, alpha, out=o)
             o.addcmul_(scaled_f, keep)
 
-        run_chunked(forget, retain, out, kernel)
+        return kernel

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lit_unlearn.synthesis.base import Granularity, Synthesizer, dot32, run_chunked
+from lit_unlearn.synthesis.base import ChunkKernel, Granularity, RetainGuarantee, Synthesizer, dot32
 
 EPS = 1e-10  # added to ||g_r||^2, the reference implementation's value
 
@@ -39,15 +39,21 @@ class _ProjectionBase(Synthesizer):
     def _extra_repr(self) -> str:
         return "" if self.eps == EPS else f"eps={self.eps:g}"
 
-    def combine_tensor(self, state: Any, index: int, forget: Tensor, retain: Tensor, out: Tensor) -> None:
-        scale = state["scales"][index] if state["scales"].dim() else state["scales"]
-        gamma = self.forget_weight
+    def tensor_statistics(self, state: Any, index: int) -> Tensor:
+        """The coefficient ``s_j`` of ``g_r^j`` (0-dim device tensor)."""
+        return state["scales"][index] if state["scales"].dim() else state["scales"]
+
+    def combine(self, forget: Tensor, retain: Tensor, stats: Any = None) -> Tensor:
+        return stats * retain + self.forget_weight * forget
+
+    def fused_kernel(self, stats: Any) -> ChunkKernel:
+        scale, gamma = stats, self.forget_weight
 
         def kernel(f: Tensor, r: Tensor, o: Tensor, a: Tensor, b: Tensor) -> None:
             torch.mul(r, scale, out=b)
             torch.add(b, f, alpha=gamma, out=o)
 
-        run_chunked(forget, retain, out, kernel)
+        return kernel
 
     def report(self, state: Any) -> dict[str, Tensor]:
         return {"projected_fraction": state["projected"].float().mean()}
@@ -81,6 +87,7 @@ class PCGrad(_ProjectionBase):
     """
 
     granularity: ClassVar[Granularity] = "tensor"
+    retain_guarantee: ClassVar[RetainGuarantee | None] = "tensor"
 
     def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
         if not forget:
@@ -120,6 +127,7 @@ class PCGradGlobal(_ProjectionBase):
     """
 
     granularity: ClassVar[Granularity] = "global"
+    retain_guarantee: ClassVar[RetainGuarantee | None] = "global"
 
     def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
         device = retain[0].device if retain else torch.device("cpu")

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lit_unlearn.synthesis.base import Granularity, Synthesizer, run_chunked
+from lit_unlearn.synthesis.base import ChunkKernel, Granularity, RetainGuarantee, Synthesizer
 
 
 class WeightedSum(Synthesizer):
@@ -29,12 +29,16 @@ class WeightedSum(Synthesizer):
     """
 
     granularity: ClassVar[Granularity] = "element"
+    retain_guarantee: ClassVar[RetainGuarantee | None] = None
 
-    def combine_tensor(self, state: Any, index: int, forget: Tensor, retain: Tensor, out: Tensor) -> None:
+    def combine(self, forget: Tensor, retain: Tensor, stats: Any = None) -> Tensor:
+        return self.retain_weight * retain + self.forget_weight * forget
+
+    def fused_kernel(self, stats: Any) -> ChunkKernel:
         alpha, gamma = self.retain_weight, self.forget_weight
 
         def kernel(f: Tensor, r: Tensor, o: Tensor, a: Tensor, b: Tensor) -> None:
             torch.mul(r, alpha, out=b)
             torch.add(b, f, alpha=gamma, out=o)
 
-        run_chunked(forget, retain, out, kernel)
+        return kernel

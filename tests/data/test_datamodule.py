@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from lit_unlearn.data import SyntheticKnowledge, TextCorpus, UnlearningDataModule
+from lit_unlearn.benchmarks.synthetic import SyntheticKnowledge
+from lit_unlearn.data import TextCorpus, UnlearningDataModule
 from lit_unlearn.data.cache import ArrowExamples
 from lit_unlearn.data.sources import IGNORE_INDEX
 from tests.conftest import SMOKE_PEOPLE

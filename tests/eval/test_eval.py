@@ -12,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from lit_unlearn.engine.module import UnlearningModule
 from lit_unlearn.eval import MultipleChoice, compare_runs
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import _local_task_names, _task_manager, run_lm_eval
@@ -19,7 +20,6 @@ from lit_unlearn.eval.metrics import MetricSet, choice_logliks, load_multiple_ch
 from lit_unlearn.eval.report import pareto_front
 from lit_unlearn.eval.rwku import greedy_generate
 from lit_unlearn.models import load_tokenizer
-from lit_unlearn.module import UnlearningModule
 from tests.conftest import SMOKE_PEOPLE
 from tests.engine_helpers import make_dm, make_model, sgd, write_probe_pairs
 from tests.integration.cli_helpers import run_dirs
@@ -181,7 +181,10 @@ def test_results_json_schema(tiny_runs):
         "geometry",
     ):
         assert key in results, key
-    assert results["synthesizer"] == {"name": "SAGO", "args": {"forget_weight": 1.0, "retain_weight": 1.0}}
+    assert results["synthesizer"] == {
+        "class_path": "lit_unlearn.synthesis.gating.SAGO",
+        "init_args": {"forget_weight": 1.0, "retain_weight": 1.0},
+    }
     assert results["steps"] == 10 and results["effective_batch"] == {"forget": 8, "retain": 8}
     assert [h["step"] for h in results["history"]] == [0, 5, 10]
     assert results["tokens_per_second"] > 0 and results["peak_memory_bytes"] > 0
@@ -289,7 +292,8 @@ def test_seed_summary_is_the_mean_and_spread_of_each_setting(capsys):
 def test_lm_eval_on_a_saved_model_and_in_lightning_test(
     target, mc_task, smoke_target, synthetic_tokenizer_dir, tmp_path
 ):
-    from lit_unlearn.data import SyntheticKnowledge, UnlearningDataModule
+    from lit_unlearn.benchmarks.synthetic import SyntheticKnowledge
+    from lit_unlearn.data import UnlearningDataModule
     from lit_unlearn.eval import LMEvalCallback
     from lit_unlearn.eval.harness import evaluate_saved
 

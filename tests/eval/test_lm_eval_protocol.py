@@ -14,9 +14,9 @@ import torch
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
+from lit_unlearn.benchmarks.synthetic import tiny_llama
 from lit_unlearn.errors import UserError
 from lit_unlearn.eval.harness import run_lm_eval, task_manager
-from lit_unlearn.models import tiny_llama
 
 WORDS = "the quick brown fox jumps over lazy dog pathogens viruses labs capital france paris".split()
 LETTERS = ["A", "B", "C", "D"]

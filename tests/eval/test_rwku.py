@@ -10,8 +10,8 @@ import torch
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
+from lit_unlearn.benchmarks.synthetic import tiny_llama
 from lit_unlearn.eval.rwku import RWKU, build_prompt, score_official, score_sago, stop_token_ids
-from lit_unlearn.models import tiny_llama
 
 # the Llama-3 instruct template's layout: BOS, then per turn a role header, the trimmed content
 # and <|eot_id|>; the generation prompt is the assistant header

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from lit_unlearn.objectives import Objective
 from lit_unlearn.objectives.base import Batch, Terms, model_inputs
 from lit_unlearn.objectives.functional import per_token_nll
 from lit_unlearn.synthesis import Synthesizer
-from lit_unlearn.synthesis.base import Granularity, run_chunked
+from lit_unlearn.synthesis.base import Granularity
 
 
 class BoundedForget(Synthesizer):
@@ -33,16 +32,9 @@ class BoundedForget(Synthesizer):
 
     granularity: ClassVar[Granularity] = "element"
 
-    def combine_tensor(self, state: Any, index: int, forget: Tensor, retain: Tensor, out: Tensor) -> None:
-        alpha, gamma = self.retain_weight, self.forget_weight
-
-        def kernel(f: Tensor, r: Tensor, o: Tensor, a: Tensor, b: Tensor) -> None:
-            torch.abs(r, out=a)
-            torch.minimum(torch.maximum(f, -a), a, out=a)  # the bounded forget gradient
-            torch.mul(r, alpha, out=b)
-            torch.add(b, a, alpha=gamma, out=o)
-
-        run_chunked(forget, retain, out, kernel)
+    def combine(self, forget: Tensor, retain: Tensor, stats: Any = None) -> Tensor:
+        bound = retain.abs()
+        return self.retain_weight * retain + self.forget_weight * forget.clamp(-bound, bound)
 
 
 class KnownTokenAscent(Objective):

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
+from lit_unlearn.engine.module import UnlearningModule  # noqa: E402
 from lit_unlearn.eval import SyntheticProbes, UnlearningEvaluator  # noqa: E402
-from lit_unlearn.module import UnlearningModule  # noqa: E402
 from lit_unlearn.objectives import NPO, GradientAscent, SimNPO  # noqa: E402
 from lit_unlearn.synthesis import RULES, SAGO  # noqa: E402
 

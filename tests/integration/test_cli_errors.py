@@ -80,13 +80,13 @@ CASES = [
     ),
     Case(
         "invalid regex",
-        lambda d: ["--model.trainable_parameters", "("],
-        lambda d: ["--model.trainable_parameters", "regular expression"],
+        lambda d: ["--model.network.trainable_parameters", "("],
+        lambda d: ["--model.network.trainable_parameters", "regular expression"],
     ),
     Case(
         "mistyped local model path",
-        lambda d: ["--model.model", "runs/unlearned_modl"],
-        lambda d: ["--model.model", "runs/unlearned_modl", "does not exist"],
+        lambda d: ["--model.network.path", "runs/unlearned_modl"],
+        lambda d: ["--model.network.path", "runs/unlearned_modl", "does not exist"],
     ),
     Case(
         "unknown synthesizer",
@@ -181,9 +181,9 @@ CASES = [
     ),
     Case(
         "run directory as --model",
-        lambda d: ["--model.model", os.path.join(os.path.dirname(d), "a_run")],
+        lambda d: ["--model.network.path", os.path.join(os.path.dirname(d), "a_run")],
         lambda d: [
-            "--model.model",
+            "--model.network.path",
             "is a lit-unlearn run directory",
             os.path.join(os.path.dirname(d), "a_run", "unlearned_model"),
         ],

@@ -54,7 +54,7 @@ def _fit(root, *extra: str, sharded: bool, float64: bool = True, timeout: float 
         # Sign gating and projections switch at 0: fp32 rounding (one 8-sequence backward vs two
         # 4-sequence ones) flips a few gated coordinates (SAGO: 1.02e-4 of the update measured), which
         # would blur the comparison of the algorithm itself. WeightedSum also runs in fp32, as users do.
-        args += ["--model.dtype", "float64", "--model.grad_buffer_dtype", "param"]
+        args += ["--model.network.dtype", "float64", "--model.grad_buffer_dtype", "param"]
     if not sharded:  # the 1-process reference runs in this process (the same CLI, minus start-up)
         main([*args, *extra])
     else:
@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
     out["checkpointed"] = _fit(
         root / "ac",
         *("--model.synthesizer", "SAGO", "--model.synthesizer.retain_weight", "0.5"),
-        *("--model.activation_checkpointing", "true"),
+        *("--model.network.activation_checkpointing", "true"),
         sharded=True,
     )
     return out
@@ -153,7 +153,7 @@ def test_sharded_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(tmp_
     args += ["--trainer.max_steps", "8", "--checkpoint.every_n_train_steps", "1"]
     args += ["--model.synthesizer", "SAGO", "--model.synthesizer.retain_weight", "0.5"]
     args += ["--data.forget_batch_size", "4", "--data.retain_batch_size", "4"]
-    args += ["--model.dtype", "float64", "--model.grad_buffer_dtype", "param"]
+    args += ["--model.network.dtype", "float64", "--model.grad_buffer_dtype", "param"]
     code, err, ckpt = sigterm_after_first_checkpoint(str(root), *args)
     assert code == 143, err[-3000:]
     assert ckpt is not None and os.path.isdir(ckpt)
@@ -194,7 +194,7 @@ def test_bf16_weights_with_an_fp32_forget_buffer_and_clipping_run_sharded(tmp_pa
         FSDP,
         "--trainer.precision",
         "bf16-true",
-        "--model.dtype",
+        "--model.network.dtype",
         "bfloat16",
     ]
     args += ["--trainer.max_steps", "3", "--model.synthesizer", "PCGrad", "--model.gradient_clip_val", "1.0"]
@@ -219,7 +219,7 @@ def test_sharded_adamw_run_resumes_to_the_uninterrupted_result(tmp_path):
     args = ["fit", "--config", TINY, "--config", FSDP, "--trainer.max_steps", "8"]
     args += ["--model.synthesizer", "SAGO", "--model.optimizer.init_args.lr", "0.01"]
     args += ["--data.forget_batch_size", "4", "--data.retain_batch_size", "4"]
-    args += ["--model.dtype", "float64", "--model.grad_buffer_dtype", "param"]
+    args += ["--model.network.dtype", "float64", "--model.grad_buffer_dtype", "param"]
     args += ["--checkpoint.every_n_train_steps", "2"]
     full = run("lit-unlearn", *args, "--trainer.default_root_dir", str(tmp_path / "full"), timeout=240)
     assert full.returncode == 0, full.stderr[-3000:]

@@ -43,8 +43,8 @@ def _fit(root, rule: str, layout: str) -> str:
     args += ["--data.forget_batch_size", per_device, "--data.retain_batch_size", per_device]
     # float64: sign gating and projections switch at 0, and fp32 rounding between one 8-sequence
     # backward and two 4-sequence ones would flip a few coordinates and blur the comparison.
-    args += ["--model.dtype", "float64", "--model.grad_buffer_dtype", "param"]
-    args += ["--model.adapter.merge_on_save", "true"]
+    args += ["--model.network.dtype", "float64", "--model.grad_buffer_dtype", "param"]
+    args += ["--model.network.adapter.merge_on_save", "true"]
     args += ["--trainer.default_root_dir", str(root), *LAYOUTS[layout]]
     if layout == "one":
         main(args)

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from lit_unlearn.data import SyntheticKnowledge
+from lit_unlearn.benchmarks.synthetic import SyntheticKnowledge
 from lit_unlearn.data.collate import pad_examples
+from lit_unlearn.engine.model_setup import ModelSetup
+from lit_unlearn.engine.module import UnlearningModule
 from lit_unlearn.models import frozen_copy, load_tokenizer
-from lit_unlearn.module import UnlearningModule
 from lit_unlearn.objectives import KL, NLL, NPO, RMU, EmbedDiff, GradientAscent, SimNPO
 from lit_unlearn.objectives import functional as Fn
 from lit_unlearn.objectives.base import capture_layer_output, decoder_layers
@@ -120,12 +121,11 @@ def test_rmu_changes_only_regex_selected_parameters(synthetic_tokenizer_dir, pai
     model = make_model(synthetic_tokenizer_dir, torch.float32)
     before = weights(model)
     m = UnlearningModule(
-        model,
+        ModelSetup(model, trainable_parameters=r"layers\.(0|1)\.mlp\.down_proj"),
         RMU(layer=1, steering_coeff=5.0),
         EmbedDiff(layer=1),
         SAGO(retain_weight=1.0),
         optimizer=sgd(0.5),
-        trainable_parameters=r"layers\.(0|1)\.mlp\.down_proj",
     )
     fit(m, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=3)
     after = weights(m.model)

@@ -1,4 +1,5 @@
-"""Each rule's own guarantee (docs/method.md) on random inputs, and hand-worked examples."""
+"""Each rule's exact behaviour (docs/method.md) on random inputs, and hand-worked examples; the
+guarantees each rule declares are checked for every rule in ``test_guarantees.py``."""
 
 from __future__ import annotations
 
@@ -23,29 +24,6 @@ WEIGHTS = [(1.0, 1.0), (0.1, 1.0), (1.0, 0.1), (2.5, 0.5)]
 
 def flat(tensors):
     return torch.cat([t.reshape(-1).double() for t in tensors])
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize(("gamma", "alpha"), WEIGHTS)
-def test_pcgrad_update_never_opposes_retain_per_tensor(seed, scale, gamma, alpha):
-    forget, retain = make_grads(seed, scale)
-    update = PCGrad(forget_weight=gamma, retain_weight=alpha)(forget, retain)
-    for u, r in zip(update, retain):
-        dot = torch.dot(u.reshape(-1).double(), r.reshape(-1).double())
-        assert dot >= -1e-5 * u.double().norm() * r.double().norm()
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize(("gamma", "alpha"), WEIGHTS)
-def test_pcgrad_global_update_never_opposes_retain_globally(seed, scale, gamma, alpha):
-    forget, retain = make_grads(seed, scale)
-    # Make the global dot product negative often: flip the forget gradient towards -retain.
-    forget = [f - 1.5 * r for f, r in zip(forget, retain)]
-    update = PCGradGlobal(forget_weight=gamma, retain_weight=alpha)(forget, retain)
-    u, r = flat(update), flat(retain)
-    assert torch.dot(u, r) >= -1e-5 * u.norm() * r.norm()
 
 
 def test_pcgrad_global_uses_one_coefficient_for_all_tensors():
@@ -84,18 +62,6 @@ def test_pcgrad_zero_is_never_a_conflict_and_eps_guards_zero_retain():
     assert torch.equal(PCGrad()([f], [r])[0], f + r)
     zero_r = torch.zeros(2)
     assert torch.equal(PCGrad()([f], [zero_r])[0], f)
-
-
-@pytest.mark.parametrize("rule_cls", [SAGO, SAGOPreferRetain])
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("scale", SCALES + [1e-30])
-@pytest.mark.parametrize(("gamma", "alpha"), WEIGHTS)
-def test_update_never_opposes_retain_sign(rule_cls, seed, scale, gamma, alpha):
-    forget, retain = make_grads(seed, scale, zero_frac=0.1)
-    update = rule_cls(forget_weight=gamma, retain_weight=alpha)(forget, retain)
-    for u, r in zip(update, retain):
-        # compare signs, not the product: 1e-30 * 1e-30 underflows
-        assert (torch.sign(u) * torch.sign(r) >= 0).all()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
