@@ -109,10 +109,8 @@ def config_digest(config: Any) -> str:
     data = config.as_dict() if hasattr(config, "as_dict") else dict(config)
     data = {k: v for k, v in data.items() if k != "subcommand"}
     for dotted in _NOT_IN_DIGEST:
-        *parents, last = dotted.split(".")
-        node: Any = data
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
+        parent, _, last = dotted.rpartition(".")
+        node = _get(data, parent) if parent else data
         if isinstance(node, dict):
             node.pop(last, None)
     text = json.dumps(data, sort_keys=True, default=lambda o: type(o).__name__)

@@ -33,7 +33,6 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_unlearn.callbacks.guards import step_outcome
 from lit_unlearn.checkpoint_files import (
     VerifiedCheckpointIO,
     remove_orphans,
@@ -41,7 +40,7 @@ from lit_unlearn.checkpoint_files import (
     temporary_name,
     write_directory_digest,
 )
-from lit_unlearn.engine.outcome import Engine, engine_of
+from lit_unlearn.engine.outcome import Engine, engine_of, step_outcome
 from lit_unlearn.errors import RunInterrupted, TrainingDiverged, UserError
 from lit_unlearn.rundir import MODEL_DIR, RESULTS_FILE, run_directory
 

@@ -25,17 +25,11 @@ import torch
 from torch import Tensor
 
 from lit_unlearn.adapters import adapter_weights, is_adapted
-from lit_unlearn.engine.outcome import StepOutcome, engine_of
+from lit_unlearn.engine.outcome import StepOutcome, engine_of, step_outcome
 from lit_unlearn.errors import TrainingDiverged, UserError
 from lit_unlearn.logs import log_at_step
 
 log = logging.getLogger(__name__)
-
-
-def step_outcome(outputs: Any) -> StepOutcome | None:
-    """The outcome a ``training_step`` returned at an optimizer step (``None`` between them)."""
-    outcome = outputs.get("outcome") if isinstance(outputs, dict) else None
-    return outcome if isinstance(outcome, StepOutcome) else None
 
 
 class NonFiniteGuard(L.Callback):

@@ -14,8 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_unlearn.callbacks.guards import step_outcome
-from lit_unlearn.engine.outcome import StepOutcome
+from lit_unlearn.engine.outcome import StepOutcome, step_outcome
 from lit_unlearn.logs import log_at_step
 
 

@@ -124,8 +124,6 @@ class UnlearningModule(L.LightningModule):
             self._trainable(), dtype, self.accumulate_grad_batches, self.trainer.world_size
         )
         self.synthesizer.use_reducer(self.grads.reducer)  # whole-tensor sums of sharded buffers
-        if self.diagnostics_every_n_steps is None:
-            self.diagnostics_every_n_steps = self.trainer.log_every_n_steps
 
     def _trainable(self) -> list[nn.Parameter]:
         assert self.model is not None
@@ -176,6 +174,7 @@ class UnlearningModule(L.LightningModule):
         )  # fmt: skip
         if finite:
             every = self.diagnostics_every_n_steps
+            every = self.trainer.log_every_n_steps if every is None else every
             geometry = GeometryAccumulator(grads.reducer) if every and step % every == 0 else None
             self.synthesizer(grads.forget_views, grads.retain_views, out=grads.grad_views, observer=geometry)
             if self.gradient_clip_val is not None:

@@ -61,6 +61,13 @@ class StepOutcome:
         return forget, retain, ok > 0, stop > 0
 
 
+def step_outcome(outputs: Any) -> StepOutcome | None:
+    """The outcome a ``training_step`` returned at an optimizer step (``outputs`` of
+    ``on_train_batch_end``); ``None`` between optimizer steps."""
+    outcome = outputs.get("outcome") if isinstance(outputs, dict) else None
+    return outcome if isinstance(outcome, StepOutcome) else None
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What callbacks may use of the engine (``UnlearningModule`` implements it)."""
