@@ -14,6 +14,29 @@ from tests.integration.cli_helpers import ENV, ROOT, TINY, run
 EXAMPLES = os.path.join(ROOT, "tests", "examples")
 
 
+def fit_with_examples(tmp_path, *args: str, steps: int, log_every: int) -> str:
+    """``lit-unlearn fit`` on the tiny config with ``tests/examples`` importable (as a user's own
+    package would be); returns the run's results.json."""
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([EXAMPLES, ENV.get("PYTHONPATH", "")])}
+    proc = run(
+        "lit-unlearn",
+        "fit",
+        "--config",
+        TINY,
+        *args,
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.log_every_n_steps",
+        str(log_every),
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = glob.glob(str(tmp_path / "runs" / "**" / "results.json"), recursive=True)
+    return results
+
+
 def test_a_rule_and_an_objective_from_outside_the_package_run_through_the_cli(tmp_path):
     from tests.examples.my_unlearning import BoundedForget
 
@@ -25,26 +48,15 @@ def test_a_rule_and_an_objective_from_outside_the_package_run_through_the_cli(tm
     rule.write_text("class_path: my_unlearning.BoundedForget\ninit_args: {retain_weight: 0.5}\n")
     objective = tmp_path / "known.yaml"
     objective.write_text("class_path: my_unlearning.KnownTokenAscent\ninit_args: {threshold: 3.0}\n")
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([EXAMPLES, ENV.get("PYTHONPATH", "")])}
-    proc = run(
-        "lit-unlearn",
-        "fit",
-        "--config",
-        TINY,
+    results = fit_with_examples(
+        tmp_path,
         "--model.synthesizer",
         str(rule),
         "--model.forget_objective",
         str(objective),
-        "--trainer.max_steps",
-        "4",
-        "--trainer.log_every_n_steps",
-        "2",
-        "--trainer.default_root_dir",
-        str(tmp_path / "runs"),
-        env=env,
+        steps=4,
+        log_every=2,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (results,) = glob.glob(str(tmp_path / "runs" / "**" / "results.json"), recursive=True)
     report = json.load(open(results))
     assert report["synthesizer"]["class_path"] == "my_unlearning.BoundedForget"
     assert report["synthesizer"]["init_args"]["retain_weight"] == 0.5
@@ -70,26 +82,15 @@ def test_a_rule_written_as_one_combine_method_runs_through_the_cli(tmp_path):
         [torch.tensor([-3.0, 1.0, 0.5])], [torch.tensor([1.0, 2.0, 0.0])]
     )
     assert torch.equal(u, torch.tensor([0.0, 4.0, 1.0]))  # capped, summed, forget alone where g_r = 0
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([EXAMPLES, ENV.get("PYTHONPATH", "")])}
-    proc = run(
-        "lit-unlearn",
-        "fit",
-        "--config",
-        TINY,
+    results = fit_with_examples(
+        tmp_path,
         "--model.synthesizer",
         "new_rule.CappedConflict",
         "--model.synthesizer.forget_weight",
         "2.0",
-        "--trainer.max_steps",
-        "3",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.default_root_dir",
-        str(tmp_path / "runs"),
-        env=env,
+        steps=3,
+        log_every=1,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (results,) = glob.glob(str(tmp_path / "runs" / "**" / "results.json"), recursive=True)
     report = json.load(open(results))
     assert report["synthesizer"] == {
         "class_path": "new_rule.CappedConflict",
