@@ -7,10 +7,10 @@ LINT_TOOLS ?= ruff==0.17.6 mypy==2.4.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv test demo target bench lint clean
+.PHONY: help venv test demo compare tensorboard target bench lint clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(STAMP)  ## run the whole test suite (unit + integration) on CPU
 
 demo: $(STAMP)  ## the main job: build or reuse the synthetic target, unlearn it with naive, PCGrad and SAGO (3 seeds each), print the tables
 	$(BIN)/python scripts/demo.py
+
+RUNS ?= runs/demo
+compare: $(STAMP)  ## compare the runs below RUNS (default runs/demo): tables, pareto.png, the TensorBoard run comparison/
+	$(BIN)/python scripts/compare_runs.py $(RUNS)
+
+tensorboard: $(STAMP)  ## TensorBoard on RUNS (default runs/demo): the comparison, HParams, every run's curves
+	$(BIN)/tensorboard --logdir $(RUNS)
 
 target: $(STAMP)  ## build (or reuse) the cached synthetic target model
 	$(BIN)/lit-unlearn-target

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -60,12 +61,14 @@ from lit_unlearn.rundir import (
     release_claims,
     run_directory,
 )
+from lit_unlearn.terminal import quiet_third_party
 
 PROGRAM = "lit-unlearn"
 TRAINER_DEFAULTS: dict[str, Any] = {
     "use_distributed_sampler": False,  # UnlearningDataModule shards by rank itself
     "default_root_dir": "runs",
     "log_every_n_steps": 10,
+    "enable_model_summary": False,  # RunManifest prints one line: the network and its parameter counts
     "logger": {"class_path": "lit_unlearn.RunLogger"},  # run directories named after the run
 }
 # Trainer flags that do not apply here, left out of the parser (and of --help): what to use instead.
@@ -129,10 +132,10 @@ def run_name(config: Any) -> tuple[str, str]:
         benchmark = os.path.basename(os.path.dirname(os.path.abspath(path))) or "run"
     else:
         benchmark = kind.lower() or "run"
-    method = "{}+{}_{}".format(
+    method = "{}_{}+{}".format(  # the synthesizer first: TensorBoard's run filter ^sago groups a method
+        _class_name(_get(config, "model.synthesizer"), "WeightedSum"),
         _class_name(_get(config, "model.forget_objective"), "GradientAscent"),
         _class_name(_get(config, "model.retain_objective"), "NLL"),
-        _class_name(_get(config, "model.synthesizer"), "WeightedSum"),
     )
     lr = _get(config, "model.optimizer.init_args.lr")
     lr_text = f"{lr:g}" if isinstance(lr, (int, float)) else "default"
@@ -301,7 +304,45 @@ class UnlearnCLI(LightningCLI):
         # own directory (the one every rank was given by broadcast during fit).
         trainer = self.trainer
         if trainer.is_global_zero:
-            print(f"lit-unlearn: TensorBoard logs in {local_run_directory(trainer)}")
+            run_dir = local_run_directory(trainer)
+            print(
+                f"lit-unlearn: results.json and TensorBoard logs in {run_dir} (tensorboard --logdir {run_dir})"
+            )
+
+
+def parse_run_config(files: list[str]) -> Any:
+    """The configuration a ``lit-unlearn fit --config F ...`` run would use, parsed (file
+    references and defaults resolved) without building anything: for tools that plan a run."""
+
+    class _ParseOnly(UnlearnCLI):
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    quiet_third_party()
+    args = [item for path in files for item in ("--config", path)]
+    try:
+        with warnings.catch_warnings():  # "args and sys.argv both given": args is the point here
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = _ParseOnly(
+                UnlearningModule,
+                UnlearningDataModule,
+                seed_everything_default=0,
+                trainer_defaults=TRAINER_DEFAULTS,
+                auto_configure_optimizers=False,
+                parser_kwargs={"exit_on_error": False},
+                args=args,
+                run=False,
+            )
+    except Exception as err:
+        from jsonargparse import ArgumentError
+
+        if isinstance(err, ArgumentError):
+            raise UserError(f"--config {' '.join(files)}: {_parse_error(err)}") from None
+        raise
+    return cli.config
 
 
 def _checkpoint_hint(cli_holder: dict[str, Any]) -> str:
@@ -318,6 +359,12 @@ def _parse_error(err: BaseException) -> str:
     lists the available classes; an empty or looping component file says so."""
     raw = str(err)
     text = " ".join(raw.split())
+    if "arguments are required" in text and "data.forget" in text:
+        return (
+            "no data given (--data.forget and --data.retain are required); start from a shipped "
+            "configuration: --config configs/debug/tiny.yaml (a tiny run, under a minute) or "
+            "--config configs/benchmark/synthetic.yaml"
+        )
     for flag, why in SKIPPED_TRAINER_FLAGS.items():
         if re.search(rf"--trainer\.{flag}\b|\btrainer\.{flag}\b|'{flag}'", text):
             return f"--trainer.{flag} {why}"
@@ -397,6 +444,7 @@ def main(args: list[str] | None = None) -> None:
     holder: dict[str, Any] = {}
 
     def run() -> None:
+        quiet_third_party()
         _check_config_files(list(sys.argv[1:] if args is None else args))
         try:
             holder["cli"] = UnlearnCLI(

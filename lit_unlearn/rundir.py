@@ -1,7 +1,7 @@
 """The run directory: where a run's files go, and the rules that keep earlier runs safe.
 
 - :class:`RunLogger` (the CLI's default logger) names the directory after the run:
-  ``<root>/<benchmark>/<forget>+<retain>_<synthesizer>/lr<lr>_seed<seed>_<digest>``, the digest
+  ``<root>/<benchmark>/<synthesizer>_<forget>+<retain>/lr<lr>_seed<seed>_<digest>``, the digest
   naming every other setting, and claims it by creating ``.lit_unlearn_run`` in it exclusively
   (the next free ``-2``, ``-3``, ... when it is taken), so two runs never write into one directory.
 - :func:`run_directory` is the one way to ask for it (``trainer.log_dir`` broadcasts under DDP,
@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -53,7 +53,7 @@ class RunLogger(TensorBoardLogger):
 
     The directory is ``<save_dir>/<name>/<version>``. ``lit-unlearn fit`` fills in what is left
     unset: ``save_dir`` = ``--trainer.default_root_dir``, ``name`` = the benchmark (from the data),
-    ``version`` = ``<forget objective>+<retain objective>_<synthesizer>/lr<lr>_seed<seed>_<digest>``
+    ``version`` = ``<synthesizer>_<forget objective>+<retain objective>/lr<lr>_seed<seed>_<digest>``
     (the digest: 8 hex digits of the resolved configuration, so runs of a sweep that differ in
     any setting get different directories), and when resuming from
     ``<dir>/checkpoints/last.ckpt``, ``<dir>`` itself. The directory is claimed atomically (an
@@ -85,18 +85,36 @@ class RunLogger(TensorBoardLogger):
 
     @rank_zero_only
     def log_hyperparams(
-        self, params: Any, metrics: dict[str, Any] | None = None, step: int | None = None
+        self,
+        params: Any,
+        metrics: dict[str, Any] | None = None,
+        step: int | None = None,
+        *,
+        leading: Sequence[str] = (),
+        names: dict[str, str] | None = None,
     ) -> None:
-        """Record hyper-parameters (``hparams.yaml``); with ``metrics``, also the HParams view,
-        whose metric columns read the last value of those existing curves (no step-0 copies)."""
+        """Record hyper-parameters (``hparams.yaml``); with ``metrics``, also the HParams entry,
+        whose metric columns read the last value of those scalar tags (in the order given), and
+        whose hyper-parameter columns named in ``leading`` come first and are shown by default
+        (TensorBoard puts the columns marked as differing between runs first, then by name, and
+        shows five); ``names`` gives metric columns a name other than their tag."""
         super().log_hyperparams(params, step=step)
         if metrics:
             from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+            from tensorboard.plugins.hparams import plugin_data_pb2
             from torch.utils.tensorboard.summary import hparams
 
             flat = self._sanitize_params(_flatten_dict(_convert_params(params)))
+            experiment, start, end = hparams(flat, metrics)
+            plugin = experiment.value[0].metadata.plugin_data
+            data = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+            for info in data.experiment.hparam_infos:
+                info.differs = info.name in leading
+            for metric in data.experiment.metric_infos:
+                metric.display_name = (names or {}).get(metric.name.tag, "")
+            plugin.content = data.SerializeToString()
             writer = self.experiment._get_file_writer()
-            for summary in hparams(flat, metrics):
+            for summary in (experiment, start, end):
                 writer.add_summary(summary)
             writer.flush()
 

@@ -1,40 +1,61 @@
-"""Compare unlearning runs: retention at matched forgetting per synthesizer x objective, plus a Pareto plot.
+"""Compare unlearning runs: which method keeps more at matched forgetting?
 
-    python scripts/compare_runs.py runs/demo/naive runs/demo/pcgrad runs/demo/sago --out runs/demo/pareto.png
-    python scripts/compare_runs.py runs/sweep            # every run below a folder
+    python scripts/compare_runs.py runs/demo                  # every run below a folder
+    python scripts/compare_runs.py runs/a runs/b --out runs/ab
+    python scripts/compare_runs.py runs/demo --oracle .cache/lit_unlearn/synthetic-oracle/metrics.json
 
-Reads each run's ``results.json`` (written by ``TradeoffReport``), prints a table (and, when a
-setting has several runs, e.g. seeds, their mean ± std) and saves the plot.
+Prints every run (with its seed) and each method's mean ± std over distinct seeds at matched
+forgetting, and writes into the folder (or --out): pareto.png, comparison.json and the TensorBoard
+run comparison/ (tensorboard --logdir <folder>: Images -> tradeoff/*, Text -> tradeoff/*).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from lit_unlearn.eval.report import compare_runs, summarize_seeds
+try:
+    from lit_unlearn.eval.compare import compare_runs
+except ModuleNotFoundError as missing:  # run with a Python that lacks the project
+    sys.exit(
+        f"compare_runs.py: {missing.name} is not installed in this Python ({sys.executable}); "
+        "run `source .venv/bin/activate` first (`make venv` creates it), or `make compare`"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("runs", nargs="+", help="run directories (or folders containing runs)")
-    parser.add_argument("--out", default="pareto.png", help="where to save the Pareto plot (PNG)")
+    parser.add_argument("runs", nargs="+", help="run directories or folders containing runs")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: the folder given, or the common parent of the folders given)",
+    )
     parser.add_argument(
         "--general-metric",
         default=None,
-        help="key shown in the 'general' column (default: the first general_* metric)",
+        help="key shown in the 'general' column (default: each run's first general_* metric)",
     )
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    parser.add_argument(
+        "--oracle",
+        default=None,
+        help="metrics.json of a retrain oracle (lit-unlearn-target --oracle true writes one), drawn as a reference",
+    )
     args = parser.parse_args(argv)
-    rows = compare_runs(args.runs, out_png=args.out, general_metric=args.general_metric)
-    if len(rows) > len({(r["synthesizer"], r["objective"]) for r in rows}):  # several seeds per setting
-        print("\nmean ± std over the runs of each synthesizer x objective:")
-        summarize_seeds(rows)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+    oracle = None
+    if args.oracle:
+        try:
+            with open(args.oracle, encoding="utf-8") as handle:
+                oracle = json.load(handle)
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"--oracle {args.oracle}: expected a JSON file of metrics ({err})")
+    try:
+        compare_runs(args.runs, out_dir=args.out, general_metric=args.general_metric, oracle=oracle)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"compare_runs.py: {err}\n")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ Steps, each an ordinary command you can copy:
 2. for each synthesizer and each of 3 seeds (the seed fixes the data order), ``lit-unlearn fit``
    with GradDiff at lr 1e-3, evaluating every 10 steps and stopping when forget Q/A accuracy <= 0.2
    (cap 200 steps): the matched-forgetting protocol;
-3. ``scripts/compare_runs.py`` prints every run and the mean ± std per synthesizer, and saves the
-   Pareto plot;
-4. with ``--oracle``, ``lit-unlearn-target --oracle true`` builds the retrain oracle as a reference.
+3. with ``--oracle``, ``lit-unlearn-target --oracle true`` builds the retrain oracle as a reference;
+4. ``scripts/compare_runs.py`` prints every run and the mean ± std per synthesizer, and writes
+   ``pareto.png``, ``comparison.json`` and the TensorBoard run ``comparison/`` into the folder.
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ import shlex
 import subprocess
 import sys
 import time
+
+try:
+    from lit_unlearn.rundir import write_json_atomic
+except ModuleNotFoundError as missing:  # run with a Python that lacks the project
+    sys.exit(
+        f"demo.py: {missing.name} is not installed in this Python ({sys.executable}); "
+        "run `make demo` (it creates .venv), or `source .venv/bin/activate` first"
+    )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -99,34 +107,37 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--trainer.logger.init_args.version", ""]
             run(cmd, env)
             run_dirs.append(out)
-    print(
-        "\n$ "
-        + shlex.join([sys.executable, "scripts/compare_runs.py", args.out, "--out", f"{args.out}/pareto.png"])
-    )
-    from lit_unlearn.eval.report import compare_runs, summarize_seeds
-
-    print()
-    rows = compare_runs(
-        [os.path.join(ROOT, d) for d in run_dirs], out_png=os.path.join(ROOT, args.out, "pareto.png")
-    )
-    print(f"\nmean ± std over seeds {args.seeds}, at matched forgetting (forget Q/A <= 0.2):")
-    groups = summarize_seeds(rows)
-    summary: dict = {"runs": rows, "by_synthesizer": groups}
+    oracle = None
     if args.oracle:
         oracle_dir = os.path.join(".cache", "lit_unlearn", "synthetic-oracle")
         run([os.path.join(BIN, "lit-unlearn-target"), "--oracle", "true", "--output_dir", oracle_dir], env)
         with open(os.path.join(ROOT, oracle_dir, "metrics.json")) as handle:
             oracle = json.load(handle)
-        summary["oracle"] = oracle
+    compare = ["python", "scripts/compare_runs.py", args.out]
+    if args.oracle:
+        compare += ["--oracle", ".cache/lit_unlearn/synthetic-oracle/metrics.json"]
+    print(f"\n$ {shlex.join(compare)}\n", flush=True)
+    from lit_unlearn.eval.compare import compare_runs
+
+    comparison = compare_runs([os.path.join(ROOT, args.out)], oracle=oracle)
+    if oracle is not None:
         print(
             f"\nretrain oracle (reference): forget {oracle['forget_qa']:.3f}  retain {oracle['retain_qa']:.3f}  "
             f"general {oracle['general_arithmetic']:.3f}"
         )
-    with open(os.path.join(ROOT, args.out, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
+    write_json_atomic(os.path.join(ROOT, args.out, "summary.json"), comparison)
+    venv = os.path.dirname(BIN)
+    active = bool(os.environ.get("VIRTUAL_ENV")) and os.path.samefile(os.environ["VIRTUAL_ENV"], venv)
+    runs = "" if args.out == "runs/demo" else f" RUNS={args.out}"
+    print("\nnext:")
+    if not active:
+        print(
+            f"  source {os.path.relpath(venv, ROOT)}/bin/activate   # puts lit-unlearn and tensorboard on PATH"
+        )
     print(
-        f"\nTensorBoard: tensorboard --logdir {args.out}   (custom scalars: trade-off and geometry; HParams; images)"
+        f"  tensorboard --logdir {args.out}   # or: make tensorboard{runs}  (the run 'comparison': Images, Text)"
     )
+    print(f"  python scripts/compare_runs.py {args.out}   # or: make compare{runs}")
     print(f"total: {time.perf_counter() - start:.0f} s")
 
 

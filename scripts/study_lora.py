@@ -68,7 +68,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    entry: dict = {"n": len(rows), "matched": sum(r["matched"] == "yes" for r in rows)}
+    entry: dict = {"n": len(rows), "matched": sum(bool(r["matched"]) for r in rows)}
     for col in COLUMNS:
         values = [r[col] for r in rows if r.get(col) is not None]
         if values:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     start = time.perf_counter()
     subprocess.run([os.path.join(BIN, "lit-unlearn-target")], cwd=ROOT, env=env, check=True)
-    from lit_unlearn.eval.report import compare_runs
+    from lit_unlearn.eval.compare import compare_runs
 
     study: dict = {"settings": {}, "table": []}
     for rank in args.ranks:
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                     for s in args.seeds
                 ]
                 done = [os.path.join(ROOT, d) for d in runs if d is not None]
-                rows = compare_runs(done, out_png=None) if done else []
-                for row in rows:
-                    row.pop("_history", None), row.pop("_metrics", None)
+                rows = compare_runs(done, write=False)["runs"] if done else []
                 summary = summarize(rows)
                 summary["n"], summary["failed"] = len(runs), runs.count(None)
                 by_lr[lr if lr is not None else 1e-3] = summary

@@ -5,7 +5,7 @@
     python scripts/sweep.py --benchmark configs/benchmark/wmdp_bio.yaml \
         --config configs/experiments/wmdp_bio/npo_sago.yaml --synthesizers naive sago --lrs 1e-5 \
         --out runs/npo -- --config configs/trainer/gpu_ddp.yaml
-    python scripts/compare_runs.py runs/sweep --out runs/sweep/pareto.png
+    python scripts/compare_runs.py runs/sweep
 
 Each run is one ordinary ``lit-unlearn fit``: the benchmark file, any ``--config`` overlays, then
 ``--model.synthesizer configs/synthesizer/<name>.yaml`` (or a path), the learning rate and the
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         print("$ " + shlex.join(cmd), flush=True)
         if not args.dry_run:
             subprocess.run(cmd, check=True, env=env)
-    print(f"compare: python scripts/compare_runs.py {args.out} --out {args.out}/pareto.png")
+    print(f"compare: python scripts/compare_runs.py {args.out}")
 
 
 if __name__ == "__main__":

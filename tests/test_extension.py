@@ -61,7 +61,7 @@ def test_a_rule_and_an_objective_from_outside_the_package_run_through_the_cli(tm
     assert report["synthesizer"]["class_path"] == "my_unlearning.BoundedForget"
     assert report["synthesizer"]["init_args"]["retain_weight"] == 0.5
     assert report["forget_objective"]["class_path"] == "my_unlearning.KnownTokenAscent"
-    assert "KnownTokenAscent+NLL_BoundedForget" in results  # the run directory names the method
+    assert "BoundedForget_KnownTokenAscent+NLL" in results  # the run directory names the method
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(os.path.dirname(results))

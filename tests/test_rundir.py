@@ -67,7 +67,7 @@ def _config(retain_weight: float, root: str = "runs") -> Namespace:
 
 def test_runs_that_differ_only_in_one_setting_get_different_names():
     a, b = run_name(_config(1.0)), run_name(_config(2.0))
-    assert a != b and a[1].startswith("GradientAscent+NLL_SAGO/lr0.001_seed0_")
+    assert a != b and a[1].startswith("SAGO_GradientAscent+NLL/lr0.001_seed0_")
     # where the run is written, and which files set it up, do not change its name
     assert config_digest(_config(1.0, root="elsewhere")) == config_digest(_config(1.0))
 

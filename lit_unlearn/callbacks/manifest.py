@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_unlearn.engine.outcome import components, engine_of
+from lit_unlearn.engine.outcome import components, engine_of, model_of
 from lit_unlearn.rundir import run_directory, write_json_atomic
 
 PACKAGES = (
@@ -93,3 +93,20 @@ class RunManifest(L.Callback):
         manifest = run_manifest(trainer, pl_module)
         manifest["resumed_from"] = trainer.ckpt_path
         write_json_atomic(path, manifest)
+        print(f"lit-unlearn: {parameter_line(pl_module)}", flush=True)
+
+
+def parameter_line(module: Any) -> str:
+    """One line instead of Lightning's model summary table: the network's class and how many of
+    its parameters train (under FSDP2, this rank's shards count at their global size)."""
+    model = model_of(module)
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"model {type(model).__name__}: {_count(total)} parameters, {_count(trained)} trained"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)

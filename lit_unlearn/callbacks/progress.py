@@ -11,14 +11,21 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 class _NamesRun:
     """``run=<rule>/lr<lr>_seed<seed>_<digest>`` where Lightning prints the logger version's last 4 characters."""
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning writes "Epoch 3/-2" for a run bounded by steps (max_epochs -1)
+        trainer = self.trainer  # type: ignore[attr-defined]
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)  # type: ignore[misc]
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = dict(super().get_metrics(trainer, pl_module))  # type: ignore[misc]
         metrics.pop("v_num", None)
         version = trainer.logger.version if trainer.logger is not None else None
         if version is None:
             return metrics
-        method, _, run = str(version).rpartition("/")  # <forget>+<retain>_<rule>/lr.._seed.._digest
-        return {"run": f"{method.rpartition('_')[2]}/{run}" if method else run, **metrics}
+        method, _, run = str(version).rpartition("/")  # <rule>_<forget>+<retain>/lr.._seed.._digest
+        return {"run": f"{method.partition('_')[0]}/{run}" if method else run, **metrics}
 
 
 class RunTQDMProgressBar(_NamesRun, TQDMProgressBar):
@@ -26,7 +33,15 @@ class RunTQDMProgressBar(_NamesRun, TQDMProgressBar):
 
 
 class RunRichProgressBar(_NamesRun, RichProgressBar):
-    """Lightning's rich bar, naming the run."""
+    """Lightning's rich bar, naming the run, and stopped when training ends: what fit prints
+    afterwards (the summary, where the results are) is not followed by a redrawn bar."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_progress()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._progress_stopped:  # stopping twice prints an empty line
+            super().teardown(trainer, pl_module, stage)
 
 
 def name_the_run(callbacks: list[Any]) -> None:

@@ -2,10 +2,11 @@
 lm-evaluation-harness bridge, RWKU, membership inference, and run reports (results.json, TensorBoard, comparison)."""
 
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
+from lit_unlearn.eval.compare import compare_runs
 from lit_unlearn.eval.harness import LMEvalCallback, run_lm_eval
 from lit_unlearn.eval.metrics import CorpusNLL, MetricSet, MultipleChoice, SyntheticProbes
 from lit_unlearn.eval.mia import MembershipInference, SyntheticMembership
-from lit_unlearn.eval.report import TradeoffReport, compare_runs
+from lit_unlearn.eval.report import TradeoffReport
 from lit_unlearn.eval.rwku import RWKU
 
 __all__ = [

@@ -6,17 +6,17 @@ Per run (:class:`TradeoffReport`, rank 0):
   (CUDA allocator peak, or the process's peak RSS on CPU), effective batch, synthesizer and objectives with arguments,
   the evaluation history and a geometry summary;
 - TensorBoard: a custom-scalars layout (forget vs retain metrics on one chart, synthesis geometry
-  on another), an ``hparams`` entry (synthesizer, objectives, α, γ, lr, seed) whose metrics are the
-  ``val/*`` evaluation curves themselves (the dashboard reads their last value), and a
-  trade-off figure (forget metric vs retain metric along the evaluation points).
+  on another); every evaluation metric at the matched step as ``matched/<metric>``; an ``hparams`` entry whose columns lead with synthesizer, objectives
+  and seed, and whose metrics are the matched values (then the last ones); and a trade-off figure
+  (forget metric vs retain metric along the evaluation points).
+- The end-of-fit summary names the matched point and the saved model separately, and warns when
+  the evaluation interval is so coarse that the matched point overshoots the target.
 
-Across runs (:func:`compare_runs`, also ``scripts/compare_runs.py``): a table of retention at
-matched forgetting per synthesizer × objective with the geometry summary, and a Pareto plot.
+Across runs: :mod:`lit_unlearn.eval.compare` (``scripts/compare_runs.py``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -29,10 +29,17 @@ import torch
 from lit_unlearn.engine.outcome import components, engine_of
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import LMEvalCallback
-from lit_unlearn.logs import component_args, component_name
+from lit_unlearn.logs import component_args, component_name, log_at_step
 from lit_unlearn.rundir import RESULTS_FILE, local_run_directory, run_directory, write_json_atomic
 
-SCORE = r"val/{side}_(?!.*(ppl|nll)$).*"  # a side's metrics except perplexities and NLLs
+SCORE = r"val/{side}_(?!.*(ppl|nll)$).*"
+# HParams columns shown first (TensorBoard shows five by default): what tells runs apart.
+LEADING_COLUMNS = (
+    "synthesizer",
+    "forget_objective",
+    "retain_objective",
+    "seed",
+)  # a side's metrics except perplexities and NLLs
 GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
 
 
@@ -170,12 +177,13 @@ class TradeoffReport(L.Callback):
         if os.path.exists(path):  # the CLI refuses such directories up front; never replace silently
             raise FileExistsError(f"{path} already exists; an earlier run's results are never replaced")
         write_json_atomic(path, results)
+        self._log_points(trainer, results)
         self._log_hparams(trainer, results)
         writer = self._writer(trainer)
         if writer is not None:
             self._log_figure(trainer, writer, results)
-        print(summary_line(results))
-        print(f"lit-unlearn: results in {os.path.join(run_dir, RESULTS_FILE)}")
+        for line in summary_lines(results):
+            print(line)
 
     def results(
         self, trainer: L.Trainer, pl_module: L.LightningModule, run_dir: str | None = None
@@ -230,6 +238,7 @@ class TradeoffReport(L.Callback):
             "wall_seconds": round(wall, 3),
             "tokens_per_second": round(self.tokens * trainer.world_size / max(wall, 1e-9), 1),
             "peak_memory_bytes": int(peak),
+            "seed": getattr(dm, "seed", None),  # the data order's seed (= --seed_everything from the CLI)
             "world_size": trainer.world_size,
             "effective_batch": {
                 t: getattr(dm, f"{t}_batch_size", 0) * accumulate * trainer.world_size
@@ -239,29 +248,38 @@ class TradeoffReport(L.Callback):
             "lm_eval": lm_eval_cb.results if lm_eval_cb is not None else {},
         }
 
+    def _log_points(self, trainer: L.Trainer, results: dict[str, Any]) -> None:
+        """Every evaluation metric at the matched step as ``matched/<metric>`` (with
+        ``matched/step``), at that step: single points that the HParams columns and a reader of
+        the event files take without lining up curves by step."""
+        point = results["matched"]
+        if point:
+            values = {f"matched/{k}": float(v) for k, v in point.items() if isinstance(v, (int, float))}
+            log_at_step(trainer, values, int(point["step"]))
+
     def _log_hparams(self, trainer: L.Trainer, results: dict[str, Any]) -> None:
-        """The HParams view: one row per run, the columns that tell runs apart, and the final
-        evaluation values. Through each logger's ``log_hyperparams``; a :class:`RunLogger` points the
-        metric columns at the existing ``val/*`` curves (other loggers get the columns only, so
-        nothing writes single-point copies of the curves)."""
+        """The HParams view: one row per run; the columns that tell runs apart first (synthesizer,
+        objectives, seed), then lr, α, γ; the metric columns are the matched values of the
+        forget, retain and general metrics and the matched step, then the last values (named
+        ``last/...``). Through each logger's ``log_hyperparams``; a :class:`RunLogger` writes the
+        HParams entry (other loggers get the columns only)."""
         from lit_unlearn.rundir import RunLogger
 
-        final = results["final"] or {}
+        synthesizer = results["synthesizer"]
         params = {
-            "synthesizer": component_name(results["synthesizer"]),
+            "synthesizer": component_name(synthesizer),
             "forget_objective": component_name(results["forget_objective"]),
             "retain_objective": component_name(results["retain_objective"]),
-            "lr": float(results["optimizer"]["lr"] or 0.0),
-            "forget_weight": float(component_args(results["synthesizer"]).get("forget_weight", 1.0)),
-            "retain_weight": float(component_args(results["synthesizer"]).get("retain_weight", 1.0)),
             "seed": int(getattr(trainer.datamodule, "seed", 0) or 0),
+            "lr": float(results["optimizer"]["lr"] or 0.0),
+            "forget_weight": float(component_args(synthesizer).get("forget_weight", 1.0)),
+            "retain_weight": float(component_args(synthesizer).get("retain_weight", 1.0)),
         }
-        metrics = {
-            f"val/{k}": float(v) for k, v in final.items() if k != "step" and isinstance(v, (int, float))
-        }
+        columns = hparams_metric_columns(results)
+        metrics = {tag: 0.0 for tag, _ in columns}  # the values are the logged points, read by TensorBoard
         for logger in trainer.loggers:
             if isinstance(logger, RunLogger):
-                logger.log_hyperparams(params, metrics)
+                logger.log_hyperparams(params, metrics, leading=LEADING_COLUMNS, names=dict(columns))
             else:
                 logger.log_hyperparams(params)
 
@@ -276,20 +294,77 @@ class TradeoffReport(L.Callback):
         writer.flush()
 
 
-def summary_line(results: dict[str, Any]) -> str:
-    """One line for the end of fit: steps, and the forget / retain / general values at the matched
-    evaluation (or the last one if the target was not reached)."""
-    point = results.get("matched") or results.get("final") or {}
-    keys = [results.get("forget_metric"), results.get("retain_metric")]
-    keys += [k for k in point if k.startswith("general_") and k not in keys][:1]
-    values = ", ".join(f"{k}={point[k]:.3f}" for k in keys if k in point)
-    if results.get("matched_step") is not None:
-        where = f"matched forgetting at step {results['matched_step']}"
-    elif results.get("target", {}).get("monitor"):
-        where = "target not reached; last evaluation"
+def _values(point: dict[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={point[k]:.3f}" for k in keys if k in point) or "no metrics"
+
+
+def _headline_keys(results: dict[str, Any], point: dict[str, Any]) -> list[str]:
+    keys = [k for k in (results.get("forget_metric"), results.get("retain_metric")) if k]
+    return keys + [k for k in point if k.startswith("general_") and k not in keys][:1]
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The end-of-fit summary: the matched point (the first evaluation that reached the
+    forgetting target: the point methods are compared at) and the saved model (the weights in
+    ``unlearned_model/``, evaluated at the last step), each named as such, and a warning when
+    the matched point overshot the target by more than half of it."""
+    steps = results.get("steps")
+    final, matched = results.get("final") or {}, results.get("matched")
+    target = results.get("target") or {}
+    head = f"lit-unlearn: {steps} optimizer step{'' if steps == 1 else 's'}; "
+    lines: list[str] = []
+    saved = f"saved model (step {steps}, unlearned_model/)"
+    if not final:
+        return [head + "no evaluations"]
+    saved_values = _values(final, _headline_keys(results, final))
+    if final.get("step") != steps:
+        saved += f" — last evaluated at step {final.get('step')}"
+    if matched:
+        rule = (
+            f"{target.get('monitor')} {'<=' if target.get('mode') != 'above' else '>='} {target.get('value')}"
+        )
+        if matched.get("step") == steps:
+            lines.append(
+                f"lit-unlearn: matched point = {saved} (first evaluation with {rule}): {saved_values}"
+            )
+        else:
+            lines.append(
+                f"lit-unlearn: matched point (step {matched.get('step')}, first evaluation with {rule}): "
+                f"{_values(matched, _headline_keys(results, matched))}"
+            )
+            lines.append(f"lit-unlearn: {saved}: {saved_values}")
     else:
-        where = "last evaluation"
-    return f"lit-unlearn: {results.get('steps')} optimizer steps; {where}: {values or 'no evaluations'}"
+        if target.get("monitor"):
+            lines.append(
+                f"lit-unlearn: forgetting target {target.get('monitor')} {target.get('value')} not reached"
+            )
+        lines.append(f"lit-unlearn: {saved}: {saved_values}")
+    lines[0] = head + lines[0].removeprefix("lit-unlearn: ")
+    warning = overshoot_warning(results)
+    if warning:
+        lines.append(f"lit-unlearn: warning: {warning}")
+    return lines
+
+
+def overshoot_warning(results: dict[str, Any]) -> str | None:
+    """A sentence when the matched evaluation landed past the target by more than half the
+    target's value (the evaluations are too far apart to say where the target was crossed);
+    ``None`` otherwise."""
+    matched, target = results.get("matched"), results.get("target") or {}
+    monitor, value = target.get("monitor"), target.get("value")
+    if not matched or monitor not in matched or not value:
+        return None
+    reached = float(matched[monitor])
+    past = (float(value) - reached) if target.get("mode") != "above" else (reached - float(value))
+    if past <= 0.5 * abs(float(value)):
+        return None
+    history = [h for h in results.get("history") or [] if monitor in h and h["step"] < matched["step"]]
+    before = f"{history[-1][monitor]:.3f} (step {history[-1]['step']}) -> " if history else ""
+    return (
+        f"the matched point overshot the target: {monitor} went {before}{reached:.3f} "
+        f"(step {matched['step']}), {past:.3f} past the target {value} (more than half of it); "
+        "evaluate more often (UnlearningEvaluator every_n_steps) to match forgetting closely"
+    )
 
 
 def _meets(entry: dict[str, float], evaluator: Any) -> bool:
@@ -309,168 +384,15 @@ def _geometry_summary(rows: list[dict[str, float]]) -> dict[str, float]:
     return summary
 
 
-# ---------------------------------------------------------------------- across runs
-def load_results(run_dirs: Sequence[str]) -> list[dict[str, Any]]:
-    """``results.json`` of every run directory given (a directory may also hold runs below it)."""
-    found = []
-    for root in run_dirs:
-        paths = (
-            [os.path.join(root, RESULTS_FILE)]
-            if os.path.exists(os.path.join(root, RESULTS_FILE))
-            else sorted(
-                os.path.join(d, RESULTS_FILE) for d, _, files in os.walk(root) if RESULTS_FILE in files
-            )
-        )
-        if not paths:
-            raise FileNotFoundError(f"{root}: no {RESULTS_FILE} found")
-        for path in paths:
-            with open(path) as handle:
-                found.append(json.load(handle))
-    return found
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated when forgetting (x) is minimised and retention (y) maximised."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        dominated = any(
-            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return front
-
-
-def _first_general(point: dict[str, Any]) -> str:
-    return next((k for k in point if k.startswith("general_")), "")
-
-
-def compare_runs(
-    run_dirs: Sequence[str], out_png: str | None = "pareto.png", general_metric: str | None = None
-) -> list[dict[str, Any]]:
-    """Print retention at matched forgetting per synthesizer × objective and save a Pareto plot.
-
-    ``general_metric`` names the "general" column (default: each run's first ``general_*``
-    metric, whatever the benchmark calls it). Returns the table rows. Runs that never reached the target are reported at their final
-    evaluation and marked ``no``.
-    """
-    runs = load_results(run_dirs)
-    rows = []
-    for r in runs:
-        point = r.get("matched") or r.get("final") or {}
-        fm, rm = r["forget_metric"], r["retain_metric"]
-        geo = r.get("geometry", {})
-        rows.append(
-            {
-                "synthesizer": component_name(r["synthesizer"]),
-                "objective": f"{component_name(r['forget_objective'])}+{component_name(r['retain_objective'])}",
-                "matched": "yes" if r.get("matched") else "no",
-                "step": point.get("step"),
-                "forget": point.get(fm),
-                "retain": point.get(rm),
-                "general": point.get(general_metric or _first_general(point)),
-                "cos_u_gr": geo.get("mean_update_retain_cosine"),
-                "min_cos_u_gr": geo.get("min_update_retain_cosine"),
-                "conflict": geo.get("mean_conflict_fraction"),
-                "seconds": r.get("wall_seconds"),
-                "run_dir": r.get("run_dir"),
-                "_history": r.get("history", []),
-                "_metrics": (fm, rm),
-            }
-        )
-    header = f"{'synthesizer':<18}{'objective':<22}{'matched':>8}{'step':>6}{'forget':>8}{'retain':>8}{'general':>9}{'cos(u,g_r)':>12}{'min':>7}{'conflict':>10}{'sec':>7}"
-    print(header)
-    print("-" * len(header))
-    fmt = lambda v, w, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
-    for row in rows:
-        print(
-            f"{row['synthesizer']:<18}{row['objective']:<22}{row['matched']:>8}{row['step'] if row['step'] is not None else '-':>6}"
-            f"{fmt(row['forget'], 8)}{fmt(row['retain'], 8)}{fmt(row['general'], 9)}{fmt(row['cos_u_gr'], 12)}"
-            f"{fmt(row['min_cos_u_gr'], 7, 2)}{fmt(row['conflict'], 10)}{fmt(row['seconds'], 7, 1)}"
-        )
-    if out_png:
-        _pareto_plot(rows, out_png)
-        print(f"Pareto plot: {out_png}")
-    for row in rows:
-        row.pop("_history")
-        row.pop("_metrics")
-    return rows
-
-
-def _pareto_plot(rows: list[dict[str, Any]], out_png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    points = []
-    for row in rows:
-        fm, rm = row["_metrics"]
-        traj = [(h[fm], h[rm]) for h in row["_history"] if fm in h and rm in h]
-        label = f"{row['synthesizer']} ({row['objective']})"
-        if traj:
-            xs, ys = zip(*traj)
-            line = ax.plot(xs, ys, "-o", alpha=0.5, markersize=3, label=label)[0]
-            if row["forget"] is not None and row["retain"] is not None:
-                ax.plot(row["forget"], row["retain"], "*", markersize=12, color=line.get_color())
-        if row["forget"] is not None and row["retain"] is not None:
-            points.append((row["forget"], row["retain"]))
-    front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
-    if front:
-        ax.plot(*zip(*front), "k--", linewidth=1, label="Pareto front (matched points)")
-    fm, rm = rows[0]["_metrics"] if rows else ("forget", "retain")
-    ax.set_xlabel(f"{fm} (lower = more forgotten)")
-    ax.set_ylabel(f"{rm} (higher = more kept)")
-    ax.set_title("retention vs forgetting (★ = matched / final point)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-
-
-def summarize_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group :func:`compare_runs` rows by synthesizer × objective (the seeds of one setting) and
-    print mean ± standard deviation of each column at the matched (or final) point.
-
-    Returns one dict per group: ``n``, ``matched`` (how many seeds reached the target) and
-    ``<column>_mean`` / ``<column>_std`` / ``<column>_min`` / ``<column>_max``.
-    """
-    import statistics
-
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["synthesizer"], row["objective"]), []).append(row)
-    columns = ("step", "forget", "retain", "general", "cos_u_gr", "seconds")
-    out = []
-    for (synth, objective), members in groups.items():
-        entry: dict[str, Any] = {
-            "synthesizer": synth,
-            "objective": objective,
-            "n": len(members),
-            "matched": sum(m["matched"] == "yes" for m in members),
-        }
-        for col in columns:
-            values = [float(m[col]) for m in members if isinstance(m.get(col), (int, float))]
-            if values:
-                entry[f"{col}_mean"] = statistics.fmean(values)
-                entry[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-                entry[f"{col}_min"], entry[f"{col}_max"] = min(values), max(values)
-        out.append(entry)
-    header = f"{'synthesizer':<18}{'objective':<22}{'seeds':>6}{'matched':>8}{'step':>13}{'forget':>15}{'retain':>15}{'general':>15}{'cos(u,g_r)':>12}"
-    print(header)
-    print("-" * len(header))
-
-    def cell(entry: dict[str, Any], col: str, width: int, digits: int = 3) -> str:
-        if f"{col}_mean" not in entry:
-            return f"{'-':>{width}}"
-        return f"{entry[f'{col}_mean']:.{digits}f} ± {entry[f'{col}_std']:.{digits}f}".rjust(width)
-
-    for e in out:
-        print(
-            f"{e['synthesizer']:<18}{e['objective']:<22}{e['n']:>6}{e['matched']:>8}{cell(e, 'step', 13, 0)}"
-            f"{cell(e, 'forget', 15)}{cell(e, 'retain', 15)}{cell(e, 'general', 15)}{cell(e, 'cos_u_gr', 12, 2)}"
-        )
-    return out
+def hparams_metric_columns(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The HParams metric columns as (scalar tag, column name), in order: the matched forget,
+    retain and general values and the matched step (TensorBoard shows the first five), the
+    other matched values, then the last values: the ``val/<metric>`` curves' last points,
+    named ``last/<metric>``."""
+    point = results.get("final") or {}
+    names = [k for k in point if k != "step" and isinstance(point[k], (int, float))]
+    first = _headline_keys(results, point)
+    ordered = [k for k in first if k in names] + [k for k in names if k not in first]
+    matched = [f"matched/{k}" for k in ordered[: len(first)]] + ["matched/step"]
+    matched += [f"matched/{k}" for k in ordered[len(first) :]]
+    return [(tag, tag) for tag in matched] + [(f"val/{k}", f"last/{k}") for k in ordered]

@@ -9,6 +9,14 @@ fits a given GPU::
     lit-unlearn-plan --model HuggingFaceH4/zephyr-7b-beta --strategy fsdp --devices 8
     lit-unlearn-plan --model path/to/config.json --strategy ddp --devices 8 --gpu_gib 80 --batch 4
 
+Given the configuration files of a run (``--config``, as for ``lit-unlearn fit``), it takes the
+settings from them — the model, devices, strategy, precision, batch, sequence length,
+accumulation, activation checkpointing, optimizer, adapter, and whether an objective needs the
+frozen reference model — and the flags given after them override them::
+
+    lit-unlearn-plan --config configs/benchmark/wmdp_bio.yaml --config configs/experiments/wmdp_bio/npo_sago.yaml \
+        --config configs/trainer/gpu_fsdp.yaml --model configs/model/shapes/zephyr-7b-beta
+
 What it counts (``P`` parameters, ``N`` devices, sharded parts divided by ``N`` under FSDP):
 weights; ``.grad`` (the retain gradient and, after synthesis, the update); the forget buffer (and a
 retain buffer when an fp32 buffer accumulates bf16 gradients over several micro-batches); AdamW's
@@ -35,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from lit_unlearn.adapters import LLAMA_LINEAR
-from lit_unlearn.errors import UserError, function_cli
+from lit_unlearn.errors import UserError, function_cli, run_reporting_errors
 
 GIB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -223,13 +231,29 @@ def plan(
     )
 
 
-def format_plan(result: Plan, title: str) -> str:
-    """A small table in GiB."""
+def format_plan(result: Plan, title: str, gpu_gib: float | None = None, batch: int | None = None) -> str:
+    """A small table in GiB, then whether it fits a ``gpu_gib`` GPU at ``batch`` sequences per device."""
     rows = [(k, v) for k, v in asdict(result).items() if k not in ("parameters", "trainable", "max_batch")]
     lines = [f"{title}: {result.parameters / 1e9:.2f} B parameters, {result.trainable / 1e6:.1f} M trained"]
     lines += [f"  {name:<16}{value / GIB:>9.2f} GiB" for name, value in rows]
     if result.max_batch is not None:
         lines.append(f"  {'max batch':<16}{result.max_batch:>9d} sequences per device")
+    if gpu_gib is not None:
+        need = result.total / GIB
+        if need <= gpu_gib:
+            verdict = f"fits: {need:.2f} of {gpu_gib:g} GiB per GPU"
+        elif result.max_batch:
+            verdict = (
+                f"does not fit: {need:.2f} GiB per GPU > {gpu_gib:g} GiB; "
+                f"at most {result.max_batch} sequences per device would"
+            )
+        else:
+            state = (result.total - result.activations) / GIB
+            verdict = (
+                f"does not fit: {need:.2f} GiB per GPU > {gpu_gib:g} GiB; the state alone is {state:.2f} GiB "
+                "(shard it with FSDP, use LoRA, or --buffer_dtype param)"
+            )
+        lines.append(f"  {verdict}" + (f" (batch {batch})" if batch is not None else ""))
     return "\n".join(lines)
 
 
@@ -281,9 +305,14 @@ def main_plan(
         lora_targets=lora_targets,
     )  # fmt: skip
     lora = f" · LoRA r={lora_rank}" if lora_rank else ""
+    ref = " · reference model" if reference and not lora_rank else ""
     print(
         format_plan(
-            result, f"{model} · {strategy} × {devices} · {precision}{lora} · batch {batch} × {seq_len}"
+            result,
+            f"{model} · {strategy} × {devices} · {precision}{lora}{ref} · batch {batch} × {seq_len}"
+            f" · {gpu_gib:g} GiB GPUs",
+            gpu_gib,
+            batch,
         )
     )
     if json_out:
@@ -294,7 +323,115 @@ def main_plan(
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``lit-unlearn-plan``."""
-    function_cli("lit-unlearn-plan", main_plan, args)
+    import sys
+
+    argv = list(sys.argv[1:] if args is None else args)
+
+    def run() -> None:
+        run_files, rest = split_run_configs(argv)
+        flags = settings_flags(run_settings(run_files)) if run_files else []
+        if run_files:
+            print(f"settings from {', '.join(run_files)} (flags given after them override them)")
+        function_cli("lit-unlearn-plan", main_plan, flags + rest)
+
+    run_reporting_errors("lit-unlearn-plan", run)
+
+
+RUN_KEYS = ("trainer", "model", "data", "seed_everything", "checkpoint")
+
+
+def split_run_configs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate the ``--config`` files that describe a ``lit-unlearn fit`` run (a mapping with
+    ``trainer``/``model``/``data``, where ``model`` is a mapping) from the other arguments."""
+    import yaml
+
+    run_files, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+        if arg.startswith("--config="):
+            path = arg.partition("=")[2]
+        if path is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                try:
+                    content = yaml.safe_load(handle)
+                except yaml.YAMLError as err:
+                    raise UserError(
+                        f"--config {path}: not valid YAML ({' '.join(str(err).split())[:200]})"
+                    ) from None
+            if isinstance(content, dict) and (
+                set(content) & {"trainer", "data", "checkpoint"} or isinstance(content.get("model"), dict)
+            ):
+                run_files.append(path)
+                i += 1 if arg.startswith("--config=") else 2
+                continue
+        rest.append(arg)
+        i += 1
+    return run_files, rest
+
+
+def run_settings(files: list[str]) -> dict[str, Any]:
+    """The planner's arguments that a run's configuration files determine (parsed by the
+    ``lit-unlearn`` parser itself, so file references and defaults resolve as for ``fit``)."""
+    import importlib
+
+    from lit_unlearn.cli import _get, parse_run_config
+
+    config = parse_run_config(files)
+    network = _get(config, "model.network")
+    net = (_get(network, "init_args") or network) if network is not None else None
+    settings: dict[str, Any] = {}
+    path = _get(net, "path")
+    if isinstance(path, str):
+        settings["model"] = path
+    if _get(net, "activation_checkpointing") is not None:
+        settings["activation_checkpointing"] = bool(_get(net, "activation_checkpointing"))
+    if _get(net, "trust_remote_code") is not None:
+        settings["trust_remote_code"] = bool(_get(net, "trust_remote_code"))
+    adapter = _get(net, "adapter")
+    if adapter is not None:
+        args = _get(adapter, "init_args") or adapter
+        settings["lora_rank"] = int(_get(args, "rank") or 8)
+        targets = _get(args, "target_modules")
+        if targets:
+            settings["lora_targets"] = list(targets)
+    reference = False
+    for key in ("model.forget_objective", "model.retain_objective"):
+        spec = _get(config, key)
+        class_path = _get(spec, "class_path")
+        if not class_path:
+            continue
+        module, _, name = str(class_path).rpartition(".")
+        objective = getattr(importlib.import_module(module), name)(**dict(_get(spec, "init_args") or {}))
+        reference = reference or bool(getattr(objective, "requires_reference", False))
+    settings["reference"] = reference
+    optimizer = str(_get(config, "model.optimizer.class_path") or "")
+    settings["optimizer"] = "sgd" if optimizer.endswith(".SGD") else "adamw"
+    for key, name in (("model.grad_buffer_dtype", "buffer_dtype"), ("model.accumulate_grad_batches", "accumulate"),
+                      ("data.max_length", "seq_len")):  # fmt: skip
+        if _get(config, key) is not None:
+            settings[name] = _get(config, key)
+    batches = [_get(config, f"data.{t}_batch_size") for t in ("forget", "retain")]
+    if any(isinstance(b, int) for b in batches):
+        settings["batch"] = max(b for b in batches if isinstance(b, int))
+    devices, nodes = _get(config, "trainer.devices"), _get(config, "trainer.num_nodes") or 1
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
+        settings["devices"] = int(devices) * int(nodes)
+    strategy = _get(config, "trainer.strategy")
+    strategy_name = str(_get(strategy, "class_path") or strategy or "").lower()
+    settings["strategy"] = "fsdp" if ("fsdp" in strategy_name or "modelparallel" in strategy_name) else "ddp"
+    precision = str(_get(config, "trainer.precision") or "32-true")
+    settings["precision"] = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-true"}.get(precision, precision)
+    return settings
+
+
+def settings_flags(settings: dict[str, Any]) -> list[str]:
+    """``--name=value`` flags for :func:`main_plan`."""
+    flags = []
+    for name, value in settings.items():
+        text = json.dumps(value) if isinstance(value, (list, bool)) else str(value)
+        flags.append(f"--{name}={text}")
+    return flags
 
 
 def as_dict(result: Plan) -> dict[str, Any]:

@@ -13,11 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from lit_unlearn.engine.module import UnlearningModule
-from lit_unlearn.eval import MultipleChoice, compare_runs
+from lit_unlearn.eval import MultipleChoice
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import _local_task_names, _task_manager, run_lm_eval
 from lit_unlearn.eval.metrics import MetricSet, choice_logliks, load_multiple_choice
-from lit_unlearn.eval.report import pareto_front
 from lit_unlearn.eval.rwku import greedy_generate
 from lit_unlearn.models import load_tokenizer
 from tests.conftest import SMOKE_PEOPLE
@@ -127,11 +126,6 @@ def test_matched_forgetting_stop_fires_at_the_right_step(synthetic_tokenizer_dir
     assert evaluator.matched == {"step": 6, "forget_score": 0.15, "retain_score": pytest.approx(0.985)}
 
 
-def test_pareto_front():
-    points = [(0.1, 0.9), (0.2, 0.95), (0.1, 0.8), (0.3, 0.95), (0.05, 0.5)]
-    assert pareto_front(points) == [0, 1, 4]
-
-
 def _tiny_run(tmp_path, synthesizer):
     from lit_unlearn.cli import main
 
@@ -225,28 +219,39 @@ def test_tensorboard_has_curves_geometry_layout_hparams_and_figure(tiny_runs):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hp["_hparams_/experiment"]).experiment
-    assert {h.name for h in experiment.hparam_infos} >= {
+    infos = list(experiment.hparam_infos)
+    assert {h.name for h in infos} == {
         "synthesizer",
         "forget_objective",
+        "retain_objective",
+        "seed",
         "lr",
         "forget_weight",
         "retain_weight",
-        "seed",
     }
-    assert {m.name.tag for m in experiment.metric_infos} >= {
-        "val/forget_qa",
-        "val/retain_qa",
-    }  # existing curves
-
-
-def test_compare_runs_prints_table_and_saves_png(tiny_runs, tmp_path, capsys):
-    png = str(tmp_path / "pareto.png")
-    rows = compare_runs(tiny_runs, out_png=png)
-    out = capsys.readouterr().out
-    assert {r["synthesizer"] for r in rows} == {"WeightedSum", "SAGO"}
-    assert "WeightedSum" in out and "SAGO" in out and "cos(u,g_r)" in out
-    with open(png, "rb") as handle:
-        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    # TensorBoard sorts by (not differs, name) and shows the first five: the columns that tell
+    # runs apart are marked, so they lead and are visible
+    shown = sorted(infos, key=lambda h: (not h.differs, h.name))[:5]
+    assert {"synthesizer", "forget_objective", "retain_objective", "seed"} <= {h.name for h in shown}
+    metrics = [m.display_name or m.name.tag for m in experiment.metric_infos]
+    assert metrics[:4] == [
+        "matched/forget_qa",
+        "matched/retain_qa",
+        "matched/general_arithmetic",
+        "matched/step",
+    ]  # the first five are shown: the matched point leads
+    # the last values: the curves' last points, named so
+    last = {m.display_name: m.name.tag for m in experiment.metric_infos if m.display_name.startswith("last/")}
+    assert last["last/retain_qa"] == "val/retain_qa" and len(last) == len(metrics) - 7
+    assert all(m.name.tag in scalars for m in experiment.metric_infos)  # every column reads a logged point
+    results = json.load(open(os.path.join(tiny_runs[0], "results.json")))
+    matched, final = results["matched"], results["final"]
+    for key in ("forget_qa", "retain_qa", "general_arithmetic"):
+        (point,) = ea.Scalars(f"matched/{key}")
+        assert (point.step, point.value) == (matched["step"], pytest.approx(matched[key]))
+        last = ea.Scalars(f"val/{key}")[-1]
+        assert (last.step, last.value) == (final["step"], pytest.approx(final[key]))
+    assert ea.Scalars("matched/step")[0].value == results["matched_step"]
 
 
 def test_tradeoff_figures_of_scores_share_one_scale():
@@ -260,33 +265,6 @@ def test_tradeoff_figures_of_scores_share_one_scale():
         [{"step": 0, "f": 3.0, "r": 0.9}, {"step": 10, "f": 9.0, "r": 0.8}], "f", "r"
     )
     assert perplexity.axes[0].get_xlim()[1] > 8  # not a score: its own range
-
-
-def test_seed_summary_is_the_mean_and_spread_of_each_setting(capsys):
-    from lit_unlearn.eval.report import summarize_seeds
-
-    def row(synth, seed_retain, matched="yes"):
-        return {
-            "synthesizer": synth,
-            "objective": "GradientAscent+NLL",
-            "matched": matched,
-            "step": 40,
-            "forget": 0.2,
-            "retain": seed_retain,
-            "general": None,
-            "cos_u_gr": 0.4,
-            "seconds": 3.0,
-        }
-
-    groups = summarize_seeds(
-        [row("SAGO", 0.9), row("SAGO", 0.94), row("SAGO", 0.98), row("WeightedSum", 0.7, "no")]
-    )
-    sago, naive = groups
-    assert (sago["n"], sago["matched"], naive["n"], naive["matched"]) == (3, 3, 1, 0)
-    assert sago["retain_mean"] == pytest.approx(0.94) and sago["retain_std"] == pytest.approx(0.04)
-    assert (sago["retain_min"], sago["retain_max"]) == (0.9, 0.98)
-    assert "general_mean" not in sago  # no values: no column, not a zero
-    assert "0.940 ± 0.040" in capsys.readouterr().out
 
 
 def test_lm_eval_on_a_saved_model_and_in_lightning_test(

@@ -89,6 +89,12 @@ CASES = [
         lambda d: ["--model.network.path", "runs/unlearned_modl", "does not exist"],
     ),
     Case(
+        "bare fit: no config, no data",
+        lambda d: ["fit"],
+        lambda d: ["no data given", "--config configs/debug/tiny.yaml"],
+        fit=False,
+    ),
+    Case(
         "unknown synthesizer",
         lambda d: ["--model.synthesizer", "FooGrad"],
         lambda d: ["--model.synthesizer", "FooGrad", "SAGO", "PCGrad", "WeightedSum"],

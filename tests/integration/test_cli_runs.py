@@ -179,3 +179,52 @@ def test_ctrl_c_finishes_the_step_saves_last_ckpt_and_exits_130(tmp_path):
     assert "stopped by SIGINT" in err and "Traceback" not in err
     assert torch.load(ckpt, weights_only=False)["global_step"] >= first_saved
     assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "unlearned_model"))
+
+
+NOISE = (
+    "_pytree",  # a deprecation inside Lightning
+    "Tip:",  # an advertisement
+    "Total length of",  # a warning our data module causes on purpose
+    "FLOPs",  # the model summary table
+    "TPU available",
+    "Epoch 3/-2",  # Lightning's epoch counter of a step-bounded run
+    "Loading weights",  # transformers' progress bars
+    "Writing model shards",
+)
+
+
+@pytest.mark.integration
+def test_a_cached_tiny_run_prints_our_lines_and_an_honest_summary(tmp_path, monkeypatch):
+    """The shipped tiny config as a user runs it (warnings not silenced): no third-party notices,
+    one parameter line, the matched point and the saved model named apart, the overshoot warned
+    about, and nothing of the progress bar after the last line."""
+    from lit_unlearn.benchmarks.synthetic.target import resolve_synthetic
+
+    monkeypatch.chdir(ROOT)
+    resolve_synthetic("synthetic://smoke")  # cached, as for a user's second run
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = run("lit-unlearn", "fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    for noise in NOISE:
+        assert noise not in text, noise
+    assert text.count("reusing cached model") == 1
+    assert text.count("parameters, ") == 1 and "131.0 K trained" in text
+    bar = ("━", "Epoch ")
+    ours = [
+        line
+        for line in text.splitlines()
+        if line.strip() and not line.startswith(" ") and not any(b in line for b in bar)
+    ]
+    assert len(ours) <= 13, "\n".join(ours)
+    last = proc.stdout.rstrip().splitlines()
+    assert last[-1].startswith("lit-unlearn: results.json and TensorBoard logs in")
+    summary = [line for line in ours if line.startswith("lit-unlearn: 20 optimizer steps; ")]
+    assert summary and "matched point (step 10, first evaluation with forget_qa <= 0.2)" in summary[0]
+    run_dir = run_dirs(str(tmp_path))[0]
+    r = results(run_dir)
+    saved = next(line for line in ours if line.startswith("lit-unlearn: saved model (step 20"))
+    assert f"retain_qa={r['final']['retain_qa']:.3f}" in saved  # the saved model's own values
+    assert f"retain_qa={r['matched']['retain_qa']:.3f}" in summary[0]
+    assert any(line.startswith("lit-unlearn: warning: the matched point overshot") for line in ours)

@@ -15,7 +15,7 @@ from lit_unlearn.engine.buffers import TwoTaskGradients
 from lit_unlearn.errors import UserError
 from lit_unlearn.models import enable_activation_checkpointing
 from lit_unlearn.synthesis import SAGO
-from lit_unlearn.tools.plan import model_shape, plan
+from lit_unlearn.tools.plan import format_plan, model_shape, plan, run_settings
 from tests.integration.cli_helpers import ENV, ROOT, command
 
 CONFIG = LlamaConfig(
@@ -168,4 +168,64 @@ def test_console_script_prints_the_table(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "8.03 B parameters" in out.stdout and "max batch" in out.stdout
+    assert "80 GiB GPUs" in out.stdout  # the GPU size it assumed
+    assert out.stdout.strip().splitlines()[-1].strip().startswith("fits: 25.65 of 80 GiB per GPU (batch 4)")
     assert (tmp_path / "plan.json").exists()
+
+
+def test_a_plan_that_does_not_fit_says_so():
+    shape = model_shape(os.path.join(ROOT, "configs", "model", "shapes", "zephyr-7b-beta"))
+    text = format_plan(plan(shape, "ddp", 8, gpu_gib=80.0), "zephyr", 80.0, 4)
+    assert "does not fit: 91.90 GiB per GPU > 80 GiB; the state alone is 80.93 GiB" in text
+    small = format_plan(plan(shape, "fsdp", 8, batch=64, gpu_gib=80.0), "zephyr", 80.0, 64)
+    assert "does not fit" in small and "at most 24 sequences per device would" in small
+
+
+def _run_files(*names: str) -> list[str]:
+    return [os.path.join(ROOT, "configs", n) for n in names]
+
+
+def test_a_run_configuration_gives_the_settings_and_the_reference_need():
+    npo = run_settings(
+        _run_files("benchmark/wmdp_bio.yaml", "experiments/wmdp_bio/npo_sago.yaml", "trainer/gpu_fsdp.yaml")
+    )
+    assert npo["reference"] is True  # NPO keeps the frozen reference model
+    assert (npo["strategy"], npo["devices"], npo["precision"]) == ("fsdp", 8, "bf16-true")
+    assert npo["model"] == "HuggingFaceH4/zephyr-7b-beta" and npo["optimizer"] == "adamw"
+    graddiff = run_settings(
+        _run_files(
+            "benchmark/wmdp_bio.yaml", "experiments/wmdp_bio/graddiff_sago.yaml", "trainer/gpu_ddp.yaml"
+        )
+    )
+    assert graddiff["reference"] is False and graddiff["strategy"] == "ddp"
+    rmu = run_settings(_run_files("benchmark/wmdp_bio.yaml", "experiments/wmdp_bio/rmu.yaml"))
+    assert rmu["reference"] is True
+
+
+def test_console_script_plans_from_a_run_configuration():
+    files = _run_files(
+        "benchmark/wmdp_bio.yaml", "experiments/wmdp_bio/npo_sago.yaml", "trainer/gpu_fsdp.yaml"
+    )
+    args = [a for f in files for a in ("--config", f)]
+    args += ["--model", os.path.join(ROOT, "configs", "model", "shapes", "zephyr-7b-beta"), "--gpu_gib", "24"]
+    out = subprocess.run(
+        command("lit-unlearn-plan", *args), env=ENV, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "· reference model ·" in out.stdout and "fsdp × 8" in out.stdout and "24 GiB GPUs" in out.stdout
+    reference = next(line for line in out.stdout.splitlines() if line.strip().startswith("reference"))
+    assert float(reference.split()[1]) > 1.0  # counted
+    assert "fits:" in out.stdout.splitlines()[-1]
+
+
+def test_the_readme_memory_table_is_the_tools_output():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plan_table", os.path.join(ROOT, "scripts", "plan_table.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    assert module.table() in readme

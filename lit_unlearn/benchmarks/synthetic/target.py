@@ -34,6 +34,7 @@ from lit_unlearn.benchmarks.synthetic.corpus import (
 from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.rundir import atomic_directory
 from lit_unlearn.schedule import lr_schedule
+from lit_unlearn.terminal import once
 
 DEFAULT_DIR = os.path.join(".cache", "lit_unlearn", "synthetic-target")
 SCHEME = "synthetic://"
@@ -200,7 +201,7 @@ def build_target(
     )
     out = Path(output_dir)
     if not force and (metrics := _cached(out, recipe)) is not None:
-        print(f"target: reusing cached model in {out}")
+        once(f"target: reusing cached model in {out}")
         return metrics
     from filelock import FileLock
 
@@ -209,7 +210,7 @@ def build_target(
     # wait and then reuse what it wrote.
     with FileLock(str(out.parent / f".{out.name}.lock")):
         if not force and (metrics := _cached(out, recipe)) is not None:
-            print(f"target: reusing cached model in {out}")
+            once(f"target: reusing cached model in {out}")
             return metrics
         return _build(out, recipe, threads, accelerator, progress)
 
