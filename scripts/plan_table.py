@@ -9,12 +9,14 @@ device; the two paper models from their offline configurations in ``configs/mode
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from lit_unlearn.tools.plan import GIB, model_shape, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = (("Zephyr-7B-beta", "zephyr-7b-beta"), ("Llama-3-8B-Instruct", "llama-3-8b-instruct"))
-SETTINGS = (  # (label, strategy, activation checkpointing, reference model)
+SETTINGS: tuple[tuple[str, Literal["ddp", "fsdp"], bool, bool], ...] = (
+    # (label, strategy, activation checkpointing, reference model)
     ("DDP", "ddp", False, False),
     ("FSDP", "fsdp", False, False),
     ("FSDP + activation checkpointing", "fsdp", True, True),

@@ -99,9 +99,9 @@ class RunManifest(L.Callback):
 def parameter_line(module: Any) -> str:
     """One line instead of Lightning's model summary table: the network's class and how many of
     its parameters train (under FSDP2, this rank's shards count at their global size)."""
-    model = model_of(module)
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model: Any = model_of(module)
+    total = sum(int(p.numel()) for p in model.parameters())
+    trained = sum(int(p.numel()) for p in model.parameters() if p.requires_grad)
     return f"model {type(model).__name__}: {_count(total)} parameters, {_count(trained)} trained"
 
 

@@ -84,7 +84,7 @@ def run_rows(
     """One row per run: its name (relative to ``root``), seed, method, the matched (or last)
     point, the geometry summary, and ``duplicate_of`` (the run that already holds this seed of this
     method, or ``None``)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for run_dir, r in runs:
         point = r.get("matched") or r.get("final") or {}
         fm, rm = r.get("forget_metric"), r.get("retain_metric")
@@ -121,7 +121,7 @@ def run_rows(
     for row in rows:
         if row["seed"] is None:
             continue
-        key = (row["setting"], row["seed"])
+        key = (str(row["setting"]), int(row["seed"]))
         if key in seen:
             row["duplicate_of"] = seen[key]
         else:
