@@ -102,7 +102,10 @@ def parameter_line(module: Any) -> str:
     model: Any = model_of(module)
     total = sum(int(p.numel()) for p in model.parameters())
     trained = sum(int(p.numel()) for p in model.parameters() if p.requires_grad)
-    return f"model {type(model).__name__}: {_count(total)} parameters, {_count(trained)} trained"
+    cls = type(model)
+    if cls.__name__.startswith("FSDP"):  # FSDP2 wraps the class: FSDP<Name>(FSDPModule, <Name>)
+        cls = cls.__bases__[-1]
+    return f"model {cls.__name__}: {_count(total)} parameters, {_count(trained)} trained"
 
 
 def _count(n: int) -> str:
