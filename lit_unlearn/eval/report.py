@@ -6,9 +6,10 @@ Per run (:class:`TradeoffReport`, rank 0):
   (CUDA allocator peak, or the process's peak RSS on CPU), effective batch, synthesizer and objectives with arguments,
   the evaluation history and a geometry summary;
 - TensorBoard: a custom-scalars layout (forget vs retain metrics on one chart, synthesis geometry
-  on another); every evaluation metric at the matched step as ``matched/<metric>``; an ``hparams`` entry whose columns lead with synthesizer, objectives
-  and seed, and whose metrics are the matched values (then the last ones); and a trade-off figure
-  (forget metric vs retain metric along the evaluation points).
+  on another); every evaluation metric at the matched step as ``matched/<metric>``; an
+  ``hparams`` entry whose columns lead with synthesizer, objectives and seed, and whose metrics
+  are the matched values (then the last ones); and a trade-off figure (forget metric vs retain
+  metric along the evaluation points).
 - The end-of-fit summary names the matched point and the saved model separately, and warns when
   the evaluation interval is so coarse that the matched point overshoots the target.
 

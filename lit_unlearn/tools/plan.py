@@ -305,7 +305,14 @@ def main_plan(
         lora_targets=lora_targets,
     )  # fmt: skip
     lora = f" · LoRA r={lora_rank}" if lora_rank else ""
-    ref = " · reference model" if reference and not lora_rank else ""
+    if lora_rank:
+        ref = ""  # the reference is the base with its adapters off: nothing to count
+    elif reference:
+        ref = " · reference model"
+    else:
+        ref = (
+            " · no reference model (NPO, KL, RMU keep one: --reference true, or plan from the run's --config)"
+        )
     print(
         format_plan(
             result,

@@ -156,16 +156,25 @@ def test_compare_script_needs_only_the_folder(demo_like, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.path.exists(os.path.join(demo_like, "pareto.png")) and not os.listdir(cwd)
-    missing = subprocess.run(
-        [sys.executable, SCRIPT, str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120
-    )
-    assert missing.returncode == 2 and "no such run directory" in missing.stderr
     # a Python without the project (here: no site-packages) gets one line saying what to do
     bare = subprocess.run(
         [sys.executable, "-I", "-S", SCRIPT, demo_like], capture_output=True, text=True, timeout=120
     )
     assert bare.returncode != 0 and "source .venv/bin/activate" in bare.stderr
     assert "Traceback" not in bare.stderr
+
+
+def test_compare_script_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_runs_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as stop:
+        script.main([str(tmp_path / "nothing")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing: no such run directory" in err[0]
 
 
 # ------------------------------------------------------------------------------ summary lines
