@@ -147,3 +147,7 @@ def test_the_progress_bar_names_the_run_instead_of_v_num():
     for bar in (RunTQDMProgressBar(), RunRichProgressBar()):
         metrics = bar.get_metrics(trainer, None)
         assert metrics == {"run": "SAGO/lr0.001_seed0_abcd1234", "train/forget_loss": 1.5}
+    # the demo's runs: an empty version under runs/demo/sago/seed0 -> the folder's tail
+    logger = SimpleNamespace(version="", log_dir="runs/demo/sago/seed0/")
+    trainer = SimpleNamespace(loggers=[logger], logger=logger, progress_bar_metrics={})
+    assert RunRichProgressBar().get_metrics(trainer, None) == {"run": "sago/seed0"}

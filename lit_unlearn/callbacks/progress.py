@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -21,9 +22,15 @@ class _NamesRun:
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = dict(super().get_metrics(trainer, pl_module))  # type: ignore[misc]
         metrics.pop("v_num", None)
-        version = trainer.logger.version if trainer.logger is not None else None
+        logger = trainer.logger
+        version = logger.version if logger is not None else None
         if version is None:
             return metrics
+        if not str(
+            version
+        ):  # an explicit empty version (e.g. the demo's runs/demo/sago/seed0): the folder's tail
+            parts = os.path.normpath(str(getattr(logger, "log_dir", "") or "")).split(os.sep)
+            return {"run": "/".join(parts[-2:]), **metrics} if parts[-1] else metrics
         method, _, run = str(version).rpartition("/")  # <rule>_<forget>+<retain>/lr.._seed.._digest
         return {"run": f"{method.partition('_')[0]}/{run}" if method else run, **metrics}
 
