@@ -388,8 +388,8 @@ def hparams_metric_columns(results: dict[str, Any]) -> list[tuple[str, str]]:
     named ``last/<metric>``."""
     point = results.get("final") or {}
     names = [k for k in point if k != "step" and isinstance(point[k], (int, float))]
-    first = _headline_keys(results, point)
-    ordered = [k for k in first if k in names] + [k for k in names if k not in first]
-    matched = [f"matched/{k}" for k in ordered[: len(first)]] + ["matched/step"]
-    matched += [f"matched/{k}" for k in ordered[len(first) :]]
-    return [(tag, tag) for tag in matched] + [(f"val/{k}", f"last/{k}") for k in ordered]
+    first = [k for k in _headline_keys(results, point) if k in names]
+    rest = [k for k in names if k not in first]
+    matched = [f"matched/{k}" for k in first] + (["matched/step"] if names else [])
+    matched += [f"matched/{k}" for k in rest]
+    return [(tag, tag) for tag in matched] + [(f"val/{k}", f"last/{k}") for k in first + rest]
