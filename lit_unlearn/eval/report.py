@@ -270,7 +270,8 @@ class TradeoffReport(L.Callback):
             "seed": int(getattr(trainer.datamodule, "seed", 0) or 0),
             "lr": float(results["optimizer"]["lr"] or 0.0),
             "forget_weight": float(component_args(synthesizer).get("forget_weight", 1.0)),
-            "retain_weight": float(component_args(synthesizer).get("retain_weight", 1.0)),
+            # a rule without a retain weight (GRU) does not add the retain gradient to the update
+            "retain_weight": float(component_args(synthesizer).get("retain_weight", 0.0)),
         }
         columns = hparams_metric_columns(results)
         metrics = {tag: 0.0 for tag, _ in columns}  # the values are the logged points, read by TensorBoard

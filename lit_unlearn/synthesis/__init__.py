@@ -12,6 +12,7 @@ from lit_unlearn.synthesis.base import (
     Synthesizer,
     local_sum,
 )
+from lit_unlearn.synthesis.baselines import BLUR, GRU
 from lit_unlearn.synthesis.diagnostics import GEOMETRY_KEYS, GeometryAccumulator, synthesis_diagnostics
 from lit_unlearn.synthesis.gating import SAGO, SAGOPreferRetain
 from lit_unlearn.synthesis.projection import PCGrad, PCGradGlobal
@@ -19,7 +20,9 @@ from lit_unlearn.synthesis.weighted import WeightedSum
 
 __all__ = [
     "AllReduceSum",
+    "BLUR",
     "GEOMETRY_KEYS",
+    "GRU",
     "GeometryAccumulator",
     "Granularity",
     "PCGrad",
@@ -34,5 +37,13 @@ __all__ = [
     "synthesis_diagnostics",
 ]
 
-RULES: tuple[type[Synthesizer], ...] = (WeightedSum, PCGrad, PCGradGlobal, SAGO, SAGOPreferRetain)
+RULES: tuple[type[Synthesizer], ...] = (
+    WeightedSum,
+    PCGrad,
+    PCGradGlobal,
+    SAGO,
+    SAGOPreferRetain,
+    BLUR,
+    GRU,
+)
 """Every exported rule, in the order tables print them."""

@@ -160,6 +160,9 @@ class Synthesizer(ABC):
     granularity: ClassVar[Granularity]
     retain_guarantee: ClassVar[RetainGuarantee | None] = None
     """Where ``⟨u, g_r⟩ ≥ 0`` holds for any inputs and weights ``α, γ ≥ 0`` (``None``: no promise)."""
+    state_buffers: ClassVar[int] = 0
+    """Parameter-sized buffers the rule keeps across steps (GRU's moving average: 1); the memory
+    planner counts them."""
 
     def __init__(
         self,

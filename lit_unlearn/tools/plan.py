@@ -173,8 +173,10 @@ def plan(
     gpu_gib: float | None = 80.0,
     lora_rank: int | None = None,
     lora_targets: list[str] | None = None,
+    rule_buffers: int = 0,
 ) -> Plan:
-    """The per-device estimate (see the module docstring for what is counted)."""
+    """The per-device estimate (see the module docstring for what is counted; ``rule_buffers``:
+    parameter-sized buffers a stateful synthesizer keeps, in the buffer dtype, e.g. GRU's average)."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if lora_rank is not None and lora_rank < 1:
@@ -199,7 +201,9 @@ def plan(
         lora_extra = shape.layers * (lora_rank * len(targets) * cb + (inputs * tb if cb < tb else 0))
         reference = False  # the reference is the base with its adapters off: no copy
     bb = tb if buffer_dtype == "param" else 4
-    buffers = trained * bb + (trained * bb if bb != tb and accumulate > 1 else 0)
+    buffers = (
+        trained * bb + (trained * bb if bb != tb and accumulate > 1 else 0) + rule_buffers * trained * bb
+    )
     fixed = {
         "weights": frozen + trained * tb,
         "gradients": trained * tb,
@@ -274,6 +278,7 @@ def main_plan(
     lora_targets: list[str] | None = None,
     json_out: str | None = None,
     trust_remote_code: bool = False,
+    synthesizer: str = "WeightedSum",
 ) -> Plan:
     """Estimate per-device memory of an unlearning run and the largest batch that fits.
 
@@ -297,14 +302,19 @@ def main_plan(
             every attention and MLP projection).
         json_out: also write the numbers to this JSON file.
         trust_remote_code: allow custom modelling code from the hub (off by default).
+        synthesizer: the rule's class name or path (a stateful rule such as ``GRU`` keeps one more
+            parameter-sized buffer).
     """
+    buffers = synthesizer_buffers(synthesizer)
     shape = model_shape(model, trust_remote_code)
     result = plan(
         shape, strategy, devices, precision, buffer_dtype, batch, seq_len, accumulate,
         activation_checkpointing, optimizer, reference, gpu_gib=gpu_gib, lora_rank=lora_rank,
-        lora_targets=lora_targets,
+        lora_targets=lora_targets, rule_buffers=buffers,
     )  # fmt: skip
     lora = f" · LoRA r={lora_rank}" if lora_rank else ""
+    if buffers:
+        lora += f" · {synthesizer.rsplit('.', 1)[-1]} keeps {buffers} more buffer{'s' if buffers > 1 else ''}"
     if lora_rank:
         ref = ""  # the reference is the base with its adapters off: nothing to count
     elif reference:
@@ -344,7 +354,19 @@ def main(args: list[str] | None = None) -> None:
     run_reporting_errors("lit-unlearn-plan", run)
 
 
-RUN_KEYS = ("trainer", "model", "data", "seed_everything", "checkpoint")
+def synthesizer_buffers(name: str) -> int:
+    """Parameter-sized buffers the synthesizer ``name`` (class name in ``lit_unlearn.synthesis``
+    or a full class path) keeps across steps."""
+    import importlib
+
+    module, _, cls = name.rpartition(".")
+    try:
+        rule = getattr(importlib.import_module(module or "lit_unlearn.synthesis"), cls)
+    except (ImportError, AttributeError):
+        raise UserError(
+            f"--synthesizer: cannot import {name!r} (a class of lit_unlearn.synthesis or a class path)"
+        ) from None
+    return int(getattr(rule, "state_buffers", 0))
 
 
 def split_run_configs(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -412,6 +434,9 @@ def run_settings(files: list[str]) -> dict[str, Any]:
         objective = getattr(importlib.import_module(module), name)(**dict(_get(spec, "init_args") or {}))
         reference = reference or bool(getattr(objective, "requires_reference", False))
     settings["reference"] = reference
+    rule = _get(config, "model.synthesizer.class_path")
+    if rule:
+        settings["synthesizer"] = str(rule)
     optimizer = str(_get(config, "model.optimizer.class_path") or "")
     settings["optimizer"] = "sgd" if optimizer.endswith(".SGD") else "adamw"
     for key, name in (("model.grad_buffer_dtype", "buffer_dtype"), ("model.accumulate_grad_batches", "accumulate"),

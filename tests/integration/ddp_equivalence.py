@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from lit_unlearn.engine.module import UnlearningModule  # noqa: E402
 from lit_unlearn.eval import SyntheticProbes, UnlearningEvaluator  # noqa: E402
 from lit_unlearn.objectives import NPO, GradientAscent, SimNPO  # noqa: E402
-from lit_unlearn.synthesis import RULES, SAGO  # noqa: E402
+from lit_unlearn.synthesis import GRU, RULES, SAGO  # noqa: E402
 
 # (name, forget objective, synthesizer): every rule with a token-mean objective, and the
 # sequence-mean objectives once.
@@ -46,7 +46,7 @@ def main() -> None:
         module = UnlearningModule(
             make_model(args.tokenizer),
             forget,
-            synthesizer=rule(retain_weight=0.5),
+            synthesizer=rule(retain_weight=0.5) if rule is not GRU else GRU(ema=0.5),
             optimizer=sgd(0.2),
             grad_buffer_dtype="param",
         )

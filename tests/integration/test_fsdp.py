@@ -27,7 +27,8 @@ from tests.integration.cli_helpers import (
 FSDP = os.path.join(ROOT, "configs", "trainer", "cpu_fsdp.yaml")
 SGD = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05"]
 EXAMPLES = os.path.join(ROOT, "tests", "examples")
-RULES = ["WeightedSum", "PCGrad", "PCGradGlobal", "SAGO", "SAGOPreferRetain"]
+RULES = ["WeightedSum", "PCGrad", "PCGradGlobal", "SAGO", "SAGOPreferRetain", "BLUR", "GRU"]
+RULE_ARGS = {"GRU": ["--model.synthesizer.ema", "0.5"]}  # GRU has no retain weight
 
 
 def _initial() -> dict[str, torch.Tensor]:
@@ -76,8 +77,7 @@ def runs(tmp_path_factory):
                 root / f"{rule}-{n}",
                 "--model.synthesizer",
                 rule,
-                "--model.synthesizer.retain_weight",
-                "0.5",
+                *RULE_ARGS.get(rule, ["--model.synthesizer.retain_weight", "0.5"]),
                 sharded=n == 2,
             )
             for n in (1, 2)

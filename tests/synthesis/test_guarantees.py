@@ -43,6 +43,8 @@ def test_the_shipped_rules_declare_what_the_docs_promise():
         "PCGradGlobal": "global",
         "SAGO": "element",
         "SAGOPreferRetain": "element",
+        "BLUR": None,  # forget-first: see the counter-example below
+        "GRU": None,  # protects the moving average, not the current g_r
     }
 
 

@@ -229,3 +229,16 @@ def test_the_readme_memory_table_is_the_tools_output():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
     assert module.table() in readme
+
+
+def test_a_stateful_rule_adds_its_buffer():
+    from lit_unlearn.tools.plan import GIB, synthesizer_buffers
+
+    shape = model_shape(os.path.join(ROOT, "configs", "model", "shapes", "zephyr-7b-beta"))
+    assert synthesizer_buffers("GRU") == 1 and synthesizer_buffers("lit_unlearn.synthesis.SAGO") == 0
+    base, gru = plan(shape, "fsdp", 8), plan(shape, "fsdp", 8, rule_buffers=1)
+    # one more fp32 copy of this rank's share of the parameters
+    assert (gru.task_buffers - base.task_buffers) == pytest.approx(shape.parameters / 8 * 4)
+    assert gru.total / GIB > base.total / GIB
+    gru_settings = run_settings(_run_files("debug/tiny.yaml"))
+    assert gru_settings["synthesizer"] == "lit_unlearn.synthesis.WeightedSum"
