@@ -86,6 +86,21 @@ def dot32(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
+def global_totals(
+    forget: Sequence[Tensor], retain: Sequence[Tensor], terms: Callable[[Tensor, Tensor], Sequence[Tensor]]
+) -> Tensor:
+    """``terms(f, r)`` (0-dim float32 sums, e.g. dot products) added over every tensor pair, as one
+    float32 vector for a single ``reducer`` call (no host sync)."""
+    device = retain[0].device if retain else torch.device("cpu")
+    totals: Tensor | None = None
+    for f, r in zip(forget, retain):
+        values = torch.stack(list(terms(f, r)))
+        totals = values if totals is None else totals + values
+    if totals is None:
+        totals = torch.stack(list(terms(torch.zeros(0, device=device), torch.zeros(0, device=device))))
+    return totals
+
+
 def chunk_size_for(device: torch.device) -> int:
     """Chunk length for element-wise passes on ``device``."""
     return CPU_CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK

@@ -17,6 +17,7 @@ from lit_unlearn.synthesis.base import (
     RetainGuarantee,
     Synthesizer,
     dot32,
+    global_totals,
     run_chunked,
 )
 
@@ -68,10 +69,7 @@ class BLUR(Synthesizer):
         self.eps = float(eps)
 
     def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
-        device = retain[0].device if retain else torch.device("cpu")
-        totals = torch.zeros(2, dtype=torch.float32, device=device)
-        for f, r in zip(forget, retain):
-            totals += torch.stack([dot32(f, r), dot32(f, f)])
+        totals = global_totals(forget, retain, lambda f, r: (dot32(f, r), dot32(f, f)))
         dot, sq = self.reducer(totals).unbind(0)
         coefficient = dot / (sq + self.eps)
         # u = (γ − α c) g_f + α g_r: the scale of g_f, one 0-dim tensor for every tensor

@@ -7,7 +7,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lit_unlearn.synthesis.base import ChunkKernel, Granularity, RetainGuarantee, Synthesizer, dot32
+from lit_unlearn.synthesis.base import (
+    ChunkKernel,
+    Granularity,
+    RetainGuarantee,
+    Synthesizer,
+    dot32,
+    global_totals,
+)
 
 EPS = 1e-10  # added to ||g_r||^2, the reference implementation's value
 
@@ -130,10 +137,7 @@ class PCGradGlobal(_ProjectionBase):
     retain_guarantee: ClassVar[RetainGuarantee | None] = "global"
 
     def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
-        device = retain[0].device if retain else torch.device("cpu")
-        totals = torch.zeros(2, dtype=torch.float32, device=device)
-        for f, r in zip(forget, retain):
-            totals += torch.stack([dot32(f, r), dot32(r, r)])
+        totals = global_totals(forget, retain, lambda f, r: (dot32(f, r), dot32(r, r)))
         dot, sq = self.reducer(totals).unbind(0)
         return {
             "scales": _projected_scales(dot, sq, self.retain_weight, self.forget_weight, self.eps),
