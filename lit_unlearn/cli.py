@@ -132,8 +132,12 @@ def run_name(config: Any) -> tuple[str, str]:
         benchmark = os.path.basename(os.path.dirname(os.path.abspath(path))) or "run"
     else:
         benchmark = kind.lower() or "run"
+    synthesizer = _class_name(_get(config, "model.synthesizer"), "WeightedSum")
+    aggregator = _get(config, "model.synthesizer.init_args.aggregator")
+    if aggregator is not None:  # the TorchJD bridge: name the aggregator too (TorchJD-UPGrad)
+        synthesizer += "-" + _class_name(aggregator, "")
     method = "{}_{}+{}".format(  # the synthesizer first: TensorBoard's run filter ^sago groups a method
-        _class_name(_get(config, "model.synthesizer"), "WeightedSum"),
+        synthesizer,
         _class_name(_get(config, "model.forget_objective"), "GradientAscent"),
         _class_name(_get(config, "model.retain_objective"), "NLL"),
     )

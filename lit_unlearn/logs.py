@@ -74,6 +74,14 @@ def component_name(described: Any) -> str:
     return str(described).rsplit(".", 1)[-1]
 
 
+def rule_name(described: Any) -> str:
+    """A synthesizer's name for tables and run names: its class, and for a bridge to an
+    aggregator (``TorchJD``) the aggregator's class too (``TorchJD-UPGrad``)."""
+    aggregator = component_args(described).get("aggregator")
+    name = component_name(described)
+    return f"{name}-{component_name(aggregator)}" if aggregator is not None else name
+
+
 def component_args(described: Any) -> dict[str, Any]:
     """The constructor arguments in a :func:`describe` d component (``{}`` if none)."""
     if not isinstance(described, dict):

@@ -226,7 +226,20 @@ def test_paper_overlay_matches_the_official_settings(key, capsys, monkeypatch):
 
 @pytest.mark.parametrize(
     "forget, synthesizer",
-    [("ga", s) for s in ("naive", "pcgrad", "pcgrad_global", "sago", "sago_prefer_retain")]
+    [
+        ("ga", s)
+        for s in (
+            "naive",
+            "pcgrad",
+            "pcgrad_global",
+            "sago",
+            "sago_prefer_retain",
+            "blur",
+            "gru",
+            "upgrad",
+            "pcd",
+        )
+    ]
     + [(o, "sago") for o in ("npo", "simnpo", "rmu")],
 )
 def test_components_combine_and_run_two_steps(forget, synthesizer, tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from lit_unlearn.logs import component_args, component_name
+from lit_unlearn.logs import component_args, component_name, rule_name
 from lit_unlearn.rundir import RESULTS_FILE, write_json_atomic
 
 COMPARISON_RUN = "comparison"  # the TensorBoard run the comparison writes below the output folder
@@ -94,7 +94,7 @@ def run_rows(
             {
                 "run": os.path.relpath(run_dir, root) if root else run_dir,
                 "seed": _seed(run_dir, r),
-                "synthesizer": component_name(r["synthesizer"]),
+                "synthesizer": rule_name(r["synthesizer"]),
                 "objective": f"{component_name(r['forget_objective'])}+{component_name(r['retain_objective'])}",
                 "lr": (r.get("optimizer") or {}).get("lr"),
                 "setting": _setting(r),
@@ -149,7 +149,9 @@ def _label_methods(rows: list[dict[str, Any]]) -> None:
                         f"lr {first['lr']:g}" if isinstance(first["lr"], float) else f"lr {first['lr']}"
                     )
                 differing = sorted(
-                    k for k in first["args"] if len({json.dumps(f["args"].get(k)) for f in firsts}) > 1
+                    k
+                    for k in first["args"]
+                    if k != "aggregator" and len({json.dumps(f["args"].get(k)) for f in firsts}) > 1
                 )
                 extra += [f"{k}={first['args'][k]}" for k in differing]
             labels[first["setting"]] = f"{name} ({', '.join(extra)})" if extra else name

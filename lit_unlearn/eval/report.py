@@ -30,7 +30,7 @@ import torch
 from lit_unlearn.engine.outcome import components, engine_of
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import LMEvalCallback
-from lit_unlearn.logs import component_args, component_name, log_at_step
+from lit_unlearn.logs import component_args, component_name, log_at_step, rule_name
 from lit_unlearn.rundir import RESULTS_FILE, local_run_directory, run_directory, write_json_atomic
 
 SCORE = r"val/{side}_(?!.*(ppl|nll)$).*"  # a side's metrics except perplexities and NLLs
@@ -263,7 +263,7 @@ class TradeoffReport(L.Callback):
 
         synthesizer = results["synthesizer"]
         params = {
-            "synthesizer": component_name(synthesizer),
+            "synthesizer": rule_name(synthesizer),
             # one column for both objectives: the first five columns are the ones shown, and the
             # matched retain value must stay on a 1,600-pixel screen
             "objectives": f"{component_name(results['forget_objective'])}+{component_name(results['retain_objective'])}",

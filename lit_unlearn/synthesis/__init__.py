@@ -16,6 +16,7 @@ from lit_unlearn.synthesis.baselines import BLUR, GRU
 from lit_unlearn.synthesis.diagnostics import GEOMETRY_KEYS, GeometryAccumulator, synthesis_diagnostics
 from lit_unlearn.synthesis.gating import SAGO, SAGOPreferRetain
 from lit_unlearn.synthesis.projection import PCGrad, PCGradGlobal
+from lit_unlearn.synthesis.torchjd_bridge import TorchJD
 from lit_unlearn.synthesis.weighted import WeightedSum
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "SAGO",
     "SAGOPreferRetain",
     "Synthesizer",
+    "TorchJD",
     "WeightedSum",
     "local_sum",
     "synthesis_diagnostics",

@@ -17,17 +17,19 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from torchjd.aggregation import UPGrad  # noqa: E402
 
 from lit_unlearn.engine.module import UnlearningModule  # noqa: E402
 from lit_unlearn.eval import SyntheticProbes, UnlearningEvaluator  # noqa: E402
 from lit_unlearn.objectives import NPO, GradientAscent, SimNPO  # noqa: E402
-from lit_unlearn.synthesis import GRU, RULES, SAGO  # noqa: E402
+from lit_unlearn.synthesis import GRU, RULES, SAGO, TorchJD  # noqa: E402
 
 # (name, forget objective, synthesizer): every rule with a token-mean objective, and the
 # sequence-mean objectives once.
 CASES = [(rule.__name__, GradientAscent, rule) for rule in RULES] + [
     ("NPO", NPO, SAGO),
     ("SimNPO", SimNPO, SAGO),
+    ("TorchJD-UPGrad", GradientAscent, lambda retain_weight: TorchJD(UPGrad(), retain_weight=retain_weight)),
 ]
 from tests.engine_helpers import make_dm, make_model, sgd  # noqa: E402
 

@@ -27,8 +27,12 @@ from tests.integration.cli_helpers import (
 FSDP = os.path.join(ROOT, "configs", "trainer", "cpu_fsdp.yaml")
 SGD = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05"]
 EXAMPLES = os.path.join(ROOT, "tests", "examples")
-RULES = ["WeightedSum", "PCGrad", "PCGradGlobal", "SAGO", "SAGOPreferRetain", "BLUR", "GRU"]
-RULE_ARGS = {"GRU": ["--model.synthesizer.ema", "0.5"]}  # GRU has no retain weight
+RULES = ["WeightedSum", "PCGrad", "PCGradGlobal", "SAGO", "SAGOPreferRetain", "BLUR", "GRU", "UPGrad"]
+RULE_ARGS = {  # what is not "--model.synthesizer <name> --model.synthesizer.retain_weight 0.5"
+    "GRU": ["--model.synthesizer", "GRU", "--model.synthesizer.ema", "0.5"],  # GRU has no retain weight
+    "UPGrad": ["--model.synthesizer", os.path.join(ROOT, "configs", "synthesizer", "upgrad.yaml")]
+    + ["--model.synthesizer.retain_weight", "0.5"],  # the TorchJD bridge
+}
 
 
 def _initial() -> dict[str, torch.Tensor]:
@@ -75,9 +79,9 @@ def runs(tmp_path_factory):
         out[rule] = tuple(
             _fit(
                 root / f"{rule}-{n}",
-                "--model.synthesizer",
-                rule,
-                *RULE_ARGS.get(rule, ["--model.synthesizer.retain_weight", "0.5"]),
+                *RULE_ARGS.get(
+                    rule, ["--model.synthesizer", rule, "--model.synthesizer.retain_weight", "0.5"]
+                ),
                 sharded=n == 2,
             )
             for n in (1, 2)

@@ -78,7 +78,9 @@ def test_every_exported_rule_is_covered():
         and issubclass(getattr(synthesis, name), Synthesizer)
         and getattr(synthesis, name) is not Synthesizer
     }
-    assert exported == set(RULES)
+    assert exported == set(RULES) | {
+        synthesis.TorchJD
+    }  # the bridge needs an aggregator: tests/synthesis/test_torchjd.py
     assert {cls.granularity for cls in RULES} == {"element", "tensor", "global"}
 
 
