@@ -226,7 +226,7 @@ class UnlearnCLI(LightningCLI):
             "--resume.allow_data_change",
             type=bool,
             default=False,
-            help="with --ckpt_path: resume although the training data changed (refused by default)",
+            help="with --ckpt_path: resume on changed training data",
         )
         parser.link_arguments(
             "model.network.init_args.path",

@@ -42,7 +42,7 @@ class UnlearningModule(L.LightningModule):
         network: the causal LM and how it is prepared (``ModelSetup``: path, dtype, adapter, ...).
         forget_objective: the forget loss; descending it forgets.
         retain_objective: the retain loss.
-        synthesizer: combines the two gradients (α is its ``retain_weight``, γ its ``forget_weight``).
+        synthesizer: combines the two gradients (α: retain_weight, γ: forget_weight).
         optimizer: optimizer factory (default: AdamW, lr 1e-5, weight decay 0, as in the paper).
         lr_scheduler: scheduler factory, stepped per optimizer step; ``None``: warmup_ratio, lr_decay.
         warmup_ratio: share of steps (rounded up, as transformers does) warming up from lr 0 (paper: 0.1).
