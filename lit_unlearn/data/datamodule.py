@@ -206,7 +206,7 @@ class UnlearningDataModule(L.LightningDataModule):
         if self._resume is not None:
             epoch, consumed = self._resume
             sampler.set_epoch(epoch)
-            sampler.skip(consumed)
+            sampler.skip(consumed, epoch=epoch)
             self._resume = None
         dataset = PairedBatches(self.forget_examples, self.retain_examples, self.tokenizer.pad_token_id)
         return DataLoader(

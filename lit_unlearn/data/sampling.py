@@ -71,7 +71,7 @@ class PairedBatchSampler(Sampler[tuple[list[int], list[int]]]):
                 f"({forget_batch_size} x {world_size} ranks): lower the forget batch size"
             )
         self.epoch = 0
-        self._skip = 0
+        self._skip: tuple[int | None, int] = (None, 0)  # (epoch it applies to, batches)
 
     def __len__(self) -> int:
         return self.forget_size // self.global_forget
@@ -80,9 +80,13 @@ class PairedBatchSampler(Sampler[tuple[list[int], list[int]]]):
         """Called by Lightning at every epoch start."""
         self.epoch = epoch
 
-    def skip(self, batches: int) -> None:
-        """Skip the first ``batches`` batches of the next iteration (mid-epoch resume)."""
-        self._skip = batches
+    def skip(self, batches: int, epoch: int | None = None) -> None:
+        """Skip the first ``batches`` batches of the next iteration (mid-epoch resume).
+
+        With ``epoch``, the skip applies only if the next iteration walks that epoch: a checkpoint
+        written after an epoch's last batch resumes in the next epoch (Lightning advances the epoch
+        itself), whose batches must all be seen."""
+        self._skip = (epoch, batches)
 
     def _order(self, size: int, stream: int, index: int) -> torch.Tensor:
         return _permutation(size, self.seed, stream, index) if self.shuffle else torch.arange(size)
@@ -100,7 +104,8 @@ class PairedBatchSampler(Sampler[tuple[list[int], list[int]]]):
         forget_order = self._order(self.forget_size, _FORGET_STREAM, self.epoch).tolist()
         n = len(self)
         retain_start = self.epoch * n * self.global_retain
-        first, self._skip = self._skip, 0
+        (skip_epoch, skipped), self._skip = self._skip, (None, 0)
+        first = skipped if skip_epoch in (None, self.epoch) else 0
         for b in range(first, n):
             f = forget_order[b * self.global_forget : (b + 1) * self.global_forget]
             r = self._retain_slice(retain_start + b * self.global_retain, self.global_retain)

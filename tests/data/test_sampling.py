@@ -65,6 +65,19 @@ def test_skip_resumes_mid_epoch():
     assert list(s) == full  # skip applies to one iteration only
 
 
+def test_a_skip_bound_to_a_finished_epoch_leaves_the_next_epoch_whole():
+    """A checkpoint written after an epoch's last batch resumes in the next epoch (Lightning
+    advances it): the skip recorded for the finished epoch must not eat the new one's batches."""
+    s = PairedBatchSampler(20, 30, 2, 2, seed=3)
+    epoch_two, epoch_three = batches(s, 2), batches(s, 3)
+    s.set_epoch(3)
+    s.skip(len(s), epoch=2)
+    assert list(s) == epoch_three
+    s.set_epoch(2)
+    s.skip(4, epoch=2)
+    assert list(s) == epoch_two[4:]
+
+
 def test_too_small_forget_set_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         PairedBatchSampler(3, 10, 2, 2, world_size=2)

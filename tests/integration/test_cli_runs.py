@@ -21,6 +21,7 @@ from tests.integration.cli_helpers import (
     saved_weights,
     sigterm_after_first_checkpoint,
     start_until_checkpoint,
+    tiny_fit,
 )
 
 SGD = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05"]
@@ -125,6 +126,33 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert a[key] == b[key], key
     wa, wb = saved_weights(full_dir), saved_weights(resumed_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-identical on one machine
+
+
+@pytest.mark.integration
+def test_two_processes_killed_after_an_epoch_end_checkpoint_resume_exactly(tmp_path):
+    """DDP on 2 processes, SIGKILL once the periodic last.ckpt exists: with the tiny data every
+    4th step ends an epoch (2 global batches per epoch), so the resume starts a new epoch, whose
+    batches must all be trained (a skip left over from the finished epoch once ate them)."""
+    args = ["--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "4"]
+    args += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    full = run("lit-unlearn", *tiny_fit(tmp_path / "full", *args), timeout=240)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    root = tmp_path / "cut"
+    proc, ckpt = start_until_checkpoint(str(root), *tiny_fit(root, *args), timeout=240)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert ckpt is not None
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] in (4, 8) and saved["UnlearningDataModule"]["batches_consumed"] == 2
+    resumed = run("lit-unlearn", *tiny_fit(root, *args), "--ckpt_path", ckpt, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (full_dir,), (resumed_dir,) = run_dirs(str(tmp_path / "full")), run_dirs(str(root))
+    a, b = results(full_dir), results(resumed_dir)
+    for key in ("steps", "final", "history", "matched_step", "geometry"):
+        assert a[key] == b[key], key
+    wa, wb = saved_weights(full_dir), saved_weights(resumed_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.integration
