@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -314,8 +315,8 @@ class UnlearnCLI(LightningCLI):
             )
 
 
-def parse_run_config(files: list[str]) -> Any:
-    """The configuration a ``lit-unlearn fit --config F ...`` run would use, parsed (file
+def parse_run_config(files: list[str], flags: Sequence[str] = ()) -> Any:
+    """The configuration a ``lit-unlearn fit --config F ... FLAGS`` run would use, parsed (file
     references and defaults resolved) without building anything: for tools that plan a run."""
 
     class _ParseOnly(UnlearnCLI):
@@ -326,7 +327,7 @@ def parse_run_config(files: list[str]) -> Any:
             pass
 
     quiet_third_party()
-    args = [item for path in files for item in ("--config", path)]
+    args = [item for path in files for item in ("--config", path)] + list(flags)
     try:
         with warnings.catch_warnings():  # "args and sys.argv both given": args is the point here
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

@@ -8,7 +8,9 @@ Modes run **interleaved** (every mode once, then every mode again, ``--repeats``
 table shows the median over repeats with the min-max spread: one pass in sequence is
 order-sensitive on a shared machine. ``ddp2:``/``fsdp2:`` rows run 2 processes (gloo on CPU) at
 the same per-device batch (``fsdp1:`` one process); their memory is rank 0's and "engine buffers"
-is per rank (FSDP: 1/N). ``ac:`` (or ``fsdp1+ac:``) adds activation checkpointing.
+is per rank (FSDP: 1/N). ``ac:`` (or ``fsdp1+ac:``) adds activation checkpointing. ``diag:`` runs
+the synthesis diagnostics on every step and reports what the per-layer geometry adds to such a
+step (target: at most 2 %).
 
 Baselines: (a) ``WeightedSum`` in the same engine; (b) plain automatic optimization of the summed
 loss ``γ L_f + α L_r`` (one backward). Each configuration runs in its own process so that peak
@@ -47,6 +49,7 @@ MODES = [
     "fsdp2:WeightedSum",
     "fsdp2:PCGrad",
     "fsdp2:SAGO",
+    "diag:SAGO",
 ]
 
 
@@ -115,8 +118,9 @@ def worker(args: argparse.Namespace) -> dict:
             return torch.optim.AdamW(self.model.parameters(), lr=1e-5, weight_decay=0.0)
 
     layout, _, rule_name = args.mode.rpartition(":")
-    checkpointing = "ac" in layout.split("+")
-    layout = layout.split("+")[0] if layout != "ac" else ""
+    parts = layout.split("+")
+    checkpointing, diagnose = "ac" in parts, "diag" in parts
+    layout = next((part for part in parts if part.startswith(("ddp", "fsdp"))), "")
     module: L.LightningModule
     if args.mode == "automatic":
         module = Summed()
@@ -127,7 +131,7 @@ def worker(args: argparse.Namespace) -> dict:
             # an already loaded model (the CLI passes a name)
             synthesizer=rule,
             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
-            diagnostics_every_n_steps=0,
+            diagnostics_every_n_steps=1 if diagnose else 0,
         )
     strategy: Any = "auto"
     devices = 1
@@ -163,14 +167,48 @@ def worker(args: argparse.Namespace) -> dict:
     engine_extra = grads.extra_bytes() / param_bytes if grads is not None else 0.0
     if trainer.global_rank != 0:
         return {}
+    layer_ms = per_layer_extra_ms(model) if diagnose else None
     return {
         "mode": args.mode,
+        "layer_geometry_ms": layer_ms,
         "ms": statistics.median(timer.times[args.warmup :]) * 1e3,
         "peak_bytes": peak,
         "params": n_params,
         "param_bytes": param_bytes,
         "engine_buffers": engine_extra,
     }
+
+
+def per_layer_extra_ms(model: Any, reps: int = 21) -> float:
+    """What the per-layer geometry adds to a diagnostics step (ms): the diagnostics of gradients of
+    ``model``'s shapes with and without the layer grid (per-cell sums, the longer collective
+    payload, the host-side cells), timed in pairs; the median of the paired differences."""
+    import torch
+
+    from lit_unlearn.synthesis import GeometryAccumulator, LayerGrid, layer_geometry
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grid = LayerGrid.from_names([n for n, _ in named])
+    gen = torch.Generator(device=named[0][1].device).manual_seed(2)
+    tensors = [
+        [torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for _, p in named]
+        for _ in range(3)
+    ]
+
+    def diagnose(with_grid: bool) -> float:
+        start = time.perf_counter()
+        acc = GeometryAccumulator(None, grid if with_grid else None)
+        for j, (f, r, u) in enumerate(zip(*tensors)):
+            acc(j, f, r, u)
+        values = acc.result()
+        float(values["grad_cosine"])  # the engine reads the totals on a diagnostics step
+        if with_grid and acc.layer_sums is not None:
+            layer_geometry(acc.layer_sums, grid)
+        return time.perf_counter() - start
+
+    diagnose(True)
+    differences = [diagnose(True) - diagnose(False) for _ in range(reps)]
+    return statistics.median(differences) * 1e3
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -250,6 +288,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['mode']:<20}{row['ms']:>10.1f}{spread:>16}{row['x_weighted_sum']:>15.3f}{row['x_automatic']:>13.3f}"
             f"{row['peak_bytes'] / 2**20:>10.0f}{row['extra_buffers_vs_automatic']:>15.2f}{row['engine_buffers']:>16.2f}"
         )
+    for row in rows:
+        if row.get("layer_geometry_ms") is not None:
+            row["layer_geometry_ms"] = statistics.median(r["layer_geometry_ms"] for r in samples[row["mode"]])
+            row["layer_geometry_share"] = round(row["layer_geometry_ms"] / row["ms"], 4)
+            print(
+                f"{row['mode']}: per-layer geometry adds {row['layer_geometry_ms']:.2f} ms to a "
+                f"{row['ms']:.0f} ms diagnostics step ({100 * row['layer_geometry_share']:.2f} %; target <= 2 %)"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

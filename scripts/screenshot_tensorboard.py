@@ -5,7 +5,7 @@
 Starts ``tensorboard --logdir FOLDER`` on a free port, waits until it lists the runs, and takes
 one screenshot per view with a headless Chromium (``chromium`` or ``google-chrome`` on PATH, or
 ``--browser``): the comparison images, the comparison tables (Text), the HParams table and the
-custom-scalar charts of one method. Prints where each PNG went.
+custom-scalar charts and the per-layer heatmaps of one method. Prints where each PNG went.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ VIEWS = {  # file name -> (what follows the server's address: the view and its s
     "tensorboard_custom_scalars.png": (
         "?darkMode=false#custom_scalars&regexInput=%5Esago&_smoothingWeight=0&_ignoreYOutliers=false",
         1300,
+    ),
+    # one method's per-layer heatmaps (Time Series, filtered to the image tag)
+    "tensorboard_per_layer.png": (
+        "?darkMode=false&runFilter=sago&tagFilter=geometry%2Fper_layer#timeseries",
+        900,
     ),
 }
 
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/img", help="where the PNG files go")
     parser.add_argument("--width", type=int, default=1600, help="window width in pixels")
     parser.add_argument("--browser", default=None, help="a Chromium-family browser (default: found on PATH)")
+    parser.add_argument("--views", nargs="+", choices=list(VIEWS), default=list(VIEWS), help="which screenshots")
     args = parser.parse_args(argv)
     browser = args.browser or shutil.which("chromium") or shutil.which("google-chrome")
     if not browser:
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         wait_for_images(url)
         print(f"TensorBoard {url}: {len(runs)} runs")
         os.makedirs(args.out, exist_ok=True)
-        for name, (state, height) in VIEWS.items():
+        for name in args.views:
+            state, height = VIEWS[name]
             path = os.path.abspath(os.path.join(args.out, name))
             subprocess.run(
                 [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",

@@ -101,3 +101,66 @@ def test_prepare_rwku_keeps_every_field_the_protocols_need(tmp_path, monkeypatch
     assert (tmp_path / "retain_targets_151-200.jsonl").read_text().strip() == json.dumps(
         {"text": "about T150"}
     )
+
+
+def _study():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "study_rules", os.path.join(ROOT, "scripts", "study_rules.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(retain, forget=0.2, matched=True, step=40, cos=(0.1, 0.3)):
+    at = {"step": step, "forget_qa": forget, "retain_qa": retain, "general_arithmetic": 0.9}
+    grid = {
+        "layers": ["0", "no layer"],
+        "types": ["q", "lm_head"],
+        "cells": {"update_retain_cosine": [[cos[0], None], [None, cos[1]]]},
+        "by_type": {k: [0.5, 0.6] for k in ("conflict_fraction", "grad_cosine", "update_retain_cosine")},
+    }
+    geometry = {"min_update_retain_cosine": cos[0], "mean_update_retain_cosine": cos[1], "per_layer": grid}
+    return {"matched": at if matched else None, "final": at, "geometry": geometry, "synthesizer": "x"}
+
+
+def test_study_picks_the_rate_that_keeps_most_at_matched_forgetting():
+    study = _study()
+    runs = {5e-4: _result(0.9, forget=0.5, matched=False), 1e-3: _result(0.7), 2e-3: _result(0.8)}
+    assert study.choose_lr(runs) == (2e-3, True)  # 5e-4 kept more but never reached the target
+    never = {5e-4: _result(0.9, forget=0.6, matched=False), 1e-3: _result(0.8, forget=0.3, matched=False)}
+    assert study.choose_lr(never) == (1e-3, False)  # none matched: the rate that forgot most
+
+
+def test_study_summary_and_tables_report_the_spread_and_the_weakest_cell():
+    study = _study()
+    summary = study.summarise([_result(0.7, cos=(-0.2, 0.3)), _result(0.9, matched=False, step=200)])
+    assert summary["matched"] == 1 and summary["seeds"] == 2
+    assert summary["retain_qa"][0] == 0.8 and abs(summary["retain_qa"][1] - 0.1414) < 1e-3
+    assert summary["min_cos_u_gr"] == -0.2 and summary["weakest_cell"] == "0/q"
+    markdown = study.tables(
+        {
+            "objectives": {
+                "graddiff": {"sago": {"name": "SAGO", "lr": 1e-3, "lr_matched": True, "summary": summary}}
+            }
+        }
+    )
+    assert "| SAGO | 0.001 | 1/2 | 120 ± 113 | 0.200 ± 0.000 | 0.800 ± 0.141 |" in markdown
+    assert (
+        "0/q (-0.05)" in markdown
+    )  # the cell mean over both seeds and "| SAGO | 0.500 | 0.600 |" in markdown
+
+
+def test_study_runs_are_valid_lit_unlearn_commands(tmp_path):
+    from lit_unlearn.cli import parse_run_config
+
+    study = _study()
+    args = study.fit_args(str(tmp_path / "select" / "gru" / "lr0.001_seed100"), "npo", "gru", 1e-3, 100)
+    assert args[:3] == ["fit", "--config", study.BENCHMARK]
+    config = parse_run_config([study.BENCHMARK], args[3:])
+    assert config.model.synthesizer.class_path == "lit_unlearn.synthesis.GRU"
+    assert config.model.forget_objective.class_path == "lit_unlearn.objectives.NPO"
+    assert config.model.diagnostics_every_n_steps == 1 and config.seed_everything == 100
+    assert config.model.optimizer.init_args.lr == 1e-3

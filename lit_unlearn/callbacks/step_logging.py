@@ -3,7 +3,8 @@
 Every optimizer step: ``train/forget_loss`` and ``train/retain_loss`` on the progress bar. Every
 ``log_every_n_steps`` optimizer steps (indexed by completed steps, as evaluations are, whatever the
 accumulation): the losses, the learning rate and what the objectives report (effective-batch
-means, one small all-reduce); on diagnostics steps, the synthesis geometry.
+means, one small all-reduce); on diagnostics steps, the synthesis geometry, in total (``train/...``)
+and per layer and module type (``per_layer/<key>/layer_NN``, ``per_type/<key>/<type>``).
 """
 
 from __future__ import annotations
@@ -51,3 +52,5 @@ class StepLogger(L.Callback):
             metrics.update(outcome.geometry)
         if metrics:
             log_at_step(trainer, {f"train/{k}": v for k, v in metrics.items()}, outcome.step)
+        if outcome.layer_geometry is not None:
+            log_at_step(trainer, outcome.layer_geometry.scalars(), outcome.step)

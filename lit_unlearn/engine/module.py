@@ -32,7 +32,7 @@ from lit_unlearn.objectives import NLL, GradientAscent, Objective
 from lit_unlearn.objectives.base import split_terms
 from lit_unlearn.objectives.functional import nll_terms
 from lit_unlearn.schedule import lr_schedule
-from lit_unlearn.synthesis import GeometryAccumulator, Synthesizer, WeightedSum
+from lit_unlearn.synthesis import GeometryAccumulator, LayerGrid, Synthesizer, WeightedSum, layer_geometry
 
 
 class UnlearningModule(L.LightningModule):
@@ -86,6 +86,7 @@ class UnlearningModule(L.LightningModule):
         self.reference: nn.Module | None = None  # frozen π_ref: not trained, checkpointed or DDP-wrapped
         self.state, self.last_outcome = EngineState(), cast(StepOutcome | None, None)
         self._stop_requested = False
+        self.layer_grid: LayerGrid | None = None  # trainable tensors by block and module type
 
     def configure_model(self) -> None:
         """Shard the model and the reference with FSDP2 under Lightning's ``ModelParallelStrategy``."""
@@ -124,6 +125,8 @@ class UnlearningModule(L.LightningModule):
             self._trainable(), dtype, self.accumulate_grad_batches, self.trainer.world_size
         )
         self.synthesizer.use_reducer(self.grads.reducer)  # whole-tensor sums of sharded buffers
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        self.layer_grid = LayerGrid.from_names(names)  # same order as _trainable()
 
     def _trainable(self) -> list[nn.Parameter]:
         assert self.model is not None
@@ -175,7 +178,8 @@ class UnlearningModule(L.LightningModule):
         if finite:
             every = self.diagnostics_every_n_steps
             every = self.trainer.log_every_n_steps if every is None else every
-            geometry = GeometryAccumulator(grads.reducer) if every and step % every == 0 else None
+            diagnose = bool(every) and step % every == 0
+            geometry = GeometryAccumulator(grads.reducer, self.layer_grid) if diagnose else None
             self.synthesizer(grads.forget_views, grads.retain_views, out=grads.grad_views, observer=geometry)
             if self.gradient_clip_val is not None:
                 grads.clip_(self.gradient_clip_val)
@@ -184,6 +188,8 @@ class UnlearningModule(L.LightningModule):
             if geometry is not None:
                 outcome.geometry = {**geometry.result(), **self.synthesizer.last_report}
                 state.last_geometry = {"step": step, **{k: float(v) for k, v in outcome.geometry.items()}}
+                if geometry.layer_sums is not None and self.layer_grid is not None:
+                    outcome.layer_geometry = layer_geometry(geometry.layer_sums, self.layer_grid)
         grads.zero()
         return outcome
 

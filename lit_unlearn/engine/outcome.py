@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lit_unlearn.engine.state import EngineState
 from lit_unlearn.logs import describe
+from lit_unlearn.synthesis.diagnostics import LayerGeometry
 
 
 @dataclass
@@ -38,6 +39,7 @@ class StepOutcome:
         unit_counts: units (tokens or sequences) of the effective batch, forget then retain
             (device tensor, already summed over ranks).
         geometry: synthesis diagnostics (device tensors) when this was a diagnostics step.
+        layer_geometry: the same step's geometry per block and module type (host values).
     """
 
     step: int
@@ -51,6 +53,7 @@ class StepOutcome:
     objective_sums: dict[str, Tensor] = field(default_factory=dict)
     unit_counts: Tensor | None = None
     geometry: dict[str, Tensor] | None = None
+    layer_geometry: LayerGeometry | None = None
 
     @staticmethod
     def read(losses: Tensor, finite: Tensor, stop_votes: Tensor) -> tuple[float, float, bool, bool]:

@@ -27,15 +27,18 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_unlearn.engine.outcome import components, engine_of
+from lit_unlearn.engine.outcome import components, engine_of, step_outcome
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.harness import LMEvalCallback
+from lit_unlearn.eval.layers import TITLES, LayerGeometryMeans, layer_heatmap_figure
 from lit_unlearn.logs import component_args, component_name, log_at_step, rule_name
 from lit_unlearn.rundir import RESULTS_FILE, local_run_directory, run_directory, write_json_atomic
+from lit_unlearn.synthesis.diagnostics import LAYER_KEYS
 
 SCORE = r"val/{side}_(?!.*(ppl|nll)$).*"  # a side's metrics except perplexities and NLLs
 # HParams columns shown first (TensorBoard shows five by default): what tells runs apart.
 LEADING_COLUMNS = ("synthesizer", "objectives", "seed")
+HEATMAP_EVERY_N_LOGS = 10  # the per-layer heatmap image: every 10 x log_every_n_steps steps, and at the end
 GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
 
 
@@ -90,6 +93,8 @@ class TradeoffReport(L.Callback):
         self.forget_metric, self.retain_metric = forget_metric, retain_metric
         self.tokens = 0
         self.geometry: list[dict[str, float]] = []
+        self.layers = LayerGeometryMeans()
+        self._heatmap_step = -1  # the step of the last heatmap image
         self.elapsed_before = 0.0  # wall seconds of earlier segments of a resumed run
         self._start = 0.0
 
@@ -98,12 +103,14 @@ class TradeoffReport(L.Callback):
         return {
             "tokens": self.tokens,
             "geometry": list(self.geometry),
+            "layer_geometry": self.layers.state_dict(),
             "elapsed": self.elapsed_before + self._elapsed(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens = int(state_dict.get("tokens", 0))
         self.geometry = list(state_dict.get("geometry", []))
+        self.layers.load_state_dict(state_dict.get("layer_geometry", {}))
         self.elapsed_before = float(state_dict.get("elapsed", 0.0))
 
     def _elapsed(self) -> float:
@@ -149,6 +156,12 @@ class TradeoffReport(L.Callback):
                             ["train/forget_norm", "train/retain_norm", "train/update_norm"],
                         ],
                     },
+                    # one line per block / module type (the heatmap is the image geometry/per_layer)
+                    "Per-layer geometry": {
+                        f"{TITLES[key]} by {side}": ["Multiline", [rf"per_{side}/{key}/.*"]]
+                        for key in LAYER_KEYS
+                        for side in ("layer", "type")
+                    },
                 }
             )
 
@@ -163,6 +176,22 @@ class TradeoffReport(L.Callback):
         geometry = engine.state.last_geometry if engine is not None else None
         if geometry is not None and (not self.geometry or self.geometry[-1]["step"] != geometry["step"]):
             self.geometry.append(dict(geometry))
+        outcome = step_outcome(outputs)
+        if outcome is not None and outcome.layer_geometry is not None:
+            self.layers.add(outcome.step, outcome.layer_geometry)
+            # a figure costs ~0.3 s to draw: one per 10 logging intervals, and one at the end
+            every = HEATMAP_EVERY_N_LOGS * trainer.log_every_n_steps
+            if every and outcome.step % every == 0:
+                self._log_heatmap(trainer, pl_module, outcome.step)
+
+    def _log_heatmap(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """The image ``geometry/per_layer``: the per-layer means so far (rank 0)."""
+        writer = self._writer(trainer) if trainer.is_global_zero else None
+        summary = self.layers.summary()
+        if writer is not None and summary is not None and step != self._heatmap_step:
+            figure = layer_heatmap_figure(summary, _title(pl_module))
+            writer.add_figure("geometry/per_layer", figure, step)
+            self._heatmap_step = step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = run_directory(trainer)  # collective under DDP: every rank calls it
@@ -178,6 +207,8 @@ class TradeoffReport(L.Callback):
         writer = self._writer(trainer)
         if writer is not None:
             self._log_figure(trainer, writer, results)
+        if self.layers.steps:
+            self._log_heatmap(trainer, pl_module, self.layers.steps[-1])
         for line in summary_lines(results):
             print(line)
 
@@ -240,7 +271,7 @@ class TradeoffReport(L.Callback):
                 t: getattr(dm, f"{t}_batch_size", 0) * accumulate * trainer.world_size
                 for t in ("forget", "retain")
             },
-            "geometry": _geometry_summary(self.geometry),
+            "geometry": {**_geometry_summary(self.geometry), "per_layer": self.layers.summary()},
             "lm_eval": lm_eval_cb.results if lm_eval_cb is not None else {},
         }
 
@@ -286,10 +317,18 @@ class TradeoffReport(L.Callback):
             results["history"],
             results["forget_metric"],
             results["retain_metric"],
-            f"{component_name(results['forget_objective'])} + {component_name(results['synthesizer'])}",
+            f"{component_name(results['forget_objective'])} + {rule_name(results['synthesizer'])}",
         )
         writer.add_figure("tradeoff/forget_vs_retain", fig, trainer.global_step)
         writer.flush()
+
+
+def _title(pl_module: L.LightningModule) -> str:
+    """``<forget objective> + <rule>`` of the run, for figure titles ("" for another module)."""
+    parts = components(pl_module)
+    if parts["synthesizer"] is None:
+        return ""
+    return f"{component_name(parts['forget_objective'])} + {rule_name(parts['synthesizer'])}"
 
 
 def _values(point: dict[str, Any], keys: Sequence[str]) -> str:

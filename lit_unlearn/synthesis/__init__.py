@@ -13,7 +13,14 @@ from lit_unlearn.synthesis.base import (
     local_sum,
 )
 from lit_unlearn.synthesis.baselines import BLUR, GRU
-from lit_unlearn.synthesis.diagnostics import GEOMETRY_KEYS, GeometryAccumulator, synthesis_diagnostics
+from lit_unlearn.synthesis.diagnostics import (
+    GEOMETRY_KEYS,
+    GeometryAccumulator,
+    LayerGeometry,
+    LayerGrid,
+    layer_geometry,
+    synthesis_diagnostics,
+)
 from lit_unlearn.synthesis.gating import SAGO, SAGOPreferRetain
 from lit_unlearn.synthesis.projection import PCGrad, PCGradGlobal
 from lit_unlearn.synthesis.torchjd_bridge import TorchJD
@@ -26,6 +33,8 @@ __all__ = [
     "GRU",
     "GeometryAccumulator",
     "Granularity",
+    "LayerGeometry",
+    "LayerGrid",
     "PCGrad",
     "PCGradGlobal",
     "Reducer",
@@ -35,6 +44,7 @@ __all__ = [
     "Synthesizer",
     "TorchJD",
     "WeightedSum",
+    "layer_geometry",
     "local_sum",
     "synthesis_diagnostics",
 ]

@@ -514,3 +514,33 @@ def test_resume_is_exact_in_both_buffer_modes(synthetic_tokenizer_dir, varlen, t
     )
     assert full.grads is not None and full.grads.mode == ("copy" if buffer == "float32" else "swap")
     assert_same_weights(weights(full.model), weights(resumed.model), atol=0)
+
+
+@pytest.mark.parametrize("rank", [None, 4], ids=["full", "lora"])
+def test_diagnostics_steps_carry_per_layer_geometry(synthetic_tokenizer_dir, pairs, rank):
+    """Every trainable tensor in its block × module-type cell (adapters under the module they
+    adapt), on diagnostics steps only."""
+    module = UnlearningModule(
+        ModelSetup(make_model(synthetic_tokenizer_dir), adapter=LoRA(rank=rank) if rank else None),
+        synthesizer=SAGO(retain_weight=0.5),
+        optimizer=sgd(0.05),
+        diagnostics_every_n_steps=2,
+    )
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs["outcome"])
+
+    fit(module, make_dm(synthetic_tokenizer_dir, *pairs), max_steps=4, callbacks=[Record()])
+    assert [o.layer_geometry is not None for o in seen] == [False, True, False, True]
+    geo = seen[-1].layer_geometry
+    if rank:  # LoRA on every attention and MLP projection of both blocks, nothing outside them
+        assert geo.layers == ("0", "1")
+        assert geo.types == ("q", "k", "v", "o", "gate", "up", "down")
+    else:
+        assert geo.layers == ("0", "1", "no layer")
+        assert geo.types == ("embedding", "q", "k", "v", "o", "gate", "up", "down", "norm", "lm_head")
+        assert math.isnan(geo.cells["grad_cosine"][0][0])  # no embedding inside a block
+    assert all(math.isfinite(v) for row in geo.by_layer.values() for v in row)
+    assert len(module.layer_grid.cells) == len(module._trainable())

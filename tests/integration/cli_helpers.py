@@ -89,3 +89,15 @@ def sigterm_after_first_checkpoint(
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err, last_checkpoint(root)
+
+
+def assert_same_layer_geometry(a: dict[str, Any], b: dict[str, Any], tol: float = 1e-4) -> None:
+    """Two runs' ``geometry.per_layer`` (results.json) agree: same grid, every cell within ``tol``."""
+    pa, pb = a["geometry"]["per_layer"], b["geometry"]["per_layer"]
+    assert pa is not None and pb is not None
+    assert (pa["layers"], pa["types"], pa["steps"]) == (pb["layers"], pb["types"], pb["steps"])
+    for key, rows in pa["cells"].items():
+        for ra, rb in zip(rows, pb["cells"][key]):
+            for va, vb in zip(ra, rb):
+                assert (va is None) == (vb is None), key
+                assert va is None or abs(va - vb) <= tol, (key, va, vb)

@@ -15,6 +15,7 @@ from tests.engine_helpers import relative_difference
 from tests.integration.cli_helpers import (
     ROOT,
     TINY,
+    assert_same_layer_geometry,
     results,
     run,
     run_dirs,
@@ -77,6 +78,7 @@ def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path):
     assert rb["geometry"]["mean_update_retain_cosine"] == pytest.approx(
         ra["geometry"]["mean_update_retain_cosine"], abs=1e-4
     )
+    assert_same_layer_geometry(ra, rb)
     wa, wb = saved_weights(a), saved_weights(b)
     assert relative_difference(wb, wa, _initial_weights()) <= 1e-4
     for d in (a, b):

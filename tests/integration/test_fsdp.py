@@ -17,6 +17,7 @@ from tests.integration.cli_helpers import (
     ENV,
     ROOT,
     TINY,
+    assert_same_layer_geometry,
     results,
     run,
     run_dirs,
@@ -108,10 +109,11 @@ def test_two_sharded_processes_equal_one_process(runs, rule):
     for ha, hb in zip(ra["history"], rb["history"]):
         for key in ha:
             assert hb[key] == pytest.approx(ha[key], rel=1e-4, abs=1e-6), key
-    # the geometry diagnostics use whole-tensor (all-reduced) sums too
+    # the geometry diagnostics use whole-tensor (all-reduced) sums too, per layer as well
     assert rb["geometry"]["mean_update_retain_cosine"] == pytest.approx(
         ra["geometry"]["mean_update_retain_cosine"], abs=1e-4
     )
+    assert_same_layer_geometry(ra, rb)
 
 
 @pytest.mark.integration

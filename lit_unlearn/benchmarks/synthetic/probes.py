@@ -6,6 +6,7 @@ padding never changes a result (tested against one-by-one evaluation).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@functools.lru_cache(maxsize=2**16)
+def _ids(tokenizer: Any, text: str, special: bool = True) -> tuple[int, ...]:
+    """Token ids of ``text`` (cached: every evaluation of a run asks for the same probes)."""
+    return tuple(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
 @torch.no_grad()
 def next_token_accuracy(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 256
@@ -33,7 +40,7 @@ def next_token_accuracy(
         return float("nan")
     answer_ids = []
     for a in answers:
-        ids = tokenizer(a, add_special_tokens=False)["input_ids"]
+        ids = _ids(tokenizer, a, False)
         if len(ids) != 1:
             raise ValueError(
                 f"answer {a!r} is {len(ids)} tokens; next-token probes need single-token answers"
@@ -45,7 +52,7 @@ def next_token_accuracy(
     correct = 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        encoded = [torch.tensor(tokenizer(p)["input_ids"]) for p in chunk]
+        encoded = [torch.tensor(_ids(tokenizer, p)) for p in chunk]
         batch = pad_examples([{"input_ids": ids, "labels": ids} for ids in encoded], tokenizer.pad_token_id)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -79,7 +86,7 @@ def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_siz
     """Token-level perplexity of ``texts`` (each with BOS; loss on every following token)."""
     examples = []
     for t in texts:
-        ids = torch.tensor(tokenizer(t)["input_ids"])
+        ids = torch.tensor(_ids(tokenizer, t))
         labels = ids.clone()
         labels[0] = -100
         examples.append({"input_ids": ids, "labels": labels})
