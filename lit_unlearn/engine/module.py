@@ -20,6 +20,7 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lit_unlearn.engine import checks
 from lit_unlearn.engine.buffers import TASKS, Task, TwoTaskGradients, no_backward_sync
@@ -87,6 +88,12 @@ class UnlearningModule(L.LightningModule):
         self.state, self.last_outcome = EngineState(), cast(StepOutcome | None, None)
         self._stop_requested = False
         self.layer_grid: LayerGrid | None = None  # trainable tensors by block and module type
+        # Under FSDP a rule's per-parameter state (GRU's average) is this rank's shard: it is kept
+        # as DTensor buffers of this child, so the distributed checkpoint saves and restores every
+        # rank's shard with the parameters (the checkpoint's other entries are rank 0's alone).
+        self.rule_state = nn.Module()
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: self._expose_rule_state())
+        self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self._expose_rule_state())
 
     def configure_model(self) -> None:
         """Shard the model and the reference with FSDP2 under Lightning's ``ModelParallelStrategy``."""
@@ -220,7 +227,29 @@ class UnlearningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         layout = checks.batch_layout(self.trainer, self.accumulate_grad_batches)
-        checkpoint["lit_unlearn"] = save_engine(self.state, layout, self._parts(), self.synthesizer)
+        saved = checkpoint["lit_unlearn"] = save_engine(self.state, layout, self._parts(), self.synthesizer)
+        if self._expose_rule_state():  # sharded: in the state dict, not rank 0's copy in the metadata
+            for key in self.synthesizer.parameter_state_keys:
+                saved["synthesizer"].pop(key, None)
+
+    def _expose_rule_state(self) -> bool:
+        """Under FSDP, register the rule's per-parameter state as DTensor buffers of
+        :attr:`rule_state` (sharing storage with the rule's tensors, created at their initial
+        value before the first step) and return ``True``; otherwise do nothing."""
+        keys = self.synthesizer.parameter_state_keys
+        params = self._trainable() if keys and self.model is not None else []
+        if not params or not all(isinstance(p, DTensor) for p in params):
+            return False
+        local = [cast(DTensor, p).to_local() for p in params]
+        dtype = torch.float32 if self.grad_buffer_dtype == "float32" else local[0].dtype
+        state = self.synthesizer.parameter_state([t.shape for t in local], dtype, local[0].device)
+        for key, tensors in state.items():
+            for j, (tensor, p) in enumerate(zip(tensors, params)):
+                wrapped = DTensor.from_local(
+                    tensor, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+                self.rule_state.register_buffer(f"{key}_{j:05d}", wrapped)
+        return True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         now = checks.batch_layout(self.trainer, self.accumulate_grad_batches) if self._trainer else None

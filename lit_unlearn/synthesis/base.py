@@ -178,6 +178,9 @@ class Synthesizer(ABC):
     state_buffers: ClassVar[int] = 0
     """Parameter-sized buffers the rule keeps across steps (GRU's moving average: 1); the memory
     planner counts them."""
+    parameter_state_keys: ClassVar[tuple[str, ...]] = ()
+    """The :meth:`state_dict` entries that hold one tensor per trainable tensor (this rank's shard
+    under FSDP), also returned by :meth:`parameter_state`."""
 
     def __init__(
         self,
@@ -307,6 +310,15 @@ class Synthesizer(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """State a stateful rule carries across steps (checkpointed); none by default."""
+        return {}
+
+    def parameter_state(
+        self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, list[Tensor]]:
+        """The entries of :attr:`parameter_state_keys`, one tensor per trainable tensor (created
+        at their initial value for tensors of ``shapes`` if the rule has not run yet). Under FSDP
+        the engine checkpoints these tensors sharded like the parameters, and a restore writes
+        into them in place; none by default."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ rule's ``reducer`` so they are whole-vector values under FSDP) and no host synch
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -125,6 +126,7 @@ class GRU(Synthesizer):
     granularity: ClassVar[Granularity] = "global"
     retain_guarantee: ClassVar[RetainGuarantee | None] = None
     state_buffers: ClassVar[int] = 1
+    parameter_state_keys: ClassVar[tuple[str, ...]] = ("average",)
 
     def __init__(self, forget_weight: float = 1.0, ema: float = 0.8, eps: float = EPS) -> None:
         super().__init__(forget_weight, retain_weight=0.0)
@@ -188,12 +190,24 @@ class GRU(Synthesizer):
         return {"projected_fraction": state["projected"].float()}
 
     def state_dict(self) -> dict[str, Any]:
-        """The moving average ``r̄`` (absent before the first step)."""
-        return {} if self.average is None else {"average": [a.detach().clone() for a in self.average]}
+        """The moving average ``r̄`` (absent before the first step; the tensors themselves, which
+        a checkpoint serialises at once)."""
+        return {} if self.average is None else {"average": [a.detach() for a in self.average]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        average = state.get("average")
-        self.average = None if average is None else [torch.as_tensor(a).clone() for a in average]
+        """Restore ``r̄``; without an ``average`` entry (a sharded checkpoint restores it with the
+        parameters, through :meth:`parameter_state`) the current one is kept."""
+        if "average" in state:
+            average = state["average"]
+            self.average = None if average is None else [torch.as_tensor(a).clone() for a in average]
+
+    def parameter_state(
+        self, shapes: Sequence[torch.Size], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, list[Tensor]]:
+        """``{"average": r̄}``, zeros (``r̄_0``) of ``shapes`` before the first step."""
+        if self.average is None:
+            self.average = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        return {"average": self.average}
 
     def __repr__(self) -> str:
         extra = "" if self.eps == EPS else f", eps={self.eps:g}"

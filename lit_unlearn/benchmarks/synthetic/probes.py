@@ -40,12 +40,12 @@ def next_token_accuracy(
         return float("nan")
     answer_ids = []
     for a in answers:
-        ids = _ids(tokenizer, a, False)
-        if len(ids) != 1:
+        answer = _ids(tokenizer, a, False)
+        if len(answer) != 1:
             raise ValueError(
-                f"answer {a!r} is {len(ids)} tokens; next-token probes need single-token answers"
+                f"answer {a!r} is {len(answer)} tokens; next-token probes need single-token answers"
             )
-        answer_ids.append(ids[0])
+        answer_ids.append(answer[0])
     device = _device(model)
     was_training = model.training
     model.eval()
