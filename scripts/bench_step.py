@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
     auto = by_mode.get("automatic", rows[0])
     for row in rows:
         layout = row["mode"].rpartition(":")[0]
-        reference = by_mode.get(f"{layout}:WeightedSum" if layout else "WeightedSum", row)
+        # within the layout; a layout without its own WeightedSum row (diag:) against the plain one
+        reference = by_mode.get(f"{layout}:WeightedSum", by_mode.get("WeightedSum", row))
         row["x_weighted_sum"] = round(row["ms"] / reference["ms"], 3)  # within the same layout
         row["x_automatic"] = round(row["ms"] / auto["ms"], 3)
         row["extra_buffers_vs_automatic"] = round(

@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/img", help="where the PNG files go")
     parser.add_argument("--width", type=int, default=1600, help="window width in pixels")
     parser.add_argument("--browser", default=None, help="a Chromium-family browser (default: found on PATH)")
-    parser.add_argument("--views", nargs="+", choices=list(VIEWS), default=list(VIEWS), help="which screenshots")
+    parser.add_argument(
+        "--views", nargs="+", choices=list(VIEWS), default=list(VIEWS), help="which screenshots"
+    )
     args = parser.parse_args(argv)
     browser = args.browser or shutil.which("chromium") or shutil.which("google-chrome")
     if not browser:

@@ -4,8 +4,8 @@ The engine hands every diagnosed step's :class:`~lit_unlearn.synthesis.LayerGeom
 callbacks. :class:`LayerGeometryMeans` averages it over the diagnosed steps (each step counts
 once, as the run-level geometry summary does), survives a resume through its ``state_dict``,
 and gives ``results.json`` its ``geometry.per_layer`` entry; :func:`layer_heatmap_figure` draws
-the means as three heatmaps — cos(g_f, g_r), cos(u, g_r) and the sign-conflict fraction — with
-blocks as rows and module types as columns.
+the means of one quantity — cos(g_f, g_r), cos(u, g_r) or the sign-conflict fraction — as a
+heatmap with blocks as rows and module types as columns.
 """
 
 from __future__ import annotations
@@ -90,9 +90,11 @@ class LayerGeometryMeans:
                 setattr(self, key, state[key])
 
 
-def layer_heatmap_figure(summary: dict[str, Any], title: str = "") -> Any:
-    """Matplotlib figure of a :meth:`LayerGeometryMeans.summary`: one heatmap per quantity, blocks
-    top to bottom, module types left to right; values written in the cells while they fit."""
+def layer_heatmap_figure(summary: dict[str, Any], key: str, title: str = "") -> Any:
+    """Matplotlib figure of one quantity (a key of :data:`LAYER_KEYS`) of a
+    :meth:`LayerGeometryMeans.summary`: blocks top to bottom, module types left to right, values
+    written in the cells while they fit. One figure per quantity keeps each TensorBoard card
+    readable at its default width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,41 +102,36 @@ def layer_heatmap_figure(summary: dict[str, Any], title: str = "") -> Any:
     import numpy as np
 
     layers, types = summary["layers"], summary["types"]
-    height = min(2.2 + 0.3 * len(layers), 14.0)
-    width = 1.0 + len(LAYER_KEYS) * (1.3 + 0.4 * len(types))
-    fig, axes = plt.subplots(1, len(LAYER_KEYS), figsize=(width, height), dpi=85, squeeze=False)
-    annotate = len(layers) <= 16 and len(types) <= 12
-    for ax, key in zip(axes[0], LAYER_KEYS):
-        values = np.array(
-            [[np.nan if v is None else v for v in row] for row in summary["cells"][key]], dtype=float
-        )
-        cosine = key != "conflict_fraction"
-        image = ax.imshow(
-            np.ma.masked_invalid(values),
-            # grey: no tensor of that type in that block; conflict 0.5 (independent signs) is white
-            cmap=plt.get_cmap("RdBu" if cosine else "PuOr_r").with_extremes(bad="#dddddd"),
-            vmin=-1.0 if cosine else 0.0,
-            vmax=1.0 if cosine else 1.0,
-            aspect="auto",
-            interpolation="nearest",
-        )
-        ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) > 24 else 8)
-        ax.set_title(TITLES[key], fontsize=10)
-        if annotate:
-            for i in range(len(layers)):
-                for j in range(len(types)):
-                    if not np.isnan(values[i, j]):
-                        dark = abs(values[i, j]) > 0.6 if cosine else abs(values[i, j] - 0.5) > 0.3
-                        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
-                                color="white" if dark else "black")  # fmt: skip
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-    axes[0][0].set_ylabel("block")
+    height = min(1.6 + 0.3 * len(layers), 14.0)
+    fig, ax = plt.subplots(figsize=(1.9 + 0.5 * len(types), height), dpi=100)
+    values = np.array(
+        [[np.nan if v is None else v for v in row] for row in summary["cells"][key]], dtype=float
+    )
+    cosine = key != "conflict_fraction"
+    image = ax.imshow(
+        np.ma.masked_invalid(values),
+        # grey: no tensor of that type in that block; conflict 0.5 (independent signs) is white
+        cmap=plt.get_cmap("RdBu" if cosine else "PuOr_r").with_extremes(bad="#dddddd"),
+        vmin=-1.0 if cosine else 0.0,
+        vmax=1.0,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) > 24 else 8)
+    ax.set_ylabel("block", fontsize=8)
+    if len(layers) <= 16 and len(types) <= 12:
+        for i in range(len(layers)):
+            for j in range(len(types)):
+                if not np.isnan(values[i, j]):
+                    dark = abs(values[i, j]) > 0.6 if cosine else abs(values[i, j] - 0.5) > 0.3
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")  # fmt: skip
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
     steps = summary.get("steps", 0)
-    fig.suptitle(
-        (title + " — " if title else "") + f"per-layer geometry, mean over {steps} diagnosed step"
-        + ("" if steps == 1 else "s"),
-        fontsize=10,
+    ax.set_title(
+        (title + ": " if title else "") + f"{TITLES[key]}, mean of {steps} step" + ("" if steps == 1 else "s"),
+        fontsize=9,
     )  # fmt: skip
-    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.3 / height))
+    fig.tight_layout()
     return fig

@@ -156,7 +156,7 @@ class TradeoffReport(L.Callback):
                             ["train/forget_norm", "train/retain_norm", "train/update_norm"],
                         ],
                     },
-                    # one line per block / module type (the heatmap is the image geometry/per_layer)
+                    # one line per block / module type (the heatmaps are the images geometry/per_layer/...)
                     "Per-layer geometry": {
                         f"{TITLES[key]} by {side}": ["Multiline", [rf"per_{side}/{key}/.*"]]
                         for key in LAYER_KEYS
@@ -185,12 +185,13 @@ class TradeoffReport(L.Callback):
                 self._log_heatmap(trainer, pl_module, outcome.step)
 
     def _log_heatmap(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        """The image ``geometry/per_layer``: the per-layer means so far (rank 0)."""
+        """The images ``geometry/per_layer/<quantity>``: the per-layer means so far (rank 0)."""
         writer = self._writer(trainer) if trainer.is_global_zero else None
         summary = self.layers.summary()
         if writer is not None and summary is not None and step != self._heatmap_step:
-            figure = layer_heatmap_figure(summary, _title(pl_module))
-            writer.add_figure("geometry/per_layer", figure, step)
+            for key in LAYER_KEYS:
+                figure = layer_heatmap_figure(summary, key, _title(pl_module))
+                writer.add_figure(f"geometry/per_layer/{key}", figure, step)
             self._heatmap_step = step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -52,17 +52,18 @@ def test_state_dict_round_trip_continues_the_means():
     assert empty.summary() is None
 
 
-def test_heatmap_has_one_panel_per_quantity_with_the_grid_labels():
+@pytest.mark.parametrize("key", ["grad_cosine", "update_retain_cosine", "conflict_fraction"])
+def test_heatmap_of_each_quantity_has_the_grid_labels_and_the_values(key):
     means = LayerGeometryMeans()
     means.add(5, _step(1.0))
     summary = means.summary()
     assert summary is not None
-    fig = layer_heatmap_figure(summary, "GradDiff + SAGO")
-    panels = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in panels] == ["cos(g_f, g_r)", "cos(u, g_r)", "sign-conflict fraction"]
-    for ax in panels:
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["q", "lm_head"]
-        assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "no layer"]
-        written = sorted(t.get_text() for t in ax.texts)
-        assert len(written) == 3  # the absent cell gets no number
-    assert "mean over 1 diagnosed step" in fig._suptitle.get_text()
+    fig = layer_heatmap_figure(summary, key, "GradDiff + SAGO")
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("GradDiff + SAGO: ") and ax.get_title().endswith("mean of 1 step")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["q", "lm_head"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "no layer"]
+    written = [t.get_text() for t in ax.texts]
+    assert sorted(written) == sorted(
+        f"{v:.2f}" for row in summary["cells"][key] for v in row if v is not None
+    )
