@@ -34,9 +34,20 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     return load_file(os.path.join(ROOT, ".cache", "lit_unlearn", "synthetic-smoke", "model.safetensors"))
 
 
+# The rules beyond the paper's, through the real CLI (the paper's own rules: the DDP equivalence
+# script and the FSDP tests): the projection against all-reduced sums (BLUR), a moving average
+# (GRU) and TorchJD's weighting of a reduced Gramian (UPGrad).
+RULE_FLAGS = {
+    "BLUR": ["--model.synthesizer", "BLUR", "--model.synthesizer.retain_weight", "0.5"],
+    "GRU": ["--model.synthesizer", "GRU", "--model.synthesizer.ema", "0.5"],
+    "UPGrad": ["--model.synthesizer", os.path.join(ROOT, "configs", "synthesizer", "upgrad.yaml")],
+}
+
+
 @pytest.mark.integration
-def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path):
-    common = ["fit", "--config", TINY, "--trainer.max_steps", "6", *SGD]
+@pytest.mark.parametrize("rule", list(RULE_FLAGS))
+def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path, rule):
+    common = ["fit", "--config", TINY, "--trainer.max_steps", "6", *SGD, *RULE_FLAGS[rule]]
     one = run(
         "lit-unlearn",
         *common,
@@ -68,6 +79,7 @@ def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path):
     (a,), (b,) = run_dirs(str(tmp_path / "one")), run_dirs(str(tmp_path / "two"))
     ra, rb = results(a), results(b)
     assert ra["world_size"] == 1 and rb["world_size"] == 2
+    assert rule in str(ra["synthesizer"]) and ra["synthesizer"] == rb["synthesizer"]
     assert ra["effective_batch"] == rb["effective_batch"] == {"forget": 8, "retain": 8}
     assert ra["steps"] == rb["steps"] == 6
     assert [h["step"] for h in ra["history"]] == [h["step"] for h in rb["history"]] == [0, 5, 6]
