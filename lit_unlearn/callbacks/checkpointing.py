@@ -53,7 +53,7 @@ class RunCheckpoint(ModelCheckpoint):
     Args:
         every_n_train_steps: write ``last.ckpt`` every N optimizer steps (0 = at the end and on signals).
         dirpath: where ``last.ckpt`` goes (default: ``<run dir>/checkpoints``).
-        handle_signals: stop cleanly on SIGTERM/SIGINT (finish the step, save, exit 143/130).
+        handle_signals: on SIGTERM/SIGINT: finish the step, save, exit.
     """
 
     def __init__(

@@ -36,7 +36,7 @@ class NonFiniteGuard(L.Callback):
     """Reports skipped (NaN/inf) optimizer steps and stops after too many in a row.
 
     Args:
-        max_consecutive: stop after this many skipped (NaN/inf) optimizer steps in a row.
+        max_consecutive: stop after N skipped (NaN/inf) steps in a row.
     """
 
     def __init__(self, max_consecutive: int = 5) -> None:

@@ -47,7 +47,7 @@ class UnlearningDataModule(L.LightningDataModule):
     """Interleaves forget and retain batches for two-task unlearning.
 
     Args:
-        tokenizer: hub id or local path of the tokenizer (usually the model's).
+        tokenizer: hub id or path (linked to the model's).
         forget: one or more forget sources.
         retain: one or more retain sources.
         max_length: longest sequence in tokens, at most the model's context (paper: 512).
@@ -57,12 +57,11 @@ class UnlearningDataModule(L.LightningDataModule):
         val_retain: held-out retain sources (validation losses).
         eval_batch_size: batch size of the validation loaders.
         num_workers: DataLoader worker processes (results do not depend on it).
-        seed: pairing seed (the CLI links it to ``seed_everything``).
+        seed: data-order seed (linked to seed_everything).
         shuffle: shuffle the forget epoch and the retain stream.
         trust_remote_code: allow custom tokenizer code (off by default).
-        tokenizer_revision: hub revision of ``tokenizer`` (the CLI links it to ``--model.network.revision``).
-        cache_dir: cache of tokenized examples (memory-mapped Arrow, built once per node, keyed by
-            sources, files, tokenizer and ``max_length``); ``None`` = tokenize on every launch.
+        tokenizer_revision: its hub revision (linked to the model's).
+        cache_dir: tokenized-example cache (built once per node); None: off.
     """
 
     def __init__(

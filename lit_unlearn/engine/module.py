@@ -46,12 +46,12 @@ class UnlearningModule(L.LightningModule):
         synthesizer: combines the two gradients (α: retain_weight, γ: forget_weight).
         optimizer: optimizer factory (default: AdamW, lr 1e-5, weight decay 0, as in the paper).
         lr_scheduler: scheduler factory, stepped per optimizer step; ``None``: warmup_ratio, lr_decay.
-        warmup_ratio: share of steps (rounded up, as transformers does) warming up from lr 0 (paper: 0.1).
-        lr_decay: shape after warm-up: ``constant``, ``linear`` to 0 at the last step (paper) or ``cosine``.
+        warmup_ratio: share of steps (rounded up) warming up from lr 0 (paper: 0.1).
+        lr_decay: after warm-up: ``constant``, ``linear`` to 0 (paper) or ``cosine``.
         accumulate_grad_batches: micro-batches per optimizer step (Lightning's flag is refused here).
         gradient_clip_val: max global L2 norm of the synthesized update (``None`` = no clipping).
-        grad_buffer_dtype: forget-gradient buffer dtype (``param``: the gradients', saves memory in bf16).
-        diagnostics_every_n_steps: synthesis geometry every N steps (``None``: log_every_n_steps; 0: never).
+        grad_buffer_dtype: forget buffer dtype (param: less memory).
+        diagnostics_every_n_steps: geometry every N steps (None: each log; 0: off).
     """
 
     def __init__(

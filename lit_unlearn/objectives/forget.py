@@ -1,4 +1,5 @@
-"""Forget objectives: gradient ascent, NPO, SimNPO, RMU. Descending each one forgets."""
+"""Forget objectives: gradient ascent, NPO, SimNPO, RMU, and the token-reweighted and
+distillation losses WGA, SatImp, UNDIAL and CE-U. Descending each one forgets."""
 
 from __future__ import annotations
 
@@ -166,3 +167,101 @@ class RMU(Objective):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "direction" in state:
             self._direction = state["direction"]
+
+
+class WGA(Objective):
+    """Weighted gradient ascent (Wang et al. 2025, "Rethinking LLM Unlearning Objectives: A
+    Gradient Perspective and Go Beyond", arXiv 2502.19301).
+
+    ``L_f = −mean over label tokens of p_t^β · CE_t`` with ``p_t`` the model's probability of the
+    label token, the weight detached: gradient ascent that eases off the tokens already
+    forgotten, so it stops pushing their likelihood to zero. Sign: descending it raises the
+    forget NLL. open-unlearning's setting: β = 1.
+
+    Args:
+        beta: exponent β of the token weight ``p_t^β`` (0: plain gradient ascent).
+    """
+
+    def __init__(self, beta: float = 1.0) -> None:
+        if not beta >= 0:
+            raise ValueError(f"WGA beta must be >= 0, got {beta}")
+        self.beta = beta
+
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Terms:
+        return Fn.wga_terms(model(**model_inputs(batch)).logits, batch["labels"], self.beta)
+
+
+class SatImp(Objective):
+    """SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM
+    Unlearning", ICML 2025): gradient ascent with token weights ``p_t^β1 · (1 − p_t)^β2``.
+
+    ``L_f = −mean over label tokens of w_t · CE_t``, the weight detached: tokens already forgotten
+    and tokens the model is saturated on both weigh little, the uncertain middle most. Sign:
+    descending it raises the forget NLL. open-unlearning's setting: β1 = 5, β2 = 1.
+
+    Args:
+        beta1: exponent of ``p_t`` (importance of tokens the model still knows).
+        beta2: exponent of ``1 − p_t`` (down-weights saturated tokens).
+    """
+
+    def __init__(self, beta1: float = 5.0, beta2: float = 1.0) -> None:
+        if not (beta1 >= 0 and beta2 >= 0):
+            raise ValueError(f"SatImp beta1 and beta2 must be >= 0, got {beta1} and {beta2}")
+        self.beta1, self.beta2 = beta1, beta2
+
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Terms:
+        logits = model(**model_inputs(batch)).logits
+        return Fn.satimp_terms(logits, batch["labels"], self.beta1, self.beta2)
+
+
+class UNDIAL(Objective):
+    """UNDIAL (Dong et al. 2024, "Self-Distillation with Adjusted Logits for Robust Unlearning in
+    Large Language Models", arXiv 2402.10052): self-distillation towards the frozen reference's
+    distribution with the label token's logit lowered by β.
+
+    ``L_f = mean over label positions of CE(softmax(z_ref − β · onehot(y_t)), π_θ(·|x_<t))``. The
+    target never moves (the reference is frozen), so the loss is bounded and forgetting stops
+    where the target puts the label. Only label positions count: open-unlearning averages over
+    every position, including padding and prompt positions whose label −100 then indexes the
+    vocabulary from its end (a silent error this class does not reproduce). Sign: descending it
+    lowers the label's probability towards the adjusted target. open-unlearning's setting: β =
+    10 (the paper searches 3, 10, 30).
+
+    Args:
+        beta: how far the label's logit is lowered in the target.
+    """
+
+    requires_reference = True
+
+    def __init__(self, beta: float = 10.0) -> None:
+        if not beta > 0:
+            raise ValueError(f"UNDIAL beta must be > 0, got {beta}")
+        self.beta = beta
+
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Terms:
+        ref_logits = reference_forward(reference, batch, "UNDIAL").logits
+        return Fn.undial_terms(model(**model_inputs(batch)).logits, ref_logits, batch["labels"], self.beta)
+
+
+class CEU(Objective):
+    """CE-U, cross-entropy unlearning (Yang 2025, arXiv 2503.01224): cross-entropy of the model
+    against its own current distribution with the label token removed.
+
+    ``L_f = mean over label positions of CE(softmax(z with z_y = −∞), π_θ(·|x_<t))``, the target
+    detached: it moves the label's probability to the other tokens in proportion to what the
+    model already gives them, with a gradient that vanishes as the label's probability does (no
+    reference model). The first answer tokens are skipped (the paper's footnote: they carry
+    the format, not the fact). Sign: descending it lowers the label's probability.
+
+    Args:
+        ignore_first_n_answer_tokens: label tokens at the start of each answer left out of the loss.
+    """
+
+    def __init__(self, ignore_first_n_answer_tokens: int = 1) -> None:
+        if ignore_first_n_answer_tokens < 0:
+            raise ValueError(f"ignore_first_n_answer_tokens must be >= 0, got {ignore_first_n_answer_tokens}")
+        self.ignore_first_n_answer_tokens = ignore_first_n_answer_tokens
+
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Terms:
+        labels = Fn.drop_first_label_tokens(batch["labels"], self.ignore_first_n_answer_tokens)
+        return Fn.ceu_terms(model(**model_inputs(batch)).logits, labels)

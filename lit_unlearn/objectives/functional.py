@@ -12,6 +12,8 @@ per-micro-batch means, which is only equal when every micro-batch has the same n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -107,3 +109,74 @@ def mse_terms(hidden: Tensor, target: Tensor, labels: Tensor) -> tuple[Tensor, T
 def masked_mse(hidden: Tensor, target: Tensor, labels: Tensor) -> Tensor:
     """Mean over label tokens of the per-token mean squared error between activations."""
     return _mean(mse_terms(hidden, target, labels))
+
+
+def _weighted_ascent_terms(
+    logits: Tensor, labels: Tensor, weight_of_p: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``−Σ w_t · CE_t`` over label tokens with ``w_t = weight_of_p(p_t)`` detached (``p_t`` the
+    model's probability of the label), and the number of label tokens."""
+    nll, mask = per_token_nll(logits, labels)
+    weight = weight_of_p(torch.exp(-nll.detach()))
+    return -(weight * nll * mask).sum(), mask.sum()
+
+
+def wga_terms(logits: Tensor, labels: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Weighted gradient ascent: ``−Σ p_t^β · CE_t`` over label tokens (weights detached), and
+    the number of label tokens. Tokens the model already doubts (small ``p_t``) weigh little.
+
+    >>> logits = torch.log(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))
+    >>> total, n = wga_terms(logits, torch.tensor([[-100, 0]]), beta=1.0)  # -0.5 * ln 2
+    >>> round(total.item(), 4), int(n)
+    (-0.3466, 1)
+    """
+    return _weighted_ascent_terms(logits, labels, lambda p: p.pow(beta))
+
+
+def satimp_terms(logits: Tensor, labels: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """SatImp: ``−Σ p_t^β1 (1 − p_t)^β2 · CE_t`` over label tokens (weights detached), and the
+    number of label tokens: tokens already forgotten (small ``p_t``) and tokens the model is
+    saturated on (``p_t`` near 1) both weigh little."""
+    return _weighted_ascent_terms(logits, labels, lambda p: p.pow(beta1) * (1.0 - p).pow(beta2))
+
+
+def _label_positions(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Shifted ``(logits[:, :-1], targets, mask)``; masked targets replaced by 0 so they can index."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return at_least_fp32(logits[:, :-1]), targets.masked_fill(~mask, 0), mask
+
+
+def _soft_ce_terms(logits: Tensor, target_logits: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``−Σ_v softmax(target)_v · log softmax(logits)_v`` summed over the masked positions (the
+    target detached), and their number."""
+    target = torch.softmax(target_logits.detach(), dim=-1)
+    ce = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+    return (ce * mask).sum(), mask.sum()
+
+
+def undial_terms(logits: Tensor, ref_logits: Tensor, labels: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """UNDIAL: cross-entropy of the model against ``softmax(ref_logits − β · onehot(label))`` — the
+    reference's distribution with the label's logit lowered by β — summed over the label
+    positions only, and their number."""
+    logits, targets, mask = _label_positions(logits, labels)
+    adjusted = at_least_fp32(ref_logits[:, :-1]).clone()
+    adjusted.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(adjusted[..., :1], -beta))
+    return _soft_ce_terms(logits, adjusted, mask)
+
+
+def ceu_terms(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """CE-U: cross-entropy of the model against the softmax of its own (detached) logits with the
+    label's logit set to −∞, summed over label positions, and their number: every other token
+    keeps its relative probability, the label gets none."""
+    logits, targets, mask = _label_positions(logits, labels)
+    target = logits.detach().scatter(-1, targets.unsqueeze(-1), float("-inf"))
+    return _soft_ce_terms(logits, target, mask)
+
+
+def drop_first_label_tokens(labels: Tensor, n: int) -> Tensor:
+    """``labels`` with the first ``n`` label tokens of every sequence set to −100 (no loss)."""
+    if n <= 0:
+        return labels
+    is_label = labels != IGNORE_INDEX
+    return labels.masked_fill(is_label & (is_label.cumsum(1) <= n), IGNORE_INDEX)

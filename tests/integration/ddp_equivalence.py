@@ -1,4 +1,4 @@
-"""Run every synthesizer (and the per-sequence objectives) on 1 or 2 CPU processes; save the weights.
+"""Run every synthesizer (and every other forget objective once) on 1 or 2 CPU processes; save the weights.
 
 Used by ``test_ddp.py`` as a subprocess (Lightning's DDP launcher re-executes the command line
 for rank 1, so this cannot run inside pytest itself)::
@@ -21,14 +21,19 @@ from torchjd.aggregation import UPGrad  # noqa: E402
 
 from lit_unlearn.engine.module import UnlearningModule  # noqa: E402
 from lit_unlearn.eval import SyntheticProbes, UnlearningEvaluator  # noqa: E402
-from lit_unlearn.objectives import NPO, GradientAscent, SimNPO  # noqa: E402
+from lit_unlearn.objectives import CEU, NPO, UNDIAL, WGA, GradientAscent, SatImp, SimNPO  # noqa: E402
 from lit_unlearn.synthesis import GRU, RULES, SAGO, TorchJD  # noqa: E402
 
-# (name, forget objective, synthesizer): every rule with a token-mean objective, and the
-# sequence-mean objectives once.
+# (name, forget objective factory, synthesizer): every rule with gradient ascent, and every other
+# forget objective once (sequence means: NPO, SimNPO; reweighted token means: WGA, SatImp; a
+# reference distillation: UNDIAL; a self-target: CE-U).
 CASES = [(rule.__name__, GradientAscent, rule) for rule in RULES] + [
-    ("NPO", NPO, SAGO),
-    ("SimNPO", SimNPO, SAGO),
+    ("NPO", lambda: NPO(beta=0.5), SAGO),
+    ("SimNPO", lambda: SimNPO(beta=0.5), SAGO),
+    ("WGA", WGA, SAGO),
+    ("SatImp", lambda: SatImp(beta1=1.0, beta2=1.0), SAGO),
+    ("UNDIAL", lambda: UNDIAL(beta=3.0), SAGO),
+    ("CEU", CEU, SAGO),
     ("TorchJD-UPGrad", GradientAscent, lambda retain_weight: TorchJD(UPGrad(), retain_weight=retain_weight)),
 ]
 from tests.engine_helpers import make_dm, make_model, sgd  # noqa: E402
@@ -44,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name, objective, rule in CASES:
-        forget = objective(beta=0.5) if objective is not GradientAscent else objective()
+        forget = objective()
         module = UnlearningModule(
             make_model(args.tokenizer),
             forget,
