@@ -1,6 +1,6 @@
 """WGA, SatImp, UNDIAL and CE-U: values by hand, gradients against finite differences of the
-documented formula (detached weights and targets held fixed), bf16 against fp32, signs on the
-trained smoke target, and exact effective-batch normalisation with variable-length answers."""
+documented formula (detached weights and targets held fixed), bf16 against fp32 and exact
+effective-batch normalisation with variable-length answers (their signs: test_objectives.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import math
 import pytest
 import torch
 
-from lit_unlearn.models import frozen_copy
 from lit_unlearn.objectives import CEU, UNDIAL, WGA, SatImp
 from lit_unlearn.objectives import functional as Fn
 from lit_unlearn.synthesis import SAGO
 from tests.engine.test_module import _accumulation_pair
 from tests.engine_helpers import make_model, relative_difference, weights
-from tests.objectives.test_objectives import forget_batch, forget_nll  # noqa: F401 (fixture)
 
 P = torch.tensor([[[0.5, 0.25, 0.25], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [1 / 3, 1 / 3, 1 / 3]]])
 LOGITS = torch.log(P).double()
@@ -148,21 +146,6 @@ def test_bf16_logits_give_the_fp32_value_within_rounding(terms):
 
 
 OBJECTIVES = [WGA(), SatImp(), UNDIAL(), CEU()]
-
-
-@pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: type(o).__name__)
-def test_descending_each_forgets_the_trained_facts(objective, smoke_target, forget_batch):  # noqa: F811
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(smoke_target).train()
-    reference = frozen_copy(model)
-    before = forget_nll(model, forget_batch)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(5):
-        opt.zero_grad()
-        objective.loss(model, forget_batch, reference).backward()
-        opt.step()
-    assert forget_nll(model, forget_batch) > before + 0.05
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: type(o).__name__)
