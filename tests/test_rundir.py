@@ -12,6 +12,10 @@ from lit_unlearn.cli import config_digest, run_name
 from lit_unlearn.rundir import CLAIM_FILE, claim_directory, release_claims
 
 
+def _all_ready(barrier) -> None:
+    barrier.wait()  # every worker has imported the package: they claim at the same moment
+
+
 def _claim(args: tuple[str, str]) -> str:
     name = claim_directory(*args)
     # a claim whose process exits having written nothing is undone; a run writes its config
@@ -21,8 +25,12 @@ def _claim(args: tuple[str, str]) -> str:
 
 
 def test_processes_claiming_one_name_at_once_each_get_their_own_directory(tmp_path):
-    with multiprocessing.get_context("fork").Pool(4) as pool:
-        names = pool.map(_claim, [(str(tmp_path), "synthetic/m/lr0.001_seed0_ab")] * 8)
+    # spawn, not fork: a fork of a test process that has started threads (torch, TensorBoard) can
+    # inherit a held lock and hang forever (it did once, in CI)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(4)
+    with context.Pool(4, initializer=_all_ready, initargs=(barrier,)) as pool:
+        names = pool.map(_claim, [(str(tmp_path), "synthetic/m/lr0.001_seed0_ab")] * 8, chunksize=2)
     assert len(set(names)) == 8
     assert sorted(names)[0] == "synthetic/m/lr0.001_seed0_ab"
     for name in names:  # each directory was written by its own process only
