@@ -190,7 +190,7 @@ class TradeoffReport(L.Callback):
         summary = self.layers.summary()
         if writer is not None and summary is not None and step != self._heatmap_step:
             for key in LAYER_KEYS:
-                figure = layer_heatmap_figure(summary, key, _title(pl_module))
+                figure = layer_heatmap_figure(summary, key, _title(components(pl_module)))
                 writer.add_figure(f"geometry/per_layer/{key}", figure, step)
             self._heatmap_step = step
 
@@ -318,16 +318,16 @@ class TradeoffReport(L.Callback):
             results["history"],
             results["forget_metric"],
             results["retain_metric"],
-            f"{component_name(results['forget_objective'])} + {rule_name(results['synthesizer'])}",
+            _title(results),
         )
         writer.add_figure("tradeoff/forget_vs_retain", fig, trainer.global_step)
         writer.flush()
 
 
-def _title(pl_module: L.LightningModule) -> str:
-    """``<forget objective> + <rule>`` of the run, for figure titles ("" for another module)."""
-    parts = components(pl_module)
-    if parts["synthesizer"] is None:
+def _title(parts: dict[str, Any]) -> str:
+    """``<forget objective> + <rule>`` from described components (``results.json`` or
+    :func:`components`), for figure titles ("" without a synthesizer)."""
+    if parts.get("synthesizer") is None:
         return ""
     return f"{component_name(parts['forget_objective'])} + {rule_name(parts['synthesizer'])}"
 

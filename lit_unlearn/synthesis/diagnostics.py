@@ -235,16 +235,9 @@ class GeometryAccumulator:
         if grid is not None:
             self.layer_sums = reduced[n + 8 :].view(grid.size, 8)
         ff, rr, uu = t[1].sqrt(), t[2].sqrt(), t[5].sqrt()
-        tiny = torch.finfo(torch.float32).tiny
-
-        def cosine(dot: Tensor, a: Tensor, b: Tensor) -> Tensor:
-            return dot / (a * b).clamp_min(tiny)
-
         return {
-            "grad_cosine": cosine(t[0], ff, rr),
-            "conflict_fraction": t[6] / t[7].clamp_min(1.0),
-            "update_retain_cosine": cosine(t[3], uu, rr),
-            "update_forget_cosine": cosine(t[4], uu, ff),
+            **_from_sums(t),  # cos(g_f, g_r), cos(u, g_r), conflict fraction: as for every grid cell
+            "update_forget_cosine": t[4] / (uu * ff).clamp_min(torch.finfo(t.dtype).tiny),
             "forget_norm": ff,
             "retain_norm": rr,
             "update_norm": uu,
