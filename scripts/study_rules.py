@@ -8,7 +8,7 @@
 Every run is an ordinary ``lit-unlearn fit`` on the embedded benchmark
 (``configs/benchmark/synthetic.yaml``: evaluate every 10 steps, stop at forget Q/A <= 0.2, cap
 200 steps), with the synthesis diagnostics on every step. For each objective (by default GradDiff
-= gradient ascent + NLL, and NPO + NLL; also WGA, SatImp, UNDIAL, CE-U, each + NLL) and each rule:
+= gradient ascent + NLL, and NPO + NLL; also WGA, SatImp, UNDIAL, CE-U, IdkDPO, each + NLL) and each rule:
 
 1. learning-rate selection: one run per learning rate of ``--lrs`` on the selection seed
    (``--selection-seed``, not one of the reported seeds); the chosen rate is the one with the
@@ -50,6 +50,7 @@ OBJECTIVES = {  # name -> forget objective component file (the retain objective 
     "satimp": "configs/objective/forget/satimp.yaml",
     "undial": "configs/objective/forget/undial.yaml",
     "ceu": "configs/objective/forget/ceu.yaml",
+    "dpo": "configs/objective/forget/dpo.yaml",
 }
 DEFAULT_OBJECTIVES = ["graddiff", "npo"]
 RULES = [

@@ -39,10 +39,14 @@ def write_probe_pairs(directory: str) -> tuple[str, str]:
 ANSWER_LENGTHS = (1, 18, 2, 9, 1, 15, 4, 1, 12, 6, 17, 3)
 
 
+ALTERNATE_LENGTHS = (3, 1, 11, 2, 7, 14, 1, 5)
+
+
 def write_varlen_pairs(directory: str) -> tuple[str, str]:
     """Forget/retain QA files whose answers range from 1 to 18 words (2 to 19 label tokens with
     EOS): per-micro-batch or per-rank token means then differ from the effective batch's mean, so
-    only an exactly normalised engine passes the equivalence tests on them."""
+    only an exactly normalised engine passes the equivalence tests on them. Forget records carry
+    an ``alternate`` answer of 1 to 14 words (for IdkDPO), padded in a sub-batch of its own."""
     corpus = generate_corpus(PEOPLE)
     words = " ".join(d.text for d in corpus.person_docs(corpus.retain_people)).split()
     paths = []
@@ -53,7 +57,11 @@ def write_varlen_pairs(directory: str) -> tuple[str, str]:
             for i, p in enumerate(probes):
                 n = ANSWER_LENGTHS[i % len(ANSWER_LENGTHS)]
                 answer = " ".join(words[(7 * i) % 200 : (7 * i) % 200 + n])
-                handle.write(json.dumps({"question": p.prompt, "answer": answer}) + "\n")
+                record = {"question": p.prompt, "answer": answer}
+                if split == "forget":
+                    k = ALTERNATE_LENGTHS[i % len(ALTERNATE_LENGTHS)]
+                    record["alternate"] = " ".join(words[(5 * i + 3) % 200 : (5 * i + 3) % 200 + k])
+                handle.write(json.dumps(record) + "\n")
         paths.append(path)
     return paths[0], paths[1]
 

@@ -240,7 +240,7 @@ def test_paper_overlay_matches_the_official_settings(key, capsys, monkeypatch):
             "pcd",
         )
     ]
-    + [(o, "sago") for o in ("npo", "simnpo", "rmu", "wga", "satimp", "undial", "ceu")],
+    + [(o, "sago") for o in ("npo", "simnpo", "rmu", "wga", "satimp", "undial", "ceu", "dpo")],
 )
 def test_components_combine_and_run_two_steps(forget, synthesizer, tmp_path, monkeypatch):
     """Objectives and synthesizers are independent components: any pairing runs (2 steps on the

@@ -27,7 +27,7 @@ from torch import Tensor
 from lit_unlearn.logs import describe
 from lit_unlearn.rundir import atomic_directory
 
-FORMAT = 1  # bump when the stored layout changes
+FORMAT = 2  # 2: alternate answers stored with the examples; bump when the stored layout changes
 Example = dict[str, Tensor]
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lit_unlearn.data.sources import IGNORE_INDEX, Example
+from lit_unlearn.data.sources import ALTERNATE, IGNORE_INDEX, Example
 
 
 def _stack_extra(key: str, values: list[Tensor]) -> Tensor:
@@ -25,12 +26,13 @@ def _stack_extra(key: str, values: list[Tensor]) -> Tensor:
     )
 
 
-def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
+def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
     """Stack examples into ``input_ids``, ``attention_mask`` and ``labels``, padded on the right.
 
-    Any other tensor field the examples carry (e.g. a preference pair's second sequence, a
-    per-example weight) is passed through, stacked (1-D fields of different lengths padded with 0),
-    so a custom objective can read it from its batch.
+    Alternate answers (``alternate_input_ids`` / ``alternate_labels``) become the sub-batch
+    ``batch["alternate"]``, padded on its own. Any other tensor field the examples carry (e.g. a
+    per-example weight) is passed through, stacked (1-D fields of different lengths padded with
+    0), so a custom objective can read it from its batch.
     """
     length = max(ex["input_ids"].numel() for ex in examples)
     batch = len(examples)
@@ -42,8 +44,15 @@ def pad_examples(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
         input_ids[i, :n] = ex["input_ids"]
         labels[i, :n] = ex["labels"]
         mask[i, :n] = 1
-    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    extra = [k for k in examples[0] if k not in out and isinstance(examples[0][k], Tensor)]
+    out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if ALTERNATE + "input_ids" in examples[0]:
+        keys = ("input_ids", "labels")
+        out["alternate"] = pad_examples([{k: ex[ALTERNATE + k] for k in keys} for ex in examples], pad_id)
+    extra = [
+        k
+        for k in examples[0]
+        if k not in out and not k.startswith(ALTERNATE) and isinstance(examples[0][k], Tensor)
+    ]
     for key in extra:
         out[key] = _stack_extra(key, [torch.as_tensor(ex[key]) for ex in examples])
     return out
@@ -58,7 +67,7 @@ class PairedBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.forget)
 
-    def __getitem__(self, index: tuple[list[int], list[int]]) -> dict[str, dict[str, Tensor]]:
+    def __getitem__(self, index: tuple[list[int], list[int]]) -> dict[str, dict[str, Any]]:
         f_idx, r_idx = index
         forget = pad_examples([self.forget[i] for i in f_idx], self.pad_id)
         retain = pad_examples([self.retain[i] for i in r_idx], self.pad_id)
@@ -80,5 +89,5 @@ class PaddedExamples(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Example:
         return self.examples[i]
 
-    def collate(self, examples: Sequence[Example]) -> dict[str, Tensor]:
+    def collate(self, examples: Sequence[Example]) -> dict[str, Any]:
         return pad_examples(examples, self.pad_id)

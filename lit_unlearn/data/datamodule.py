@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
 
 from lit_unlearn.data.cache import (
@@ -30,7 +31,7 @@ from lit_unlearn.data.cache import (
 )
 from lit_unlearn.data.collate import PaddedExamples, PairedBatches, pad_examples
 from lit_unlearn.data.sampling import PairedBatchSampler
-from lit_unlearn.data.sources import DataSource, Example
+from lit_unlearn.data.sources import ALTERNATE, DataSource, Example
 from lit_unlearn.errors import UserError
 from lit_unlearn.models import load_tokenizer
 
@@ -50,15 +51,15 @@ class UnlearningDataModule(L.LightningDataModule):
         tokenizer: hub id or path (linked to the model's).
         forget: one or more forget sources.
         retain: one or more retain sources.
-        max_length: longest sequence in tokens, at most the model's context (paper: 512).
+        max_length: longest sequence in tokens (paper: 512).
         forget_batch_size: forget sequences per device per micro-batch.
         retain_batch_size: retain sequences per device per micro-batch (default: as forget).
         val_forget: held-out forget sources (validation losses).
         val_retain: held-out retain sources (validation losses).
-        eval_batch_size: batch size of the validation loaders.
-        num_workers: DataLoader worker processes (results do not depend on it).
+        eval_batch_size: validation batch size.
+        num_workers: DataLoader workers (same results).
         seed: data-order seed (linked to seed_everything).
-        shuffle: shuffle the forget epoch and the retain stream.
+        shuffle: shuffle the data order.
         trust_remote_code: allow custom tokenizer code (off by default).
         tokenizer_revision: its hub revision (linked to the model's).
         cache_dir: tokenized-example cache (built once per node); None: off.
@@ -112,7 +113,22 @@ class UnlearningDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ building
     def _build(self, sources: list[DataSource]) -> list[Example]:
-        return [ex for src in sources for ex in src.checked_build(self.tokenizer, self.max_length)]
+        examples = [ex for src in sources for ex in src.checked_build(self.tokenizer, self.max_length)]
+        if any(ALTERNATE + "input_ids" in ex for ex in examples) and not all(
+            ALTERNATE + "input_ids" in ex for ex in examples
+        ):
+            # a group is one table: alternates only where every source has them
+            log.warning(
+                "%s: only some sources have alternate answers; the group keeps none",
+                ", ".join(s.describe() for s in sources),
+            )
+            examples = [{k: v for k, v in ex.items() if not k.startswith(ALTERNATE)} for ex in examples]
+        return examples
+
+    @property
+    def has_alternates(self) -> bool:
+        """Whether every forget example carries an alternate answer (the batch's ``alternate``)."""
+        return bool(self.forget_examples) and ALTERNATE + "input_ids" in self.forget_examples[0]
 
     def _examples(self, sources: list[DataSource]) -> Sequence[Example]:
         if self.cache_dir is None:
@@ -216,13 +232,13 @@ class UnlearningDataModule(L.LightningDataModule):
             persistent_workers=False,
         )
 
-    def forget_batches(self, device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    def forget_batches(self, device: torch.device | str = "cpu") -> Iterator[dict[str, Any]]:
         """The forget set in dataset order, ``eval_batch_size`` examples at a time, on ``device``
         (lazy; for objectives that precompute reference values, e.g. NPO)."""
         pad = self.tokenizer.pad_token_id
         for i in range(0, len(self.forget_examples), self.eval_batch_size):
             batch = pad_examples(self.forget_examples[i : i + self.eval_batch_size], pad)
-            yield {k: v.to(device) for k, v in batch.items()}
+            yield apply_to_collection(batch, torch.Tensor, lambda t: t.to(device))
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup("validate")

@@ -8,13 +8,16 @@ Formats:
 - :class:`TextCorpus`: JSONL with a text field (WMDP ``bio-forget-corpus.jsonl``, RWKU passages),
   JSON arrays, or ``.txt``; documents are concatenated with a separator and cut into
   ``max_length``-token chunks with loss on every token (the paper uses 512-token chunks).
-- :class:`QAPairs`: prompt/answer records; loss only on answer tokens; optional chat template.
+- :class:`QAPairs`: prompt/answer records; loss only on answer tokens; optional chat template;
+  optionally an *alternate* answer per record (a refusal such as "I don't know") for objectives
+  that contrast the forget answer with a preferred one (IdkDPO).
 - :class:`HFDataset`: a Hugging Face dataset by name/config/split (needs hub access, or a local
   builder such as ``json`` with ``data_files``), as text or as QA pairs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 
 Example = dict[str, Tensor]
 IGNORE_INDEX = -100
+ALTERNATE = "alternate_"
+"""Prefix of an example's alternate-answer fields (``alternate_input_ids``, ``alternate_labels``);
+collation turns them into the batch's ``alternate`` sub-batch."""
 
 
 class DataSourceError(UserError):
@@ -120,6 +126,27 @@ def read_records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
     return [record for _, record in read_located_records(path, fields)]
 
 
+def read_alternates(path: str) -> list[str]:
+    """Refusals (alternate answers) from ``path``: one per non-empty line of a ``.txt``, or the
+    strings (or ``text`` fields) of a ``.json`` array / ``.jsonl`` file. Empty entries are errors."""
+    if path.lower().endswith(".txt"):
+        (record,) = read_records(path, ["text"])
+        lines = [line.strip() for line in record["text"].split("\n")]
+        return [line for line in lines if line]
+    located = read_located_records(path, ["text"])
+    for where, record in located:
+        if not record["text"].strip():
+            raise DataSourceError(f"{where}: empty alternate answer")
+    return [record["text"] for _, record in located]
+
+
+def pick(seed: int, index: int, choices: int) -> int:
+    """A deterministic choice in ``range(choices)`` from ``(seed, index)``: the same in every
+    process, on every platform and after a resume (no global random state involved)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % choices
+
+
 def chunk_token_stream(ids: Sequence[int], max_length: int, bos_id: int | None = None) -> list[list[int]]:
     """Cut a token stream into chunks of exactly ``max_length`` tokens (the last may be shorter).
 
@@ -201,16 +228,28 @@ def encode_qa(
 
 
 def qa_examples(
-    records: Iterable[tuple[str, str]], tokenizer: Any, max_length: int, chat_template: bool, origin: str
+    records: Iterable[tuple[str, str] | tuple[str, str, str]],
+    tokenizer: Any,
+    max_length: int,
+    chat_template: bool,
+    origin: str,
 ) -> list[Example]:
+    """Encode ``(prompt, answer)`` or ``(prompt, answer, alternate)`` records; an alternate is
+    stored as ``alternate_input_ids`` / ``alternate_labels`` (same prompt, the other answer)."""
     examples, truncated = [], 0
-    for prompt, answer in records:
+    for prompt, answer, *alternate in records:
         example, cut = encode_qa(prompt, answer, tokenizer, max_length, chat_template)
         truncated += cut
+        if alternate:
+            other, cut = encode_qa(prompt, alternate[0], tokenizer, max_length, chat_template)
+            truncated += cut
+            example.update({ALTERNATE + key: value for key, value in other.items()})
         if (example["labels"] != IGNORE_INDEX).any():
             examples.append(example)
     if truncated:
-        log.warning("%s: %d pair(s) longer than max_length=%d were truncated", origin, truncated, max_length)
+        log.warning(
+            "%s: %d sequence(s) longer than max_length=%d were truncated", origin, truncated, max_length
+        )
     return examples
 
 
@@ -281,11 +320,21 @@ class TextCorpus(DataSource):
 class QAPairs(DataSource):
     """Question/answer (instruction/response) pairs with loss on the answer tokens only.
 
+    Objectives that prefer another answer to the forget answer (:class:`~lit_unlearn.objectives.DPO`)
+    need an *alternate* per pair: a record's own ``alternate_field`` (a string, or a list from which
+    one is picked), else one refusal from ``alternates_file``. The pick depends only on ``seed`` and
+    the record's position in the source, so every rank, every relaunch and every resume sees the
+    same alternate.
+
     Args:
         path: one file or a list of files (``.jsonl`` or ``.json``).
         prompt_field: the field holding the prompt.
         answer_field: the field holding the answer.
         chat_template: wrap the prompt with the tokenizer's chat template (instruction models).
+        alternate_field: the optional field holding a record's alternate answer(s).
+        alternates_file: refusals for records without one (``.txt``: one per line; ``.json`` /
+            ``.jsonl``: strings or ``text`` fields), e.g. ``configs/data/idk_refusals.txt``.
+        seed: seed of the alternate picked for each record.
     """
 
     def __init__(
@@ -294,20 +343,44 @@ class QAPairs(DataSource):
         prompt_field: str = "question",
         answer_field: str = "answer",
         chat_template: bool = False,
+        alternate_field: str = "alternate",
+        alternates_file: str | None = None,
+        seed: int = 0,
     ) -> None:
         self.paths = _as_paths(path)
         self.prompt_field = prompt_field
         self.answer_field = answer_field
         self.chat_template = chat_template
-        self._pairs: list[tuple[str, str]] | None = None  # read by validate(), consumed by build()
+        self.alternate_field = alternate_field
+        self.alternates_file = alternates_file
+        self.seed = seed
+        # read by validate(), consumed by build()
+        self._pairs: list[tuple[str, str]] | list[tuple[str, str, str]] | None = None
 
     def describe(self) -> str:
         return f"QAPairs({', '.join(self.paths)})"
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """The (prompt, answer) pairs of every file, checked."""
+    def _alternate_of(self, where: str, record: dict[str, Any]) -> list[str] | None:
+        value = record.get(self.alternate_field)
+        if value is None:
+            return None
+        values = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, str) and v.strip() for v in values)
+        ):
+            raise DataSourceError(
+                f"{where}: field {self.alternate_field!r} must be a non-empty string or a list of them"
+            )
+        return values
+
+    def pairs(self) -> list[tuple[str, str]] | list[tuple[str, str, str]]:
+        """The (prompt, answer) pairs of every file, checked; (prompt, answer, alternate) when the
+        source has alternates."""
         fields = [self.prompt_field, self.answer_field]
-        pairs = []
+        refusals = read_alternates(self.alternates_file) if self.alternates_file else None
+        rows: list[tuple[str, str, list[str] | None, str]] = []
         for path in self.paths:
             for where, record in read_located_records(path, fields):
                 if not record[self.answer_field].strip():
@@ -315,8 +388,22 @@ class QAPairs(DataSource):
                     raise DataSourceError(
                         f"{where}: empty {self.answer_field!r}; every pair needs a non-empty answer"
                     )
-                pairs.append((record[fields[0]], record[fields[1]]))
-        return pairs
+                rows.append((record[fields[0]], record[fields[1]], self._alternate_of(where, record), where))
+        own = [row for row in rows if row[2] is not None]
+        if not own and refusals is None:
+            return [(prompt, answer) for prompt, answer, _, _ in rows]
+        missing = [where for _, _, alternates, where in rows if alternates is None]
+        if missing and refusals is None:
+            where = missing[0]
+            raise DataSourceError(
+                f"{where}: no {self.alternate_field!r} field while other records have one; give every "
+                "record an alternate or set alternates_file for the rest"
+            )
+        out = []
+        for index, (prompt, answer, alternates, _) in enumerate(rows):
+            choices = alternates or refusals or []
+            out.append((prompt, answer, choices[pick(self.seed, index, len(choices))]))
+        return out
 
     def validate(self) -> None:
         self._pairs = self.pairs()

@@ -61,6 +61,20 @@ def check_supported(trainer: Any) -> None:
         )
 
 
+def check_alternates(objective: Any, datamodule: Any) -> None:
+    """An objective that contrasts the forget answer with an alternate needs alternates in the data."""
+    if not getattr(objective, "needs_alternates", False) or datamodule is None:
+        return
+    if getattr(datamodule, "has_alternates", True):
+        return
+    sources = ", ".join(s.describe() for s in getattr(datamodule, "forget_sources", []))
+    raise UserError(
+        f"--model.forget_objective {type(objective).__name__} needs an alternate answer for every forget example, "
+        f"and the forget data ({sources}) has none: set --data.forget.init_args.alternates_file to a file of "
+        "refusals (e.g. configs/data/idk_refusals.txt) or give each record an 'alternate' field"
+    )
+
+
 def batch_layout(trainer: Any, accumulate_grad_batches: int) -> dict[str, int]:
     """Sequences per device and task, processes and micro-batches: what fixes the data order."""
     dm = getattr(trainer, "datamodule", None)

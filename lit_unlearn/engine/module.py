@@ -102,9 +102,11 @@ class UnlearningModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         checks.check_supported(self.trainer)
+        dm = getattr(self.trainer, "datamodule", None)
+        if stage == "fit":
+            checks.check_alternates(self.forget_objective, dm)
         if self.model is None:  # after the data module's setup: data errors surface before the load
             self.model = self.network.load()
-        dm = getattr(self.trainer, "datamodule", None)
         self.network.check(self.model, str(self.trainer.precision), getattr(dm, "max_length", None))
         needs_ref = self.forget_objective.requires_reference or self.retain_objective.requires_reference
         if stage == "fit" and needs_ref and self.reference is None:

@@ -61,6 +61,10 @@ class Objective(ABC):
     requires_reference: bool = False
     """Whether :meth:`loss_terms` needs the frozen reference model ``π_ref``."""
 
+    needs_alternates: bool = False
+    """Whether forget batches must carry an ``alternate`` sub-batch (a preferred answer per
+    example, e.g. a refusal); a run whose forget data has none stops before the model loads."""
+
     unit: Literal["token", "sequence"] = "token"
     """What the loss is a mean over: label tokens (NLL, GA, KL, RMU, EmbedDiff) or sequences (NPO, SimNPO)."""
 

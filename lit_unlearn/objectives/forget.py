@@ -1,4 +1,4 @@
-"""Forget objectives: gradient ascent, NPO, SimNPO, RMU, and the token-reweighted and
+"""Forget objectives: gradient ascent, NPO, SimNPO, IdkDPO, RMU, and the token-reweighted and
 distillation losses WGA, SatImp, UNDIAL and CE-U. Descending each one forgets."""
 
 from __future__ import annotations
@@ -96,6 +96,50 @@ class NPO(Objective):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "ref_table" in state:
             self._ref_table = state["ref_table"]
+
+
+class DPO(Objective):
+    """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) with a refusal as
+    the preferred answer: IdkDPO, as in TOFU (Maini et al. 2024, arXiv 2401.06121).
+
+    ``L_f = −(2/β) · mean log σ(β · [(S_ref(w) − S_θ(w)) − (S_ref(l) − S_θ(l))])`` with ``w`` the
+    example's alternate answer (the batch's ``alternate``), ``l`` the forget answer and ``S`` the
+    summed NLL of an answer; a mean over sequences. Sign: decreases as the model prefers the
+    refusal to the forget answer more than the frozen reference did, so descending it lowers the
+    forget answer's likelihood (and raises the refusal's). Needs alternates in the forget data
+    (``QAPairs`` ``alternate`` fields or ``alternates_file``; the embedded benchmark has them).
+    open-unlearning's setting: β = 0.1.
+
+    Args:
+        beta: inverse temperature β of the preference margin.
+    """
+
+    requires_reference = True
+    needs_alternates = True
+    unit = "sequence"
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if not beta > 0:
+            raise ValueError(f"DPO beta must be > 0, got {beta}")
+        self.beta = beta
+
+    def loss_terms(self, model: nn.Module, batch: Batch, reference: nn.Module | None) -> Terms:
+        alternate: Batch | None = batch.get("alternate")  # type: ignore[assignment]  # a nested batch
+        if alternate is None:
+            raise RuntimeError("DPO needs forget batches with an 'alternate' sub-batch (alternate answers)")
+        rejected, _ = Fn.sequence_nll(model(**model_inputs(batch)).logits, batch["labels"])
+        chosen, _ = Fn.sequence_nll(model(**model_inputs(alternate)).logits, alternate["labels"])
+        ref_rejected, _ = Fn.sequence_nll(reference_forward(reference, batch, "DPO").logits, batch["labels"])
+        ref_chosen, _ = Fn.sequence_nll(
+            reference_forward(reference, alternate, "DPO").logits, alternate["labels"]
+        )
+        total, count = Fn.dpo_terms(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+        # log π_θ − log π_ref per sequence, of the forget answer and of the refusal
+        metrics = {
+            "log_ratio": (ref_rejected - rejected).detach().sum(),
+            "alternate_log_ratio": (ref_chosen - chosen).detach().sum(),
+        }
+        return total, count, metrics
 
 
 class SimNPO(Objective):

@@ -74,6 +74,27 @@ def npo_loss(seq_nll: Tensor, ref_seq_nll: Tensor, beta: float) -> Tensor:
     return _mean(npo_terms(seq_nll, ref_seq_nll, beta))
 
 
+def dpo_terms(
+    chosen_seq_nll: Tensor,
+    rejected_seq_nll: Tensor,
+    ref_chosen_seq_nll: Tensor,
+    ref_rejected_seq_nll: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor]:
+    """DPO with the alternate answer as the winner ``w`` and the forget answer as the loser ``l``:
+    ``−(2/β) · Σ log σ(β · [(S_ref(w) − S_θ(w)) − (S_ref(l) − S_θ(l))])`` over the sequences (``S``
+    the summed NLL, so ``S_ref − S_θ = log π_θ − log π_ref``), and the number of sequences.
+
+    >>> s = torch.tensor([4.0])
+    >>> total, n = dpo_terms(s, s, s, s, beta=0.1)  # equal margins: (2/β) · ln 2
+    >>> round(total.item(), 4), int(n)
+    (13.8629, 1)
+    """
+    margin = (ref_chosen_seq_nll - chosen_seq_nll) - (ref_rejected_seq_nll - rejected_seq_nll)
+    per_seq = -(2.0 / beta) * F.logsigmoid(beta * margin)
+    return per_seq.sum(), torch.tensor(per_seq.numel(), device=per_seq.device)
+
+
 def simnpo_terms(seq_nll: Tensor, n_tokens: Tensor, beta: float, delta: float) -> tuple[Tensor, Tensor]:
     """``-(2/β) · Σ log σ(β · (S_θ/|y| − δ))`` over the sequences, and the number of sequences."""
     per_seq = -(2.0 / beta) * F.logsigmoid(beta * (seq_nll / n_tokens.clamp_min(1) - delta))

@@ -65,7 +65,9 @@ def test_forget_anchored_epoch_length(synthetic_tokenizer_dir):
 
 
 def _all(loader):
-    return [{k: {kk: vv.clone() for kk, vv in v.items()} for k, v in b.items()} for b in loader]
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    return [apply_to_collection(b, torch.Tensor, torch.clone) for b in loader]
 
 
 def test_num_workers_do_not_change_batches(synthetic_tokenizer_dir):
@@ -75,6 +77,7 @@ def test_num_workers_do_not_change_batches(synthetic_tokenizer_dir):
     for x, y in zip(a, b):
         for part in ("forget", "retain"):
             assert torch.equal(x[part]["input_ids"], y[part]["input_ids"])
+        assert torch.equal(x["forget"]["alternate"]["input_ids"], y["forget"]["alternate"]["input_ids"])
 
 
 def test_two_fake_ranks_draw_different_retain_samples(synthetic_tokenizer_dir):

@@ -21,12 +21,12 @@ from torchjd.aggregation import UPGrad  # noqa: E402
 
 from lit_unlearn.engine.module import UnlearningModule  # noqa: E402
 from lit_unlearn.eval import SyntheticProbes, UnlearningEvaluator  # noqa: E402
-from lit_unlearn.objectives import CEU, NPO, UNDIAL, WGA, GradientAscent, SatImp, SimNPO  # noqa: E402
+from lit_unlearn.objectives import CEU, DPO, NPO, UNDIAL, WGA, GradientAscent, SatImp, SimNPO  # noqa: E402
 from lit_unlearn.synthesis import GRU, RULES, SAGO, TorchJD  # noqa: E402
 
 # (name, forget objective factory, synthesizer): every rule with gradient ascent, and every other
 # forget objective once (sequence means: NPO, SimNPO; reweighted token means: WGA, SatImp; a
-# reference distillation: UNDIAL; a self-target: CE-U).
+# reference distillation: UNDIAL; a self-target: CE-U; a preference over alternates: DPO).
 CASES = [(rule.__name__, GradientAscent, rule) for rule in RULES] + [
     ("NPO", lambda: NPO(beta=0.5), SAGO),
     ("SimNPO", lambda: SimNPO(beta=0.5), SAGO),
@@ -34,6 +34,7 @@ CASES = [(rule.__name__, GradientAscent, rule) for rule in RULES] + [
     ("SatImp", lambda: SatImp(beta1=1.0, beta2=1.0), SAGO),
     ("UNDIAL", lambda: UNDIAL(beta=3.0), SAGO),
     ("CEU", CEU, SAGO),
+    ("DPO", lambda: DPO(beta=0.5), SAGO),
     ("TorchJD-UPGrad", GradientAscent, lambda retain_weight: TorchJD(UPGrad(), retain_weight=retain_weight)),
 ]
 from tests.engine_helpers import make_dm, make_model, sgd  # noqa: E402

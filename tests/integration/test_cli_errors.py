@@ -195,6 +195,17 @@ CASES = [
         ],
     ),
     Case(
+        "IdkDPO on data without alternates",
+        lambda d: [
+            *forget_file("one.jsonl")(d),
+            "--data.forget_batch_size",
+            "1",
+            "--model.forget_objective",
+            os.path.join(ROOT, "configs", "objective", "forget", "dpo.yaml"),
+        ],
+        lambda d: ["--model.forget_objective DPO", "one.jsonl", "--data.forget.init_args.alternates_file"],
+    ),
+    Case(
         "collapsed model (lr = 1e6)",
         lambda d: ["--model.optimizer.init_args.lr", "1e6"],
         lambda d: ["collapsed", "learning rate"],

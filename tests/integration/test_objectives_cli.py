@@ -12,7 +12,7 @@ from tests.integration.cli_helpers import ROOT, results, run, run_dirs, tiny_fit
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "name, cls", [("wga", "WGA"), ("satimp", "SatImp"), ("undial", "UNDIAL"), ("ceu", "CEU")]
+    "name, cls", [("wga", "WGA"), ("satimp", "SatImp"), ("undial", "UNDIAL"), ("ceu", "CEU"), ("dpo", "DPO")]
 )
 def test_each_objective_forgets_through_the_cli(tmp_path, name, cls):
     component = os.path.join(ROOT, "configs", "objective", "forget", f"{name}.yaml")

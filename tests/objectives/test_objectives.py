@@ -15,6 +15,7 @@ from lit_unlearn.engine.module import UnlearningModule
 from lit_unlearn.models import frozen_copy, load_tokenizer
 from lit_unlearn.objectives import (
     CEU,
+    DPO,
     KL,
     NLL,
     NPO,
@@ -75,6 +76,7 @@ def forget_nll(model, batch):
     [
         (GradientAscent(), 0.1),
         (NPO(beta=0.1), 0.1),
+        (DPO(beta=0.1), 0.1),
         (SimNPO(beta=2.5, delta=0.0), 0.1),
         (RMU(layer=1, steering_coeff=5.0), 0.1),
         # the reweighted losses ease off near-certain tokens: a trained target needs a larger step

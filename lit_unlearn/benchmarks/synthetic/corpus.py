@@ -294,6 +294,16 @@ def build_tokenizer(corpus: SyntheticCorpus) -> Any:
     )
 
 
+def refused(doc: Document, refusal: str) -> Document:
+    """``doc`` with every attribute value replaced by the one word ``refusal`` (positions kept)."""
+    if len(refusal.split()) != 1:
+        raise ValueError(f"refusal must be one word (the values are one token each), got {refusal!r}")
+    words = doc.text.split()
+    for pos in doc.value_positions:
+        words[pos] = refusal
+    return Document(" ".join(words), doc.value_positions)
+
+
 def encode_document(doc: Document, tokenizer: Any, loss_on: Literal["values", "all"]) -> Example:
     """BOS + words; labels on the value tokens only (``values``) or on every word (``all``)."""
     ids = tokenizer(doc.text, add_special_tokens=True)["input_ids"]

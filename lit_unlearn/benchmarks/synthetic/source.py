@@ -10,13 +10,19 @@ from lit_unlearn.benchmarks.synthetic.corpus import (
     SyntheticCorpus,
     encode_document,
     generate_corpus,
+    refused,
     select_people,
 )
-from lit_unlearn.data.sources import DataSource, Example
+from lit_unlearn.data.sources import ALTERNATE, DataSource, Example
 
 
 class SyntheticKnowledge(DataSource):
     """Documents of the fictitious-knowledge benchmark as a forget/retain/general source.
+
+    Forget documents carry an alternate answer (for IdkDPO): the same document with every
+    attribute value replaced by ``refusal``. The benchmark's word-level vocabulary has no refusal
+    words, so the default ``unknown`` becomes the tokenizer's unknown token — the one token the
+    target never predicts, this world's "I don't know".
 
     Args:
         part: ``forget`` / ``retain`` people's documents, or ``general`` (arithmetic and counting).
@@ -29,6 +35,7 @@ class SyntheticKnowledge(DataSource):
         subset: ``all`` of the part's people, or for a relearning attack the ``relearn`` slice
             (the first ``relearn_fraction`` of them) or the ``held_out`` rest.
         relearn_fraction: size of the ``relearn`` slice.
+        refusal: the word that replaces each value in a forget document's alternate.
     """
 
     def __init__(
@@ -41,6 +48,7 @@ class SyntheticKnowledge(DataSource):
         seed: int = 0,
         subset: Subset = "all",
         relearn_fraction: float = 0.5,
+        refusal: str = "unknown",
     ) -> None:
         if part not in ("forget", "retain", "general"):
             raise ValueError(f"part must be 'forget', 'retain' or 'general', got {part!r}")
@@ -49,6 +57,7 @@ class SyntheticKnowledge(DataSource):
         self.part, self.loss_on, self.include_general = part, loss_on, include_general
         self.num_people, self.forget_fraction, self.seed = num_people, forget_fraction, seed
         self.subset, self.relearn_fraction = subset, relearn_fraction
+        self.refusal = refusal
 
     def describe(self) -> str:
         subset = "" if self.subset == "all" else f", subset={self.subset}"
@@ -73,5 +82,8 @@ class SyntheticKnowledge(DataSource):
                 raise ValueError(
                     f"{self.describe()}: a document has {ex['input_ids'].numel()} tokens > max_length={max_length}"
                 )
+            if self.part == "forget":
+                alternate = encode_document(refused(doc, self.refusal), tokenizer, loss_on)
+                ex.update({ALTERNATE + key: value for key, value in alternate.items()})
             examples.append(ex)
         return examples
