@@ -2,7 +2,7 @@
 
     python scripts/compare_runs.py runs/demo                  # every run below a folder
     python scripts/compare_runs.py runs/a runs/b --out runs/ab
-    python scripts/compare_runs.py runs/demo --oracle .cache/lit_unlearn/synthetic-oracle/metrics.json
+    python scripts/compare_runs.py runs/demo --oracle ~/.cache/lit_unlearn/synthetic-oracle/metrics.json
 
 Prints every run (with its seed) and each method's mean ± std over distinct seeds at matched
 forgetting, and writes into the folder (or --out): pareto.png, comparison.json and the TensorBoard

@@ -109,13 +109,15 @@ def main(argv: list[str] | None = None) -> None:
             run_dirs.append(out)
     oracle = None
     if args.oracle:
-        oracle_dir = os.path.join(".cache", "lit_unlearn", "synthetic-oracle")
-        run([os.path.join(BIN, "lit-unlearn-target"), "--oracle", "true", "--output_dir", oracle_dir], env)
-        with open(os.path.join(ROOT, oracle_dir, "metrics.json")) as handle:
+        from lit_unlearn.benchmarks.synthetic.target import target_dir
+
+        oracle_dir = target_dir("oracle")  # in the machine's cache
+        run([os.path.join(BIN, "lit-unlearn-target"), "--oracle", "true"], env)
+        with open(os.path.join(oracle_dir, "metrics.json")) as handle:
             oracle = json.load(handle)
     compare = ["python", "scripts/compare_runs.py", args.out]
     if args.oracle:
-        compare += ["--oracle", ".cache/lit_unlearn/synthetic-oracle/metrics.json"]
+        compare += ["--oracle", os.path.join(oracle_dir, "metrics.json")]
     print(f"\n$ {shlex.join(compare)}\n", flush=True)
     from lit_unlearn.eval.compare import compare_runs
 

@@ -37,6 +37,8 @@ import sys
 import time
 from itertools import combinations
 
+from lit_unlearn.benchmarks.synthetic.target import target_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 BENCHMARK = "configs/benchmark/synthetic.yaml"
@@ -60,8 +62,8 @@ trainer:
     - class_path: lit_unlearn.eval.TradeoffReport
       init_args: {forget_metric: held_out_qa, retain_metric: retain_qa}
 """
-ORACLE = ".cache/lit_unlearn/synthetic-oracle"
-TARGET = ".cache/lit_unlearn/synthetic-target"
+ORACLE = target_dir("oracle")  # both in the machine's cache (LIT_UNLEARN_CACHE)
+TARGET = target_dir("default")
 
 
 def run(cmd: list[str], env: dict[str, str]) -> None:
@@ -130,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(ROOT, overlay), "w") as handle:
         handle.write(MATCH_ON_HELD_OUT)
     run([os.path.join(BIN, "lit-unlearn-target")], env)
-    if not os.path.exists(os.path.join(ROOT, ORACLE, "config.json")):
-        run([os.path.join(BIN, "lit-unlearn-target"), "--oracle", "true", "--output_dir", ORACLE], env)
+    if not os.path.exists(os.path.join(ORACLE, "config.json")):
+        run([os.path.join(BIN, "lit-unlearn-target"), "--oracle", "true"], env)
 
     rows: dict[str, list[dict]] = {}
     for synth in args.synthesizers:

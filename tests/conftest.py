@@ -9,6 +9,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' machine cache (synthetic targets, example caches) stays inside the checkout, out of
+# the user's home; the subprocesses the tests start inherit it.
+os.environ.setdefault(
+    "LIT_UNLEARN_CACHE",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "lit_unlearn"),
+)
 
 
 @pytest.fixture(autouse=True)

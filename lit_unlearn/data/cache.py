@@ -2,16 +2,20 @@
 
 Building examples (reading, tokenizing and chunking a corpus) happens once, in
 ``UnlearningDataModule.prepare_data`` — Lightning runs it on one process per node before the
-others start — and the result is written as an Arrow dataset (``datasets``) under the cache
-directory. Every rank, and every later launch, then *memory-maps* it: no rank tokenizes, and no
-rank holds the corpus in its own memory (the pages are shared through the OS page cache).
+others start — and the result is written as an Arrow file under the cache directory (by
+default the machine's cache, :func:`lit_unlearn.user_cache.cache_root`). The build *streams*:
+sources yield examples and the writer flushes them in batches of :data:`WRITE_BATCH`, so the
+building process holds a bounded amount whatever the corpus size. Every rank, and every later
+launch, then *memory-maps* the file: no rank tokenizes, and no rank holds the corpus in its own
+memory (the pages are shared through the OS page cache).
 
 The cache key covers everything the examples depend on: the sources' classes and settings, the
 size and modification time of every file they name (a hub dataset is identified by its name and
 ``revision``: pin the revision to be sure a cached copy matches), the tokenizer (its name, size and, for fast
 tokenizers, its full definition), ``max_length`` and the cache format. A changed file or setting
-builds a new entry; entries are written to a temporary name and renamed, so a crash never leaves
-a half-written one.
+builds a new entry. Entries are built under a lock by one process (ranks, nodes and concurrent
+runs reuse it), written to a temporary name, sealed with checksums and renamed, so a crash never
+leaves a half-written one and a damaged one is rebuilt (:func:`lit_unlearn.user_cache.build_once`).
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from lit_unlearn.logs import describe
-from lit_unlearn.rundir import atomic_directory
+from lit_unlearn.user_cache import build_once
 
-FORMAT = 2  # 2: alternate answers stored with the examples; bump when the stored layout changes
+FORMAT = 3  # 3: one streamed Arrow file per sealed entry, alternate answers; bump when the layout changes
+WRITE_BATCH = 1000  # examples per Arrow record batch while building
+ARROW_FILE = "examples.arrow"
 Example = dict[str, Tensor]
 
 
@@ -95,17 +101,17 @@ def mark_validated(cache_dir: str, sources: Sequence[Any]) -> None:
 
 
 class ArrowExamples(Sequence[Example]):
-    """Read-only examples backed by a memory-mapped Arrow dataset; ``[i]`` is a dict of tensors.
+    """Read-only examples backed by a memory-mapped Arrow file; ``[i]`` is a dict of tensors.
 
     Args:
-        path: a directory written by :func:`write_examples`.
+        path: a cache entry written by :func:`write_examples`.
     """
 
     def __init__(self, path: str) -> None:
-        from datasets import load_from_disk
+        from datasets import Dataset
 
         self.path = path
-        self.dataset = load_from_disk(path).with_format("torch")
+        self.dataset = Dataset.from_file(os.path.join(path, ARROW_FILE)).with_format("torch")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -116,17 +122,20 @@ class ArrowExamples(Sequence[Example]):
         return dict(self.dataset[int(index)])
 
 
-def write_examples(examples: Sequence[Example], path: str) -> None:
-    """Store examples (dicts of 1-D or 0-D tensors with the same keys) at ``path``, atomically."""
-    from datasets import Dataset
+def write_examples(examples: Iterable[Example], folder: str) -> int:
+    """Stream examples (dicts of 1-D or 0-D tensors with the same keys) into ``folder`` as one
+    Arrow file, :data:`WRITE_BATCH` at a time; returns how many were written."""
+    from datasets.arrow_writer import ArrowWriter
 
-    columns = {key: [example[key].numpy() for example in examples] for key in examples[0]}
-    try:
-        with atomic_directory(path) as tmp:
-            Dataset.from_dict(columns).save_to_disk(tmp)
-    except OSError:
-        if not os.path.isdir(path):  # another process finished the same entry first: fine
-            raise
+    count = 0
+    with ArrowWriter(path=os.path.join(folder, ARROW_FILE), writer_batch_size=WRITE_BATCH) as writer:
+        for example in examples:
+            writer.write({key: value.numpy() for key, value in example.items()})
+            count += 1
+        if count == 0:
+            raise ValueError(f"{folder}: no examples to write")
+        writer.finalize()
+    return count
 
 
 def cached_examples(
@@ -134,10 +143,14 @@ def cached_examples(
     sources: Sequence[Any],
     tokenizer: Any,
     max_length: int,
-    build: Callable[[], list[Example]],
+    build: Callable[[], Iterable[Example]],
 ) -> ArrowExamples:
-    """The examples of ``sources`` from the cache, building and writing them first if missing."""
+    """The examples of ``sources`` from the cache, streaming ``build()`` into it first if missing."""
     path = os.path.join(cache_dir, cache_key(sources, tokenizer, max_length))
-    if not os.path.isdir(path):
-        write_examples(build(), path)
+    what = "examples of " + ", ".join(source.describe() for source in sources)
+
+    def write(folder: str) -> None:
+        write_examples(build(), folder)
+
+    build_once(path, write, what)
     return ArrowExamples(path)

@@ -10,6 +10,7 @@ Use ``Trainer(use_distributed_sampler=False)``: the sampler already shards by ra
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
@@ -34,6 +35,7 @@ from lit_unlearn.data.sampling import PairedBatchSampler
 from lit_unlearn.data.sources import ALTERNATE, DataSource, Example
 from lit_unlearn.errors import UserError
 from lit_unlearn.models import load_tokenizer
+from lit_unlearn.user_cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class UnlearningDataModule(L.LightningDataModule):
         shuffle: shuffle the data order.
         trust_remote_code: allow custom tokenizer code (off by default).
         tokenizer_revision: its hub revision (linked to the model's).
-        cache_dir: tokenized-example cache (built once per node); None: off.
+        cache_dir: tokenized-example cache; auto: the machine's (LIT_UNLEARN_CACHE); None: off.
     """
 
     def __init__(
@@ -81,7 +83,7 @@ class UnlearningDataModule(L.LightningDataModule):
         shuffle: bool = True,
         trust_remote_code: bool = False,
         tokenizer_revision: str | None = None,
-        cache_dir: str | None = os.path.join(".cache", "lit_unlearn", "data"),
+        cache_dir: str | None = "auto",
     ) -> None:
         super().__init__()
         if max_length < 2:
@@ -102,7 +104,7 @@ class UnlearningDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.trust_remote_code = trust_remote_code
         self.tokenizer_revision = tokenizer_revision
-        self.cache_dir = cache_dir
+        self.cache_dir = os.path.join(cache_root(), "data") if cache_dir == "auto" else cache_dir or None
         self.tokenizer: Any = None
         self.forget_examples: Sequence[Example] = []
         self.retain_examples: Sequence[Example] = []
@@ -112,18 +114,24 @@ class UnlearningDataModule(L.LightningDataModule):
         self.allow_data_change = False
 
     # ------------------------------------------------------------------ building
-    def _build(self, sources: list[DataSource]) -> list[Example]:
-        examples = [ex for src in sources for ex in src.checked_build(self.tokenizer, self.max_length)]
-        if any(ALTERNATE + "input_ids" in ex for ex in examples) and not all(
-            ALTERNATE + "input_ids" in ex for ex in examples
-        ):
+    def _stream(self, sources: list[DataSource]) -> Iterator[Example]:
+        """Every example of ``sources`` in order, one at a time (what the cache is written from)."""
+        streams = [src.checked_examples(self.tokenizer, self.max_length) for src in sources]
+        firsts = [next(stream) for stream in streams]  # an empty source fails here, naming itself
+        with_alternates = [ALTERNATE + "input_ids" in first for first in firsts]
+        keep = all(with_alternates)
+        if any(with_alternates) and not keep:
             # a group is one table: alternates only where every source has them
             log.warning(
                 "%s: only some sources have alternate answers; the group keeps none",
                 ", ".join(s.describe() for s in sources),
             )
-            examples = [{k: v for k, v in ex.items() if not k.startswith(ALTERNATE)} for ex in examples]
-        return examples
+        for first, rest in zip(firsts, streams):
+            for example in itertools.chain([first], rest):
+                yield example if keep else {k: v for k, v in example.items() if not k.startswith(ALTERNATE)}
+
+    def _build(self, sources: list[DataSource]) -> list[Example]:
+        return list(self._stream(sources))
 
     @property
     def has_alternates(self) -> bool:
@@ -134,7 +142,7 @@ class UnlearningDataModule(L.LightningDataModule):
         if self.cache_dir is None:
             return self._build(sources)
         return cached_examples(
-            self.cache_dir, sources, self.tokenizer, self.max_length, lambda: self._build(sources)
+            self.cache_dir, sources, self.tokenizer, self.max_length, lambda: self._stream(sources)
         )
 
     def _groups(self) -> list[tuple[str, list[DataSource]]]:

@@ -22,7 +22,8 @@ import json
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from typing import Any
 
 import torch
@@ -60,8 +61,8 @@ def _read_text(path: str) -> str:
         ) from None
 
 
-def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Like :func:`read_records`, each record with its location (``file:line`` or ``file[i]``)."""
+def _checked_path(path: str) -> str:
+    """The lower-case extension of an existing, supported data file."""
     if not os.path.exists(path):
         raise DataSourceError(f"{path}: file not found")
     if os.path.isdir(path):
@@ -69,33 +70,61 @@ def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, di
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".txt", ".jsonl", ".json"):
         raise DataSourceError(f"{path}: unsupported extension {ext!r}; expected .jsonl, .json or .txt")
-    text = _read_text(path)
-    if not text.strip():
-        raise DataSourceError(f"{path}: file is empty")
-    records: list[tuple[str, Any]] = []  # (location, record)
-    if ext == ".txt":
-        return [(path, {fields[0]: text})]
-    if ext == ".jsonl":
-        # JSON Lines ends records at "\n" only: str.splitlines would also split at U+2028,
-        # U+2029 or U+0085, which json.dumps(ensure_ascii=False) writes raw inside strings.
-        for lineno, line in enumerate(text.split("\n"), start=1):
+    return ext
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
+    """``(file:line, parsed value)`` of a JSON Lines file, read one line at a time."""
+    offset, seen = 0, False
+    with open(path, "rb") as handle:
+        # JSON Lines ends records at "\n" only (binary iteration splits there and nowhere else):
+        # str.splitlines would also split at U+2028, U+2029 or U+0085, which
+        # json.dumps(ensure_ascii=False) writes raw inside strings.
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataSourceError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at offset {offset + err.start}); "
+                    "save the file as UTF-8"
+                ) from None
+            offset += len(raw)
             if not line.strip():
                 continue
+            seen = True
             try:
-                records.append((f"{path}:{lineno}", json.loads(line)))
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataSourceError(
                     f"{path}:{lineno}: malformed JSON line ({err.msg}, column {err.colno})"
                 ) from None
+    if not seen:
+        raise DataSourceError(f"{path}: file is empty")
+
+
+def iter_located_records(path: str, fields: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Like :func:`read_located_records`, lazily: ``.jsonl`` files are read one line at a time, so
+    a corpus of any size streams through in bounded memory (``.json`` and ``.txt`` are read whole)."""
+    ext = _checked_path(path)
+    records: Iterable[tuple[str, Any]]
+    if ext == ".jsonl":
+        records = _jsonl_records(path)
     else:
+        text = _read_text(path)
+        if not text.strip():
+            raise DataSourceError(f"{path}: file is empty")
+        if ext == ".txt":
+            yield path, {fields[0]: text}
+            return
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataSourceError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(data, list):
             raise DataSourceError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-        records = [(f"{path}[{i}]", item) for i, item in enumerate(data)]
-    out = []
+        if not data:
+            raise DataSourceError(f"{path}: no records")
+        records = ((f"{path}[{i}]", item) for i, item in enumerate(data))
     for where, record in records:
         if isinstance(record, str) and len(fields) == 1:
             record = {fields[0]: record}
@@ -110,10 +139,12 @@ def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, di
                 raise DataSourceError(
                     f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}"
                 )
-        out.append((where, record))
-    if not out:
-        raise DataSourceError(f"{path}: no records")
-    return out
+        yield where, record
+
+
+def read_located_records(path: str, fields: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Like :func:`read_records`, each record with its location (``file:line`` or ``file[i]``)."""
+    return list(iter_located_records(path, fields))
 
 
 def read_records(path: str, fields: Sequence[str]) -> list[dict[str, Any]]:
@@ -162,26 +193,53 @@ def chunk_token_stream(ids: Sequence[int], max_length: int, bos_id: int | None =
     return chunks
 
 
-def texts_to_chunks(
-    texts: Iterable[str], tokenizer: Any, max_length: int, separator: str = "\n\n", add_bos: bool = True
-) -> list[Example]:
-    """Concatenate documents with ``separator``, tokenize, chunk; loss on every token."""
+def stream_chunks(
+    texts: Iterable[str],
+    tokenizer: Any,
+    max_length: int,
+    separator: str = "\n\n",
+    add_bos: bool = True,
+    batch_documents: int = 256,
+) -> Iterator[Example]:
+    """Concatenate documents with ``separator``, tokenize, chunk; loss on every token — lazily:
+    ``batch_documents`` documents are tokenized at a time and only the unfinished chunk is kept,
+    so memory does not grow with the corpus. Gives exactly :func:`chunk_token_stream`'s chunks of
+    the whole stream."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
     sep_ids = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     if separator and not sep_ids and tokenizer.eos_token_id is not None:
         sep_ids = [tokenizer.eos_token_id]
-    texts = list(texts)
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    stream: list[int] = []
-    for i, ids in enumerate(encoded):
-        if i:
-            stream.extend(sep_ids)
-        stream.extend(ids)
     bos = tokenizer.bos_token_id if add_bos else None
-    return [
-        {"input_ids": torch.tensor(c, dtype=torch.long), "labels": torch.tensor(c, dtype=torch.long)}
-        for c in chunk_token_stream(stream, max_length, bos)
-        if len(c) > (1 if bos is not None else 0)
-    ]
+    body = max_length - 1 if bos is not None else max_length
+    head = [bos] if bos is not None else []
+    texts = iter(texts)
+    buffer: list[int] = []
+    started = False
+
+    def example(ids: list[int]) -> Example:
+        chunk = torch.tensor(head + ids, dtype=torch.long)
+        return {"input_ids": chunk, "labels": chunk.clone()}
+
+    while batch := list(islice(texts, batch_documents)):
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            if started:
+                buffer.extend(sep_ids)
+            started = True
+            buffer.extend(ids)
+        full = len(buffer) // body * body
+        for start in range(0, full, body):
+            yield example(buffer[start : start + body])
+        del buffer[:full]
+    if buffer:
+        yield example(buffer)
+
+
+def texts_to_chunks(
+    texts: Iterable[str], tokenizer: Any, max_length: int, separator: str = "\n\n", add_bos: bool = True
+) -> list[Example]:
+    """:func:`stream_chunks` as a list."""
+    return list(stream_chunks(texts, tokenizer, max_length, separator, add_bos))
 
 
 def encode_qa(
@@ -267,12 +325,23 @@ class DataSource(ABC):
         """Read and check the raw data without a tokenizer (called before anything heavy loads,
         so a bad file fails in seconds). Sources that read files override it."""
 
+    def examples(self, tokenizer: Any, max_length: int) -> Iterator[Example]:
+        """The examples one at a time (the example cache is written from this stream). Sources
+        whose data can be large override it to stream; the default yields :meth:`build`'s list."""
+        yield from self.build(tokenizer, max_length)
+
+    def checked_examples(self, tokenizer: Any, max_length: int) -> Iterator[Example]:
+        """:meth:`examples` plus the guarantee that the source is not empty."""
+        empty = True
+        for example in self.examples(tokenizer, max_length):
+            empty = False
+            yield example
+        if empty:
+            raise DataSourceError(f"{self.describe()}: the source yields zero examples/chunks")
+
     def checked_build(self, tokenizer: Any, max_length: int) -> list[Example]:
         """``build`` plus the guarantee that the source is not empty."""
-        examples = self.build(tokenizer, max_length)
-        if not examples:
-            raise DataSourceError(f"{self.describe()}: the source yields zero examples/chunks")
-        return examples
+        return list(self.checked_examples(tokenizer, max_length))
 
 
 class TextCorpus(DataSource):
@@ -299,22 +368,29 @@ class TextCorpus(DataSource):
         self.separator = separator
         self.add_bos = add_bos
         self.max_documents = max_documents
-        self._texts: list[str] | None = None  # read by validate(), consumed by build()
 
     def describe(self) -> str:
         return f"TextCorpus({', '.join(self.paths)})"
 
+    def documents(self) -> Iterator[str]:
+        """The documents of every file in order, read lazily (at most ``max_documents``)."""
+        records = (
+            r[self.text_field] for p in self.paths for _, r in iter_located_records(p, [self.text_field])
+        )
+        return islice(records, self.max_documents) if self.max_documents else records
+
     def texts(self) -> list[str]:
-        texts = [r[self.text_field] for p in self.paths for r in read_records(p, [self.text_field])]
-        return texts[: self.max_documents] if self.max_documents else texts
+        return list(self.documents())
 
     def validate(self) -> None:
-        self._texts = self.texts()
+        for _ in self.documents():  # every record checked, none kept
+            pass
+
+    def examples(self, tokenizer: Any, max_length: int) -> Iterator[Example]:
+        return stream_chunks(self.documents(), tokenizer, max_length, self.separator, self.add_bos)
 
     def build(self, tokenizer: Any, max_length: int) -> list[Example]:
-        texts = self._texts or self.texts()
-        self._texts = None
-        return texts_to_chunks(texts, tokenizer, max_length, self.separator, self.add_bos)
+        return list(self.examples(tokenizer, max_length))
 
 
 class QAPairs(DataSource):
@@ -456,7 +532,7 @@ class HFDataset(DataSource):
     def describe(self) -> str:
         return f"HFDataset({self.name}{'/' + self.config if self.config else ''}:{self.split})"
 
-    def build(self, tokenizer: Any, max_length: int) -> list[Example]:
+    def examples(self, tokenizer: Any, max_length: int) -> Iterator[Example]:
         import datasets
 
         try:
@@ -480,11 +556,17 @@ class HFDataset(DataSource):
                 raise DataSourceError(
                     f"{self.describe()} row {empty}: empty {self.answer_field!r}; every pair needs a non-empty answer"
                 )
-            return qa_examples(
+            yield from qa_examples(
                 zip(ds[self.prompt_field], ds[self.answer_field]),
                 tokenizer,
                 max_length,
                 self.chat_template,
                 self.describe(),
             )
-        return texts_to_chunks(ds[self.text_field], tokenizer, max_length, self.separator)
+            return
+        # text mode streams: the rows are read from the memory-mapped dataset 1,000 at a time
+        rows = (text for batch in ds.iter(batch_size=1000) for text in batch[self.text_field])
+        yield from stream_chunks(rows, tokenizer, max_length, self.separator)
+
+    def build(self, tokenizer: Any, max_length: int) -> list[Example]:
+        return list(self.examples(tokenizer, max_length))

@@ -149,3 +149,47 @@ def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert "\u2028" in path.read_text(encoding="utf-8")  # written raw
     assert read_records(str(path), ["question", "answer"]) == rows
+
+
+@pytest.mark.parametrize("batch_documents", [1, 2, 7, 256])
+@pytest.mark.parametrize("add_bos, separator", [(True, "\n\n"), (False, "\n\n"), (True, "")])
+def test_streamed_chunks_are_the_chunks_of_the_whole_stream(tok, batch_documents, add_bos, separator):
+    """The streaming chunker (bounded memory) gives exactly the chunks of the concatenated stream."""
+    import random
+
+    from lit_unlearn.data.sources import stream_chunks
+
+    rng = random.Random(batch_documents)
+    words = " ".join(DOCS).split()
+    texts = [" ".join(rng.choices(words, k=rng.randint(0, 40))) for _ in range(50)]
+    sep = tok(separator, add_special_tokens=False)["input_ids"] if separator else []
+    stream: list[int] = []
+    for i, ids in enumerate(tok(texts, add_special_tokens=False)["input_ids"]):
+        stream += (sep if i else []) + ids
+    bos = tok.bos_token_id if add_bos else None
+    expected = chunk_token_stream(stream, 16, bos)
+    got = list(stream_chunks(iter(texts), tok, 16, separator, add_bos, batch_documents=batch_documents))
+    assert [ex["input_ids"].tolist() for ex in got] == expected
+    assert all(torch.equal(ex["input_ids"], ex["labels"]) for ex in got)
+
+
+def test_a_corpus_streams_without_being_read_whole(tok, tmp_path):
+    """The first examples come out while the rest of the corpus is still unread."""
+    from lit_unlearn.data.sources import stream_chunks
+
+    def endless():
+        i = 0
+        while True:
+            i += 1
+            yield f"document {i} " + "pathogens " * 30
+
+    first = next(stream_chunks(endless(), tok, 32))
+    assert first["input_ids"].numel() == 32
+    read = []
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 200) + "not json\n")
+    corpus = TextCorpus(str(path))
+    stream = corpus.examples(tok, 32)
+    read.append(next(stream))  # the malformed last line has not been reached yet
+    with pytest.raises(DataSourceError, match=r"big\.jsonl:601: malformed JSON line"):
+        list(stream)

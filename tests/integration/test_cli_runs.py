@@ -11,6 +11,7 @@ import stat
 import pytest
 import torch
 
+from lit_unlearn.benchmarks.synthetic.target import target_dir
 from tests.engine_helpers import relative_difference
 from tests.integration.cli_helpers import (
     ROOT,
@@ -31,7 +32,7 @@ SGD = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr",
 def _initial_weights() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(ROOT, ".cache", "lit_unlearn", "synthetic-smoke", "model.safetensors"))
+    return load_file(os.path.join(target_dir("smoke"), "model.safetensors"))
 
 
 # The rules beyond the paper's, through the real CLI (the paper's own rules: the DDP equivalence

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from lit_unlearn.benchmarks.synthetic.target import target_dir
 from lit_unlearn.cli import main
 from tests.engine_helpers import relative_difference
 from tests.integration.cli_helpers import (
@@ -39,7 +40,7 @@ RULE_ARGS = {  # what is not "--model.synthesizer <name> --model.synthesizer.ret
 def _initial() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(ROOT, ".cache", "lit_unlearn", "synthetic-smoke", "model.safetensors"))
+    return load_file(os.path.join(target_dir("smoke"), "model.safetensors"))
 
 
 def _fit(root, *extra: str, sharded: bool, float64: bool = True, timeout: float = 240) -> str:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lit_unlearn.benchmarks.synthetic.target import target_dir
 from lit_unlearn.cli import main
 from tests.engine_helpers import relative_difference
 from tests.integration.cli_helpers import ENV, ROOT, TINY, results, run, run_dirs
@@ -78,7 +79,7 @@ def test_two_processes_train_the_same_adapters_as_one(lora_runs, rule, layout):
     # products (float32 by design) are sums of two shard partials: ~1e-7 rounding per step.
     assert difference <= (1e-5 if layout == "fsdp" and rule == "PCGrad" else 1e-10), difference
     # the merged model (computed from the gathered weights on rank 0 alone) agrees as well
-    base = load_file(os.path.join(ROOT, ".cache", "lit_unlearn", "synthetic-smoke", "model.safetensors"))
+    base = load_file(os.path.join(target_dir("smoke"), "model.safetensors"))
     merged_one, merged_two = _merged(lora_runs[rule, "one"]), _merged(lora_runs[rule, layout])
     assert merged_one.keys() == merged_two.keys() == base.keys()
     tolerance = 1e-5 if layout == "fsdp" and rule == "PCGrad" else 1e-10

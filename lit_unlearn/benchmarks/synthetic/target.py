@@ -35,17 +35,20 @@ from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.rundir import atomic_directory
 from lit_unlearn.schedule import lr_schedule
 from lit_unlearn.terminal import once
+from lit_unlearn.user_cache import cache_root, damage, seal
 
-DEFAULT_DIR = os.path.join(".cache", "lit_unlearn", "synthetic-target")
 SCHEME = "synthetic://"
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"output_dir": DEFAULT_DIR},
-    "smoke": {
-        "output_dir": os.path.join(".cache", "lit_unlearn", "synthetic-smoke"),
-        "num_people": 20,
-        "steps": 150,
-    },
+PRESETS: dict[str, dict[str, Any]] = {  # folder names under the machine's cache
+    "default": {"output_dir": "synthetic-target"},
+    "smoke": {"output_dir": "synthetic-smoke", "num_people": 20, "steps": 150},
 }
+
+
+def target_dir(name: str = "default") -> str:
+    """Where ``synthetic://<name>`` is cached: ``<machine cache>/synthetic-target`` (``default``),
+    ``synthetic-smoke`` (``smoke``); ``oracle`` is the default target's retrain oracle."""
+    folder = "synthetic-oracle" if name == "oracle" else PRESETS[name]["output_dir"]
+    return os.path.join(cache_root(), folder)
 
 
 def tiny_llama(
@@ -153,6 +156,12 @@ class CausalLMPretraining(L.LightningModule):
 
 
 def _cached(output_dir: Path, recipe: TargetRecipe) -> dict[str, Any] | None:
+    if not output_dir.is_dir():
+        return None
+    problem = damage(str(output_dir))
+    if problem is not None:  # a damaged or unfinished copy is rebuilt, never loaded
+        once(f"target: the cached model in {output_dir} is not usable ({problem}); rebuilding it")
+        return None
     try:
         saved = json.loads((output_dir / "recipe.json").read_text())
         metrics = json.loads((output_dir / "metrics.json").read_text())
@@ -164,7 +173,7 @@ def _cached(output_dir: Path, recipe: TargetRecipe) -> dict[str, Any] | None:
 
 
 def build_target(
-    output_dir: str = DEFAULT_DIR,
+    output_dir: str | None = None,
     num_people: int = 200,
     forget_fraction: float = 0.1,
     corpus_seed: int = 0,
@@ -179,7 +188,8 @@ def build_target(
     """Build the synthetic target (or the retrain oracle) and return its probe metrics.
 
     Args:
-        output_dir: where the model, tokenizer, recipe and metrics are saved.
+        output_dir: where the model, tokenizer, recipe and metrics are saved (default: the
+            machine's cache, ``synthetic-target`` or ``synthetic-oracle`` in it).
         num_people: corpus size (200 for the benchmark; 20 for smoke runs).
         forget_fraction: share of people that the unlearning runs will forget.
         corpus_seed: seed of the generated corpus.
@@ -199,7 +209,7 @@ def build_target(
         steps=steps,
         oracle=oracle,
     )
-    out = Path(output_dir)
+    out = Path(output_dir or target_dir("oracle" if oracle else "default"))
     if not force and (metrics := _cached(out, recipe)) is not None:
         once(f"target: reusing cached model in {out}")
         return metrics
@@ -263,6 +273,7 @@ def _build(
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        seal(folder)
     print(f"target: saved to {out}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return metrics
 
@@ -279,8 +290,9 @@ def resolve_synthetic(name_or_path: str) -> str:
         raise ValueError(
             f"unknown synthetic target {name_or_path!r}; expected one of {[SCHEME + p for p in PRESETS]}"
         )
-    build_target(**PRESETS[preset], threads=None)
-    return str(PRESETS[preset]["output_dir"])
+    out = target_dir(preset)
+    build_target(**{**PRESETS[preset], "output_dir": out}, threads=None)
+    return out
 
 
 def main(args: list[str] | None = None) -> None:
