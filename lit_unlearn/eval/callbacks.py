@@ -2,7 +2,8 @@
 
 Fair comparisons of unlearning methods are made *at matched forgetting* (docs/benchmark.md): evaluate
 every few steps and stop (or select) when a forget metric reaches a target. Under DDP the metrics
-are computed on rank 0 and broadcast to every rank, so all ranks agree on when to stop.
+are computed data-parallel (each rank its share of the documents) or on rank 0, and broadcast to
+every rank, so all ranks agree on when to stop.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import time
 from typing import Any, Literal
 
 import lightning as L
+import torch
 
 from lit_unlearn.engine.outcome import model_of
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.logs import log_at_step
 from lit_unlearn.models import gathered_state_dict, is_sharded
+from lit_unlearn.partition import Partition
 from lit_unlearn.rundir import run_directory, save_pretrained_atomic
 
 log = logging.getLogger(__name__)
@@ -65,37 +68,56 @@ class UnlearningEvaluator(L.Callback):
         self.history: list[dict[str, float]] = []
         self.matched_step: int | None = None
         self._last_step = -1
-        self._ready = False
+        self._ready: set[int] = set()
 
     # ------------------------------------------------------------------ evaluation
-    def _setup(self, trainer: L.Trainer) -> Any:
+    def _setup(self, trainer: L.Trainer, metric: MetricSet) -> Any:
+        """The tokenizer, with ``metric`` set up once on this rank (only the ranks that compute a
+        metric set load its data)."""
         tokenizer = trainer.datamodule.tokenizer
-        if not self._ready:
+        if id(metric) not in self._ready:
             max_length: int = self.max_length or getattr(trainer.datamodule, "max_length", None) or 512
-            for metric in self.metrics:
-                metric.setup(tokenizer, max_length)
-            self._ready = True
+            metric.setup(tokenizer, max_length)
+            self._ready.add(id(metric))
         return tokenizer
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Compute every metric set on rank 0 (on every rank for a sharded model, whose forward
-        passes are collectives), broadcast, log and record; returns the values."""
+        """Compute every metric set, broadcast, log and record; returns the values.
+
+        Data-parallel metric sets run on every rank, each on its share of the documents, their
+        sums added over the ranks; the others on rank 0 (on every rank for a sharded model, whose
+        forward passes are collectives). Every rank visits the metric sets in the same order, so
+        the collectives of the data-parallel ones meet."""
         step = trainer.global_step
         values: dict[str, float] = {}
-        if trainer.is_global_zero or is_sharded(model_of(pl_module)):
-            tokenizer = self._setup(trainer)
-            start = time.perf_counter()
-            model: Any = model_of(pl_module)
-            for metric in self.metrics:
-                values.update(metric.compute(model, tokenizer))
-            summary = ", ".join(f"{k}={v:.3f}" for k, v in values.items())
-            _print(trainer, f"eval @ step {step} ({time.perf_counter() - start:.1f}s): {summary}")
+        model: Any = model_of(pl_module)
+        sharded = is_sharded(model)
+        partition = self._partition(trainer, sharded)
+        start = time.perf_counter()
+        for metric in self.metrics:
+            if metric.data_parallel and partition.world_size > 1:
+                tokenizer = self._setup(trainer, metric)
+                values.update(metric.compute(model, tokenizer, partition))  # type: ignore[call-arg]
+            elif trainer.is_global_zero or sharded:
+                values.update(metric.compute(model, self._setup(trainer, metric)))
+        summary = ", ".join(f"{k}={v:.3f}" for k, v in values.items())
+        _print(trainer, f"eval @ step {step} ({time.perf_counter() - start:.1f}s): {summary}")
         values = trainer.strategy.broadcast(values)
         log_at_step(trainer, {f"val/{k}": v for k, v in values.items()}, step)
         self.history.append({"step": step, **values})
         self._last_step = step
         self._check_target(trainer, pl_module, values)
         return values
+
+    @staticmethod
+    def _partition(trainer: L.Trainer, sharded: bool) -> Partition:
+        strategy = trainer.strategy
+
+        def reduce_sum(values: torch.Tensor) -> torch.Tensor:
+            # on the strategy's device: NCCL reduces GPU tensors only
+            return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
+
+        return Partition(trainer.global_rank, trainer.world_size, reduce_sum, lockstep=sharded)
 
     def _check_target(
         self, trainer: L.Trainer, pl_module: L.LightningModule, values: dict[str, float]

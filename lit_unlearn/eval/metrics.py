@@ -20,12 +20,18 @@ from lit_unlearn.benchmarks.synthetic.probes import synthetic_metrics, token_nll
 from lit_unlearn.data.collate import pad_examples
 from lit_unlearn.data.sources import DataSource, DataSourceError, read_records
 from lit_unlearn.objectives.functional import sequence_nll
+from lit_unlearn.partition import SINGLE, Partition
 
 Split = Literal["forget", "retain", "general"]
 
 
 class MetricSet(ABC):
     """A group of metrics computed together on one model state."""
+
+    data_parallel: bool = False
+    """Whether :meth:`compute` takes a ``partition`` and evaluates only its share of the documents
+    (the evaluator then runs it on every rank; otherwise on rank 0, or on every rank of a sharded
+    model)."""
 
     def setup(self, tokenizer: Any, max_length: int) -> None:
         """Load and tokenize data once (called before the first evaluation)."""
@@ -67,10 +73,14 @@ class SyntheticProbes(MetricSet):
         self.forget_subset, self.relearn_fraction = forget_subset, relearn_fraction
         self.forget_name = forget_name
 
-    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+    data_parallel = True
+
+    def compute(self, model: nn.Module, tokenizer: Any, partition: Partition = SINGLE) -> dict[str, float]:
         corpus = generate_corpus(self.num_people, self.forget_fraction, self.seed)  # cached: not mutated
         forget = select_people(corpus.forget_people, self.forget_subset, self.relearn_fraction)
-        values = synthetic_metrics(model, tokenizer, dataclasses.replace(corpus, forget_people=forget))
+        values = synthetic_metrics(
+            model, tokenizer, dataclasses.replace(corpus, forget_people=forget), partition
+        )
         if self.forget_name == "forget":
             return values
         return {
@@ -95,17 +105,21 @@ class CorpusNLL(MetricSet):
         self, source: DataSource, split: Split = "retain", name: str = "nll", batch_size: int = 16
     ) -> None:
         self.source, self.split, self.name, self.batch_size = source, split, name, batch_size
-        self._batches: list[dict[str, torch.Tensor]] = []
+        self._examples: list[dict[str, torch.Tensor]] = []
+        self._pad_id = 0
+
+    data_parallel = True
 
     def setup(self, tokenizer: Any, max_length: int) -> None:
-        examples = self.source.checked_build(tokenizer, max_length)
-        self._batches = [
-            pad_examples(examples[i : i + self.batch_size], tokenizer.pad_token_id)
-            for i in range(0, len(examples), self.batch_size)
-        ]
+        self._examples = self.source.checked_build(tokenizer, max_length)
+        self._pad_id = tokenizer.pad_token_id
 
-    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
-        total, count = token_nll(model, self._batches)
+    def compute(self, model: nn.Module, tokenizer: Any, partition: Partition = SINGLE) -> dict[str, float]:
+        batches = (
+            (pad_examples([self._examples[i] for i in rows], self._pad_id), counted)
+            for rows, counted in partition.batches(range(len(self._examples)), self.batch_size)
+        )
+        total, count = partition.total(token_nll(model, batches))
         nll = total / max(count, 1)
         return {f"{self.split}_{self.name}": nll, f"{self.split}_{self.name}_ppl": math.exp(min(nll, 50.0))}
 
@@ -176,17 +190,21 @@ class MultipleChoice(MetricSet):
     def setup(self, tokenizer: Any, max_length: int) -> None:
         self._items = load_multiple_choice(self.path, *self.fields)
 
-    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+    data_parallel = True
+
+    def compute(self, model: nn.Module, tokenizer: Any, partition: Partition = SINGLE) -> dict[str, float]:
         correct = 0
-        for question, choices, answer in self._items:
+        for items, counted in partition.batches(self._items, 1):  # one question per forward
+            ((question, choices, answer),) = items
             scores = choice_logliks(
                 model,
                 tokenizer,
                 self.template.format(question=question),
                 [self.delimiter + c for c in choices],
             )
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == answer)
-        return {f"{self.split}_{self.name}": correct / max(len(self._items), 1)}
+            correct += counted and int(max(range(len(scores)), key=scores.__getitem__) == answer)
+        (total,) = partition.total([correct])
+        return {f"{self.split}_{self.name}": total / max(len(self._items), 1)}
 
 
 def load_multiple_choice(

@@ -1,0 +1,90 @@
+"""Data-parallel evaluation: every document on exactly one rank, ranks in lockstep for sharded
+models, and the metrics summed over ranks equal to one process's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_unlearn.partition import Partition
+
+
+@pytest.mark.parametrize("n, world, batch", [(10, 2, 3), (7, 3, 2), (400, 2, 256), (1, 4, 8), (0, 2, 4)])
+def test_every_item_is_evaluated_once_and_lockstep_ranks_run_as_many_batches(n, world, batch):
+    items = list(range(n))
+    seen, counts = [], []
+    for rank in range(world):
+        free = list(Partition(rank, world).batches(items, batch))
+        locked = list(Partition(rank, world, lockstep=True).batches(items, batch))
+        assert all(counted for _, counted in free) and all(len(b) <= batch for b, _ in free)
+        assert [b for b, c in locked if c] == [b for b, _ in free]  # dummies only added
+        seen += [i for b, _ in free for i in b]
+        counts.append(len(locked))
+    assert sorted(seen) == items
+    assert len(set(counts)) == 1  # a sharded forward is a collective: the same number everywhere
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, **kw):
+        self.calls += 1
+        return self.model(**kw)
+
+
+def _two_ranks(compute, lockstep=False):
+    """Run ``compute(partition)`` as rank 1 then rank 0 of 2, the all-reduce played by hand."""
+    partials = {}
+
+    def reducer(rank):
+        def reduce_sum(local):
+            partials[rank] = local.clone()
+            return local + partials[1 - rank] if rank == 0 else local + partials.get(0, 0 * local)
+
+        return reduce_sum
+
+    # rank 1's own sum is only needed by rank 0: run rank 1 first, then rank 0 adds it
+    compute(Partition(1, 2, reducer(1), lockstep))
+    return compute(Partition(0, 2, reducer(0), lockstep))
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_probe_metrics_of_two_halves_equal_one_process(smoke_target, lockstep):
+    from transformers import AutoModelForCausalLM
+
+    from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
+    from lit_unlearn.benchmarks.synthetic.probes import synthetic_metrics
+    from lit_unlearn.models import load_tokenizer
+
+    tok = load_tokenizer(smoke_target)
+    corpus = generate_corpus(20)
+    model = CountingModel(AutoModelForCausalLM.from_pretrained(smoke_target))
+    single = synthetic_metrics(model, tok, corpus)
+    whole = model.calls
+    model.calls = 0
+    halves = _two_ranks(lambda p: synthetic_metrics(model, tok, corpus, p), lockstep)
+    assert halves.keys() == single.keys()
+    for key in single:
+        assert halves[key] == pytest.approx(single[key], rel=1e-6), key
+    assert model.calls <= whole + 6  # the two ranks together: about one process's forwards
+
+
+def test_corpus_nll_and_multiple_choice_of_two_halves_equal_one_process(smoke_target, mc_task, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lit_unlearn.benchmarks.synthetic import SyntheticKnowledge
+    from lit_unlearn.eval import CorpusNLL, MultipleChoice
+    from lit_unlearn.models import load_tokenizer
+
+    tok = load_tokenizer(smoke_target)
+    model = AutoModelForCausalLM.from_pretrained(smoke_target)
+    nll = CorpusNLL(SyntheticKnowledge("retain", num_people=20), batch_size=5)
+    nll.setup(tok, 64)
+    mc = MultipleChoice(mc_task[1])
+    mc.setup(tok, 64)
+    for metric in (nll, mc):
+        single = metric.compute(model, tok)
+        halves = _two_ranks(lambda p, m=metric: m.compute(model, tok, p))
+        assert halves == pytest.approx(single, rel=1e-6), type(metric).__name__  # other padding: fp32 rounding
