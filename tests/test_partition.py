@@ -87,4 +87,5 @@ def test_corpus_nll_and_multiple_choice_of_two_halves_equal_one_process(smoke_ta
     for metric in (nll, mc):
         single = metric.compute(model, tok)
         halves = _two_ranks(lambda p, m=metric: m.compute(model, tok, p))
-        assert halves == pytest.approx(single, rel=1e-6), type(metric).__name__  # other padding: fp32 rounding
+        # a document may be padded differently on its rank: float32 rounding of the logits
+        assert halves == pytest.approx(single, rel=1e-6), type(metric).__name__
