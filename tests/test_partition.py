@@ -35,19 +35,23 @@ class CountingModel(torch.nn.Module):
 
 
 def _two_ranks(compute, lockstep=False):
-    """Run ``compute(partition)`` as rank 1 then rank 0 of 2, the all-reduce played by hand."""
-    partials = {}
+    """Run ``compute(partition)`` as rank 1 then rank 0 of 2, the all-reduces played by hand:
+    rank 1's partial sums are recorded in order, and rank 0's k-th sum adds rank 1's k-th."""
+    recorded = []
 
-    def reducer(rank):
-        def reduce_sum(local):
-            partials[rank] = local.clone()
-            return local + partials[1 - rank] if rank == 0 else local + partials.get(0, 0 * local)
+    def rank1_sum(local):
+        recorded.append(local.clone())
+        return local  # rank 1's own totals are not looked at
 
-        return reduce_sum
+    def rank0_sum(local):
+        other = recorded.pop(0)
+        assert other.shape == local.shape  # the ranks' collectives meet in the same order
+        return local + other
 
-    # rank 1's own sum is only needed by rank 0: run rank 1 first, then rank 0 adds it
-    compute(Partition(1, 2, reducer(1), lockstep))
-    return compute(Partition(0, 2, reducer(0), lockstep))
+    compute(Partition(1, 2, rank1_sum, lockstep))
+    result = compute(Partition(0, 2, rank0_sum, lockstep))
+    assert not recorded  # as many sums on both ranks
+    return result
 
 
 @pytest.mark.parametrize("lockstep", [False, True])
@@ -89,3 +93,22 @@ def test_corpus_nll_and_multiple_choice_of_two_halves_equal_one_process(smoke_ta
         halves = _two_ranks(lambda p, m=metric: m.compute(model, tok, p))
         # a document may be padded differently on its rank: float32 rounding of the logits
         assert halves == pytest.approx(single, rel=1e-6), type(metric).__name__
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_membership_inference_of_two_halves_equals_one_process(smoke_target, lockstep):
+    """Per-text scores gathered through the sum: means and AUCs exactly one process's."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_unlearn.eval import SyntheticMembership
+    from lit_unlearn.models import load_tokenizer
+
+    tok = load_tokenizer(smoke_target)
+    model = CountingModel(AutoModelForCausalLM.from_pretrained(smoke_target))
+    mia = SyntheticMembership(num_people=20, max_texts=15)
+    mia.setup(tok, 64)
+    single = mia.compute(model, tok)
+    whole, model.calls = model.calls, 0
+    halves = _two_ranks(lambda p: mia.compute(model, tok, p), lockstep)
+    assert halves == single and any(k.endswith("_auc") for k in single)
+    assert model.calls <= whole + 3  # every text scored once over the two ranks (+ lockstep dummies)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
 from lit_unlearn.data.sources import DataSourceError, read_records
 from lit_unlearn.eval.metrics import MetricSet
+from lit_unlearn.partition import SINGLE, Partition
 
 ATTACKS = ("loss", "zlib", "mink", "minkpp")
 log = logging.getLogger(__name__)
@@ -191,7 +192,24 @@ class MembershipInference(MetricSet):
             name: tokenize_texts(tokenizer, t, None, f"{name} text") for name, t in self._texts.items()
         }
 
-    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+    data_parallel = True
+
+    def _scores(
+        self, model: nn.Module, name: str, texts: list[str], partition: Partition
+    ) -> list[dict[str, float]]:
+        """Every text's scores: each rank scores its share into a zero table whose sum over the
+        ranks is then the whole table (an all-gather through the partition's one sum)."""
+        if partition.world_size == 1:
+            return score_ids(model, self._ids[name], texts, self.k)
+        table = torch.zeros(len(texts), len(ATTACKS), dtype=torch.float64)
+        for (i,), counted in partition.batches(range(len(texts)), 1):
+            (row,) = score_ids(model, [self._ids[name][i]], [texts[i]], self.k)
+            if counted:
+                table[i] = torch.tensor([row[attack] for attack in ATTACKS], dtype=torch.float64)
+        full = torch.tensor(partition.total(table.view(-1)), dtype=torch.float64).view(len(texts), -1)
+        return [dict(zip(ATTACKS, values)) for values in full.tolist()]
+
+    def compute(self, model: nn.Module, tokenizer: Any, partition: Partition = SINGLE) -> dict[str, float]:
         context = model_context(model)
         if context:
             cut = sum(len(row) > context for rows in self._ids.values() for row in rows)
@@ -204,7 +222,7 @@ class MembershipInference(MetricSet):
         scores = {}
         out: dict[str, float] = {}
         for name, texts in self._texts.items():
-            rows = score_ids(model, self._ids[name], texts, self.k)
+            rows = self._scores(model, name, texts, partition)
             finite = [r for r in rows if all(math.isfinite(v) for v in r.values())]
             if len(finite) < len(rows):
                 out[f"{name}_mia_nonfinite"] = float(len(rows) - len(finite))
