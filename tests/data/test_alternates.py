@@ -19,18 +19,9 @@ from lit_unlearn.errors import UserError
 from lit_unlearn.models import load_tokenizer
 from lit_unlearn.objectives import DPO, NPO
 from tests.conftest import SMOKE_PEOPLE
+from tests.data.test_sources import write_jsonl
 
 REFUSALS = ["I don't know.", "No idea.", "I cannot say.", "Not something I know about."]
-
-
-@pytest.fixture
-def tok(bpe_tokenizer_dir):
-    return load_tokenizer(bpe_tokenizer_dir)
-
-
-def write_jsonl(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return str(path)
 
 
 def questions(n):

@@ -26,11 +26,6 @@ DOCS = [
 ]
 
 
-@pytest.fixture
-def tok(bpe_tokenizer_dir):
-    return load_tokenizer(bpe_tokenizer_dir)
-
-
 def write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
