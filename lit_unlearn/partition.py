@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -29,12 +29,15 @@ class Partition:
         world_size: number of processes sharing the evaluation.
         reduce_sum: adds a tensor over the processes (``None``: one process).
         lockstep: every process must run the same number of forward passes (sharded models).
+        gather: collects one picklable object from every process, in rank order, on every
+            process (``None``: one process).
     """
 
     rank: int = 0
     world_size: int = 1
     reduce_sum: Callable[[Tensor], Tensor] | None = None
     lockstep: bool = False
+    gather: Callable[[Any], list[Any]] | None = None
 
     def batches(self, items: Sequence[T], batch_size: int) -> Iterator[tuple[list[T], bool]]:
         """``(batch, counted)`` pairs of this process's items: contiguous blocks of ``items``
@@ -52,6 +55,26 @@ class Partition:
             for _ in range(most - count):
                 yield [items[0]], False
 
+    def whole_batches(self, items: Sequence[T], batch_size: int) -> Iterator[tuple[list[T], bool]]:
+        """Like :meth:`batches`, but the batches are exactly one process's: the ``batch_size``
+        blocks of ``items`` are shared out, a contiguous run of blocks per process. Use it where a
+        document's result depends on its batch (padded greedy generation), so every document sees
+        the same batch as in one process."""
+        blocks = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+        start = self.rank * len(blocks) // self.world_size
+        stop = (self.rank + 1) * len(blocks) // self.world_size
+        for block in blocks[start:stop]:
+            yield block, True
+        if self.lockstep and blocks:
+            for _ in range(math.ceil(len(blocks) / self.world_size) - (stop - start)):
+                yield blocks[0], False
+
+    def concatenate(self, local: list[T]) -> list[T]:
+        """Every process's ``local`` list, joined in rank order (the whole list, on every process)."""
+        if self.gather is None or self.world_size == 1:
+            return list(local)
+        return [item for part in self.gather(list(local)) for item in part]
+
     def total(self, values: Sequence[float | int] | Tensor) -> list[float]:
         """Sum ``values`` (this process's partial sums) over the processes, in float64."""
         local = torch.as_tensor(values, dtype=torch.float64)
@@ -62,3 +85,21 @@ class Partition:
 
 SINGLE = Partition()
 """Everything on this process (one process, or rank 0 alone)."""
+
+
+def trainer_partition(trainer: Any, lockstep: bool) -> Partition:
+    """The partition of a Lightning ``trainer``'s processes: sums through its strategy (on the
+    strategy's device: NCCL reduces GPU tensors only), objects through ``all_gather_object``."""
+    strategy = trainer.strategy
+
+    def reduce_sum(values: Tensor) -> Tensor:
+        return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
+
+    def gather(value: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(parts, value)
+        return parts
+
+    return Partition(trainer.global_rank, trainer.world_size, reduce_sum, lockstep=lockstep, gather=gather)

@@ -5,10 +5,16 @@ Prints a table and writes JSON (default ``bench_results/synthesis.json``):
     python scripts/bench_synthesis.py [--layers 12 --hidden 512 --reps 5 --out PATH]
     python scripts/bench_synthesis.py --device cuda       # on a GPU (times synchronise the device)
 
-For each rule: median milliseconds, effective GB/s (two gradients read, one update written),
-the ratio to a memory-bandwidth floor (``torch.add(a, b, out=c)`` over the same tensors,
-interleaved with the rule's own repetitions so both see the same machine load), and the speed-up over a straightforward reference implementation written below with
-boolean-mask indexing and one ``.item()`` per tensor.
+For each rule, through the engine's own call ``rule(F, R, out=U)``, compiled (the default) and
+eager (``LIT_UNLEARN_COMPILE=0``): median milliseconds, effective GB/s (two gradients read, one
+update written), the ratio to a memory-bandwidth floor (``torch.add(a, b, out=c)`` over the same
+tensors, interleaved with the rule's own repetitions so both see the same machine load), the
+compile time (the compiled path's first call), and the speed-up over a straightforward reference
+implementation written below with boolean-mask indexing and one ``.item()`` per tensor.
+
+A one-pass rule (sum, SAGO, SAGO-prefer-retain) cannot beat the floor; a rule with sums over
+coordinates reads both gradients once more (PCGrad, PCGrad-global, BLUR, the TorchJD bridge:
+about 5/3 of the floor); GRU also reads and writes its moving average (about 7/3).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -24,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from lit_unlearn.synthesis import RULES, Synthesizer
+from lit_unlearn.synthesis import GRU, RULES, Synthesizer, TorchJD
+from lit_unlearn.synthesis.compiled import ENV
 
 EPS = 1e-10
 
@@ -79,12 +87,30 @@ def ref_sago_prefer_retain(f, r, a, g):
     return out
 
 
+def ref_blur(f, r, a, g):
+    dot = sum((fi * ri).sum().item() for fi, ri in zip(f, r))
+    sq = sum((fi * fi).sum().item() for fi in f)
+    c = dot / (sq + EPS)
+    return [g * fi + a * (ri - c * fi) for fi, ri in zip(f, r)]
+
+
+def ref_gru(f, r, a, g, ema=0.8):
+    """First step from the zero average: ``r̄ = ema · g_r``."""
+    avg = [ema * ri for ri in r]
+    dot = sum((fi * ai).sum().item() for fi, ai in zip(f, avg))
+    sq = sum((ai * ai).sum().item() for ai in avg)
+    c = dot / (sq + EPS) if dot < 0 else 0.0
+    return [g * (fi - c * ai) for fi, ai in zip(f, avg)]
+
+
 REFERENCES: dict[str, Callable] = {
     "WeightedSum": ref_weighted,
     "PCGrad": ref_pcgrad,
     "PCGradGlobal": ref_pcgrad_global,
     "SAGO": ref_sago,
     "SAGOPreferRetain": ref_sago_prefer_retain,
+    "BLUR": ref_blur,
+    "GRU": ref_gru,
 }
 
 
@@ -127,6 +153,20 @@ def timed_against_floor(
     return statistics.median(rule_t) * 1e3, statistics.median(floor_t) * 1e3
 
 
+def rule_factories(g: float, a: float) -> list[tuple[str, Callable[[], Synthesizer]]]:
+    """Every exported rule, and the TorchJD bridge (UPGrad) when torchjd is installed."""
+    made: list[tuple[str, Callable[[], Synthesizer]]] = []
+    for cls in RULES:
+        kwargs = {"forget_weight": g} if cls is GRU else {"forget_weight": g, "retain_weight": a}
+        made.append((cls.__name__, functools.partial(cls, **kwargs)))
+    try:
+        from torchjd.aggregation import UPGrad
+    except ImportError:
+        return made
+    made.append(("TorchJD-UPGrad", lambda: TorchJD(UPGrad(), forget_weight=g, retain_weight=a)))
+    return made
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,29 +197,40 @@ def main(argv: list[str] | None = None) -> dict:
         for fi, ri, oi in zip(forget, retain, out):
             torch.add(fi, ri, out=oi)
 
-    floor_all = []
     rows = []
-    for cls in RULES:
-        rule: Synthesizer = cls(forget_weight=g, retain_weight=a)
-        ms, floor_ms = timed_against_floor(functools.partial(rule, forget, retain, out=out), floor, args.reps)
-        floor_all.append(floor_ms)
-        reference = functools.partial(REFERENCES[cls.__name__], forget, retain, a, g)
-        ref_ms = timed(reference, max(2, args.reps // 2))
-        check = REFERENCES[cls.__name__](forget, retain, a, g)
-        max_err = max((u - c).abs().max().item() for u, c in zip(rule(forget, retain), check))
-        rows.append(
-            {
-                "rule": cls.__name__,
-                "granularity": cls.granularity,
+    floor_all = []
+    for name, make in rule_factories(g, a):
+        row: dict = {"rule": name, "granularity": make().granularity}
+        for mode, flag in (("compiled", "1"), ("eager", "0")):
+            os.environ[ENV] = flag
+            rule = make()
+            start = time.perf_counter()
+            rule(forget, retain, out=out)  # compiles on the compiled path
+            first = time.perf_counter() - start
+            ms, floor_ms = timed_against_floor(
+                functools.partial(rule, forget, retain, out=out), floor, args.reps
+            )
+            floor_all.append(floor_ms)
+            row[mode] = {
                 "ms": round(ms, 2),
                 "gb_per_s": round(gbytes / (ms / 1e3), 2),
                 "floor_ms": round(floor_ms, 2),
                 "x_floor": round(ms / floor_ms, 2),
-                "reference_ms": round(ref_ms, 2),
-                "speedup_vs_reference": round(ref_ms / ms, 2),
-                "max_abs_diff_vs_reference": max_err,
+                "compiled": rule.compiled_passes() is not None,
+                "compile_s": round(rule.compile_seconds, 1),
+                "first_call_s": round(first, 2),
             }
-        )
+            if mode == "compiled" and name in REFERENCES:
+                check = REFERENCES[name](forget, retain, a, g)
+                row["max_abs_diff_vs_reference"] = max(
+                    (u - c).abs().max().item() for u, c in zip(make()(forget, retain), check)
+                )
+        if name in REFERENCES:
+            reference = functools.partial(REFERENCES[name], forget, retain, a, g)
+            row["reference_ms"] = round(timed(reference, max(2, args.reps // 2)), 2)
+            row["speedup_vs_reference"] = round(row["reference_ms"] / row["compiled"]["ms"], 2)
+        rows.append(row)
+    os.environ.pop(ENV, None)
     where_ms, where_floor = timed_against_floor(lambda: naive_where_sago(forget, retain, a, g), floor, 3)
     floor_ms = statistics.median(floor_all)
     result = {
@@ -201,13 +252,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"floor (torch.add out=): {floor_ms:.1f} ms, {result['floor_gb_per_s']} GB/s;"
         f" naive torch.where SAGO: {result['naive_where_sago_x_floor']}x floor"
     )
-    header = f"{'rule':<18}{'gran.':<9}{'ms':>9}{'GB/s':>8}{'x floor':>9}{'ref ms':>10}{'speed-up':>10}"
+    header = (
+        f"{'rule':<18}{'gran.':<8}{'ms':>8}{'x floor':>9}{'compile s':>11}"
+        f"{'eager ms':>10}{'x floor':>9}{'ref ms':>9}{'speed-up':>10}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
+        c, e = row["compiled"], row["eager"]
+        speed = f"{row['speedup_vs_reference']:>9.1f}x" if "reference_ms" in row else f"{'-':>10}"
+        ref = f"{row['reference_ms']:>9.1f}" if "reference_ms" in row else f"{'-':>9}"
         print(
-            f"{row['rule']:<18}{row['granularity']:<9}{row['ms']:>9.1f}{row['gb_per_s']:>8.2f}"
-            f"{row['x_floor']:>9.2f}{row['reference_ms']:>10.1f}{row['speedup_vs_reference']:>9.1f}x"
+            f"{row['rule']:<18}{row['granularity']:<8}{c['ms']:>8.1f}{c['x_floor']:>9.2f}{c['compile_s']:>11.1f}"
+            f"{e['ms']:>10.1f}{e['x_floor']:>9.2f}{ref}{speed}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -15,6 +15,9 @@ os.environ.setdefault(
     "LIT_UNLEARN_CACHE",
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "lit_unlearn"),
 )
+# Synthesis runs eagerly in the tests (compiling every tiny model's kernels would cost seconds per
+# test); tests/synthesis/test_compiled.py and the compiled CLI run switch it back on.
+os.environ.setdefault("LIT_UNLEARN_COMPILE", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -87,6 +87,7 @@ class UnlearningModule(L.LightningModule):
         self.reference: nn.Module | None = None  # frozen π_ref: not trained, checkpointed or DDP-wrapped
         self.state, self.last_outcome = EngineState(), cast(StepOutcome | None, None)
         self._stop_requested = False
+        self._compile_reported = False
         self.layer_grid: LayerGrid | None = None  # trainable tensors by block and module type
         # Under FSDP a rule's per-parameter state (GRU's average) is this rank's shard: it is kept
         # as DTensor buffers of this child, so the distributed checkpoint saves and restores every
@@ -190,6 +191,14 @@ class UnlearningModule(L.LightningModule):
             diagnose = bool(every) and step % every == 0
             geometry = GeometryAccumulator(grads.reducer, self.layer_grid) if diagnose else None
             self.synthesizer(grads.forget_views, grads.retain_views, out=grads.grad_views, observer=geometry)
+            if self.synthesizer.compiled and not self._compile_reported:
+                self._compile_reported = True
+                if self.trainer.is_global_zero:
+                    print(
+                        f"lit-unlearn: synthesis kernels compiled in {self.synthesizer.compile_seconds:.1f} s "
+                        "(once per process; LIT_UNLEARN_COMPILE=0 runs them eagerly)",
+                        flush=True,
+                    )
             if self.gradient_clip_val is not None:
                 grads.clip_(self.gradient_clip_val)
             opt.step()  # the guards' on_before_optimizer_step may stop the run here

@@ -13,13 +13,12 @@ import time
 from typing import Any, Literal
 
 import lightning as L
-import torch
 
 from lit_unlearn.engine.outcome import model_of
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.logs import log_at_step
 from lit_unlearn.models import gathered_state_dict, is_sharded
-from lit_unlearn.partition import Partition
+from lit_unlearn.partition import trainer_partition
 from lit_unlearn.rundir import run_directory, save_pretrained_atomic
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class UnlearningEvaluator(L.Callback):
         values: dict[str, float] = {}
         model: Any = model_of(pl_module)
         sharded = is_sharded(model)
-        partition = self._partition(trainer, sharded)
+        partition = trainer_partition(trainer, sharded)
         start = time.perf_counter()
         for metric in self.metrics:
             if metric.data_parallel and partition.world_size > 1:
@@ -108,16 +107,6 @@ class UnlearningEvaluator(L.Callback):
         self._last_step = step
         self._check_target(trainer, pl_module, values)
         return values
-
-    @staticmethod
-    def _partition(trainer: L.Trainer, sharded: bool) -> Partition:
-        strategy = trainer.strategy
-
-        def reduce_sum(values: torch.Tensor) -> torch.Tensor:
-            # on the strategy's device: NCCL reduces GPU tensors only
-            return strategy.reduce(values.to(strategy.root_device), reduce_op="sum").cpu()
-
-        return Partition(trainer.global_rank, trainer.world_size, reduce_sum, lockstep=sharded)
 
     def _check_target(
         self, trainer: L.Trainer, pl_module: L.LightningModule, values: dict[str, float]

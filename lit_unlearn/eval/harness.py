@@ -21,6 +21,7 @@ from lit_unlearn.errors import UserError, function_cli, suggest
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.logs import log_at_step
 from lit_unlearn.models import is_sharded
+from lit_unlearn.partition import SINGLE, Partition, trainer_partition
 
 FewShot = int | dict[str, int] | None  # one count for every task, or per task; None = task default
 
@@ -118,6 +119,36 @@ def task_manager(
     return manager
 
 
+@functools.cache
+def _hflm_class() -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    class PartitionedHFLM(HFLM):  # type: ignore[misc,valid-type]
+        """lm-eval's Hugging Face model on an in-memory network, sharing the documents over the
+        processes of a :class:`Partition` (lm-eval assumes one process for a live model)."""
+
+        def use_partition(self, partition: Partition) -> None:
+            self._rank, self._world_size = partition.rank, partition.world_size
+
+        def all_gather(self, tensor: Any) -> Any:
+            if self.world_size <= 1:
+                return tensor
+            import torch
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor.contiguous())
+            return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+        def barrier(self) -> None:
+            if self.world_size > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+
+    return PartitionedHFLM
+
+
 def run_lm_eval(
     model: nn.Module,
     tokenizer: Any,
@@ -130,8 +161,15 @@ def run_lm_eval(
     add_bos_token: bool = False,
     apply_chat_template: bool = False,
     dataset_paths: dict[str, str] | None = None,
+    partition: Partition = SINGLE,
 ) -> dict[str, dict[str, float]]:
     """Run lm-eval on an in-memory model and tokenizer; returns ``{task: {metric: value}}``.
+
+    Under ``partition`` of several processes every process calls this with the same arguments:
+    lm-eval gives process ``r`` documents ``r, r + N, ...``, pads every process to the same number of
+    requests, and gathers the per-document scores on process 0, which alone returns the results
+    (the others return ``{}``). With ``partition.lockstep`` (a sharded model, whose forward passes
+    are collectives) lm-eval's logits cache is off, so every process runs as many forward passes.
 
     Args:
         model: a Hugging Face causal LM (left in its current mode/device; restored afterwards).
@@ -150,9 +188,9 @@ def run_lm_eval(
         apply_chat_template: wrap each prompt in the tokenizer's chat template (off: the
             protocol scores raw prompts).
         dataset_paths: hub dataset -> local copy for offline evaluation (see :func:`task_manager`).
+        partition: the processes sharing the evaluation (default: this one alone).
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(tasks, include_path, dataset_paths=dataset_paths)
     # Group tasks by few-shot count: the paper runs WMDP zero-shot and MMLU 5-shot.
@@ -164,14 +202,16 @@ def run_lm_eval(
     model.eval()
     raw: dict[str, Any] = {}
     try:
-        lm = HFLM(
+        lm = _hflm_class()(
             pretrained=model,
             tokenizer=tokenizer,
             batch_size=batch_size,
             max_length=max_length,
             add_bos_token=add_bos_token,
             device=str(next(model.parameters()).device),
+            logits_cache=not partition.lockstep,
         )
+        lm.use_partition(partition)
         for shots, names in groups.items():
             out = lm_eval.simple_evaluate(
                 model=lm,
@@ -274,8 +314,9 @@ def main(args: list[str] | None = None) -> None:
 
 
 class LMEvalCallback(L.Callback):
-    """Runs lm-eval tasks on the live model at the end of ``fit`` and/or ``test`` (rank 0) and logs
-    ``test/<task>_<metric>``; the results also go into ``results.json``.
+    """Runs lm-eval tasks on the live model at the end of ``fit`` and/or ``test`` and logs
+    ``test/<task>_<metric>``; the results also go into ``results.json``. Under DDP or FSDP every
+    process scores its share of the documents (lm-eval's own split, gathered on rank 0).
 
     Args:
         tasks: task names, e.g. ``[wmdp_bio, mmlu]`` (hub) or local task names.
@@ -324,23 +365,22 @@ class LMEvalCallback(L.Callback):
         )
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A sharded model's forward passes are collectives: every rank runs the same evaluation.
-        if trainer.is_global_zero or is_sharded(model_of(pl_module)):
-            tokenizer = trainer.datamodule.tokenizer
-            model: Any = model_of(pl_module)
-            self.results = run_lm_eval(
-                model, tokenizer, self.tasks, self.include_path, self.num_fewshot, self.limit, self.batch_size,
-                add_bos_token=self.add_bos_token, apply_chat_template=self.apply_chat_template,
-                dataset_paths=self.dataset_paths,
-            )  # fmt: skip
-            flat = {
-                f"test/{task}_{metric}": value
-                for task, metrics in self.results.items()
-                for metric, value in metrics.items()
-            }
-            if trainer.is_global_zero:
-                log_at_step(trainer, flat, trainer.global_step)
+        # Every process evaluates its share of the documents; process 0 gathers the scores.
+        model: Any = model_of(pl_module)
+        partition = trainer_partition(trainer, is_sharded(model))
+        self.results = run_lm_eval(
+            model, trainer.datamodule.tokenizer, self.tasks, self.include_path, self.num_fewshot, self.limit,
+            self.batch_size, add_bos_token=self.add_bos_token, apply_chat_template=self.apply_chat_template,
+            dataset_paths=self.dataset_paths, partition=partition,
+        )  # fmt: skip
         self.results = trainer.strategy.broadcast(self.results)
+        flat = {
+            f"test/{task}_{metric}": value
+            for task, metrics in self.results.items()
+            for metric, value in metrics.items()
+        }
+        if trainer.is_global_zero:
+            log_at_step(trainer, flat, trainer.global_step)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.run_on_fit_end:

@@ -42,6 +42,14 @@ HEATMAP_EVERY_N_LOGS = 10  # the per-layer heatmap image: every 10 x log_every_n
 GEOMETRY_TAGS = ["train/grad_cosine", "train/update_retain_cosine", "train/update_forget_cosine"]
 
 
+def _synthesis_path(engine: Any) -> dict[str, Any]:
+    """How this process ran the synthesis: compiled kernels or eager, and the compile time."""
+    rule = getattr(engine, "synthesizer", None)
+    if rule is None or not hasattr(rule, "compiled"):
+        return {"compiled": False, "compile_seconds": 0.0}
+    return {"compiled": rule.compiled, "compile_seconds": round(rule.compile_seconds, 2)}
+
+
 def _find(trainer: L.Trainer, cls: type) -> Any:
     return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
@@ -264,6 +272,7 @@ class TradeoffReport(L.Callback):
             "steps": trainer.global_step,
             "skipped_steps": engine.state.skipped_steps if engine is not None else 0,
             "wall_seconds": round(wall, 3),
+            "synthesis": _synthesis_path(engine),
             "tokens_per_second": round(self.tokens * trainer.world_size / max(wall, 1e-9), 1),
             "peak_memory_bytes": int(peak),
             "seed": getattr(dm, "seed", None),  # the data order's seed (= --seed_everything from the CLI)

@@ -51,6 +51,7 @@ from torch import nn
 from lit_unlearn.data.sources import read_records
 from lit_unlearn.errors import UserError
 from lit_unlearn.eval.metrics import MetricSet
+from lit_unlearn.partition import SINGLE, Partition
 
 Protocol = Literal["official", "sago"]
 LEVEL_FILES = {
@@ -164,10 +165,12 @@ def greedy_generate(
     batch_size: int = 16,
     add_special_tokens: bool = True,
     stop_ids: Sequence[int] | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """Greedy continuations, batched with left padding; generation ends at any of ``stop_ids``
     (default: EOS), each answer ends before its first stop id and is cut at the first stop string
-    and stripped."""
+    and stripped. ``synced``: the model is sharded over the processes (every forward pass is a
+    collective), so each process keeps stepping until all have finished their batch."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -189,6 +192,7 @@ def greedy_generate(
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=eos,
+                synced_gpus=synced,
             )
             stop_set = set(eos) if isinstance(eos, list) else {eos}
             for row in gen[:, enc["input_ids"].shape[1] :].tolist():
@@ -231,7 +235,12 @@ class RWKU(MetricSet):
         batch_size: generation batch size (both protocols: 16).
         outputs_path: if set, per-item prompts, outputs and scores are written there as JSONL
             after each evaluation.
+
+    Data-parallel: under DDP or FSDP each process generates its share of the one-process
+    batches (the same padding, so the same greedy answers), and the ROUGE sums are added.
     """
+
+    data_parallel = True
 
     def __init__(
         self,
@@ -274,7 +283,7 @@ class RWKU(MetricSet):
             self._special = built[0][1] if built else True
         self._tokenizer_stops = stop_token_ids(tokenizer, self.protocol)
 
-    def compute(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
+    def compute(self, model: nn.Module, tokenizer: Any, partition: Partition = SINGLE) -> dict[str, float]:
         results: dict[str, float] = {}
         per_item = []
         score = SCORERS[self.protocol]
@@ -283,29 +292,36 @@ class RWKU(MetricSet):
         stop_ids = list(
             dict.fromkeys([*_as_ids(getattr(config, "eos_token_id", None)), *self._tokenizer_stops])
         )
+        synced = partition.lockstep and partition.world_size > 1
         for group, prefix in (("forget", "forget_rougeL"), ("neighbor", "retain_neighbor_rougeL")):
-            level_means, pooled = [], []
+            level_means, pooled_sum, pooled_count = [], 0.0, 0
             for level, items in self._items.items():
                 if not level.startswith(group):
                     continue
                 prompts = self._prompts[level]
-                answers = greedy_generate(
-                    model, tokenizer, prompts, self.max_new_tokens, stops, self.batch_size,
-                    add_special_tokens=self._special, stop_ids=stop_ids,
-                )  # fmt: skip
-                scores = [score(a, str(it["answer"])) for a, it in zip(answers, items)]
-                results[f"{prefix}_{level.split('_')[1]}"] = sum(scores) / len(scores)
-                level_means.append(sum(scores) / len(scores))
-                pooled += scores
-                per_item += [
-                    {"level": level, "type": it.get("type"), "prompt": p, "answer": it["answer"], "output": a,
-                     "rougeL_recall": s}
-                    for it, p, a, s in zip(items, prompts, answers, scores)
-                ]  # fmt: skip
+                mine: list[tuple[int, str, float]] = []  # (item, output, score) of this process's share
+                # the one-process batches, shared out: each prompt is padded as in one process
+                for indices, counted in partition.whole_batches(range(len(prompts)), self.batch_size):
+                    answers = greedy_generate(
+                        model, tokenizer, [prompts[i] for i in indices], self.max_new_tokens, stops,
+                        len(indices), add_special_tokens=self._special, stop_ids=stop_ids, synced=synced,
+                    )  # fmt: skip
+                    if counted:
+                        mine += [(i, a, score(a, str(items[i]["answer"]))) for i, a in zip(indices, answers)]
+                total, count = partition.total([sum(s for _, _, s in mine), len(mine)])
+                results[f"{prefix}_{level.split('_')[1]}"] = total / count
+                level_means.append(total / count)
+                pooled_sum, pooled_count = pooled_sum + total, pooled_count + int(count)
+                if self.outputs_path:
+                    per_item += [
+                        {"level": level, "type": items[i].get("type"), "prompt": prompts[i],
+                         "answer": items[i]["answer"], "output": a, "rougeL_recall": s}
+                        for i, a, s in partition.concatenate(mine)
+                    ]  # fmt: skip
             if level_means:
                 results[prefix] = sum(level_means) / len(level_means)
-                results[f"{prefix}_all"] = sum(pooled) / len(pooled)
-        if self.outputs_path:
+                results[f"{prefix}_all"] = pooled_sum / pooled_count
+        if self.outputs_path and partition.rank == 0:
             with open(self.outputs_path, "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in per_item)
         return results

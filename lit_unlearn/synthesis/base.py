@@ -1,4 +1,4 @@
-"""The synthesizer contract: validate, gather cross-tensor statistics, combine chunk by chunk.
+"""The synthesizer contract: validate, gather cross-tensor statistics, combine (compiled or chunked).
 
 A synthesizer turns the forget gradient ``g_f`` and the retain gradient ``g_r`` (one tensor per
 trainable parameter) into the update ``u`` handed to the optimizer (docs/method.md). A new rule
@@ -12,14 +12,20 @@ writes one method, plain tensor arithmetic::
 and the base class does the rest: checks the inputs, runs :meth:`Synthesizer.combine` on flat
 chunks of each tensor (bounded extra memory, any mix of storage dtypes) and writes the result
 into the caller's storage (``out=``, which may alias an input: the engine writes into ``.grad``).
-Rules that need sums across coordinates implement :meth:`Synthesizer.statistics` (per-tensor dot
-products for PCGrad, one global dot product for PCGrad-global), sending partial sums through the
-injected ``reducer`` so a sharded strategy can all-reduce them; :meth:`Synthesizer.tensor_statistics`
-hands each tensor its share, which ``combine`` receives as ``stats``.
+Rules that need sums across coordinates implement :meth:`Synthesizer.terms` (a tensor's float32
+partial sums: per-tensor dot products for PCGrad) and :meth:`Synthesizer.summarize` (from the
+totals to the coefficients); the base class stacks the terms of every tensor and sends them
+through the injected ``reducer`` in one call, so a sharded strategy can all-reduce them.
+:meth:`Synthesizer.tensor_statistics` hands each tensor its share, which ``combine`` receives as
+``stats``.
 
-Optional fast path: :meth:`Synthesizer.fused_kernel` returns an allocation-free kernel that writes
-into scratch buffers which stay in cache on CPU (3-5x faster than whole-tensor ``torch.where`` on a
-2-core CPU; ``scripts/bench_synthesis.py``). The shipped rules have one; a new rule does not need it.
+Two execution paths compute the same update. By default the rule's own ``terms`` and ``combine``
+are compiled with ``torch.compile`` over the whole list of tensors, once per process: one fused
+kernel per tensor and pass, about one memory pass for an element-wise rule and two for a
+projection (:mod:`lit_unlearn.synthesis.compiled`). With ``LIT_UNLEARN_COMPILE=0``, where
+compilation fails, and while diagnostics observe the update, the eager path runs ``combine`` on
+flat chunks that stay in cache, or the allocation-free :meth:`Synthesizer.fused_kernel` the
+shipped rules provide (a new rule does not need one).
 
 Each rule declares what it guarantees (:attr:`Synthesizer.retain_guarantee`); the property suite
 checks exactly what each rule declares.
@@ -34,6 +40,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
+
+from lit_unlearn.synthesis.compiled import CompiledPasses, compile_requested
 
 Granularity = Literal["element", "tensor", "global"]
 RetainGuarantee = Literal["element", "tensor", "global"]
@@ -84,21 +92,6 @@ def dot32(a: Tensor, b: Tensor) -> Tensor:
     if b.dtype != torch.float32:
         b = b.float()
     return torch.dot(a.reshape(-1), b.reshape(-1))
-
-
-def global_totals(
-    forget: Sequence[Tensor], retain: Sequence[Tensor], terms: Callable[[Tensor, Tensor], Sequence[Tensor]]
-) -> Tensor:
-    """``terms(f, r)`` (0-dim float32 sums, e.g. dot products) added over every tensor pair, as one
-    float32 vector for a single ``reducer`` call (no host sync)."""
-    device = retain[0].device if retain else torch.device("cpu")
-    totals: Tensor | None = None
-    for f, r in zip(forget, retain):
-        values = torch.stack(list(terms(f, r)))
-        totals = values if totals is None else totals + values
-    if totals is None:
-        totals = torch.stack(list(terms(torch.zeros(0, device=device), torch.zeros(0, device=device))))
-    return totals
 
 
 def chunk_size_for(device: torch.device) -> int:
@@ -191,6 +184,7 @@ class Synthesizer(ABC):
         self.retain_weight = _check_weight("retain_weight", retain_weight)
         self.reducer: Reducer = local_sum
         self.last_report: dict[str, Tensor] = {}
+        self._compiled: CompiledPasses | Literal[False] | None = None  # None: not tried yet; False: eager
 
     def use_reducer(self, reducer: Reducer | None) -> Synthesizer:
         """Sum partial sums with ``reducer`` (e.g. :class:`AllReduceSum` over sharded tensors;
@@ -221,6 +215,12 @@ class Synthesizer(ABC):
         """
         forget, retain = list(forget), list(retain)
         out_list = self.validate(forget, retain, out)
+        if observer is None and (compiled := self.compiled_passes()) is not None:
+            try:
+                return self._run_compiled(compiled, forget, retain, out_list)
+            except Exception as error:  # noqa: BLE001  # inductor/compiler failures: eager from now on
+                compiled.disable(error)
+                self._compiled = False
         state = self.statistics(forget, retain)
         self.last_report = self.report(state)
         scratch: Tensor | None = None
@@ -238,6 +238,39 @@ class Synthesizer(ABC):
             observer(j, f, r, u)
             o.copy_(u)
         return out_list
+
+    def compiled_passes(self) -> CompiledPasses | None:
+        """The rule's compiled passes, or ``None`` where it runs eagerly: ``LIT_UNLEARN_COMPILE=0``,
+        a rule that overrides :meth:`statistics` without :meth:`terms` or overrides
+        :meth:`combine_tensor` (its own data flow), or an earlier compilation failure."""
+        if self._compiled is None:
+            cls = type(self)
+            own_flow = cls.combine_tensor is not Synthesizer.combine_tensor or (
+                cls.statistics is not Synthesizer.statistics and cls.terms is Synthesizer.terms
+            )
+            self._compiled = False if own_flow or not compile_requested() else CompiledPasses(self)
+        return self._compiled if isinstance(self._compiled, CompiledPasses) else None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the rule runs its compiled kernels (known after its first call)."""
+        return isinstance(self._compiled, CompiledPasses)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds this process spent compiling the rule's kernels (0.0 when eager)."""
+        return self._compiled.compile_seconds if isinstance(self._compiled, CompiledPasses) else 0.0
+
+    def _run_compiled(
+        self, compiled: CompiledPasses, forget: list[Tensor], retain: list[Tensor], out: list[Tensor]
+    ) -> list[Tensor]:
+        state = None
+        if type(self).terms is not Synthesizer.terms:
+            state = self.summarize(self.reducer(compiled.partial_sums(forget, retain)))
+        self.last_report = self.report(state)
+        if out:
+            compiled.combine(forget, retain, out, state)
+        return out
 
     @staticmethod
     def validate(
@@ -273,9 +306,37 @@ class Synthesizer(ABC):
                 )
         return out
 
-    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
-        """Cross-tensor quantities the rule needs (reduced through ``reducer``); none by default."""
+    def terms(self, forget: Tensor, retain: Tensor) -> Sequence[Tensor] | None:
+        """The float32 partial sums one tensor contributes to the rule's statistics, as 0-dim
+        tensors (e.g. ``(dot32(f, r), dot32(r, r))`` for PCGrad); ``None``: the rule has none."""
         return None
+
+    def summarize(self, totals: Tensor) -> Any:
+        """The statistics from the reduced sums of :meth:`terms`: ``[tensors, k]`` for a
+        ``tensor`` rule, ``[k]`` (summed over tensors) for a ``global`` one."""
+        raise NotImplementedError(f"{type(self).__name__} defines terms() but not summarize()")
+
+    def partial_sums(self, forget: list[Tensor], retain: list[Tensor]) -> Tensor | None:
+        """This shard's :meth:`terms` for every tensor, stacked (``[tensors, k]``) or summed over
+        tensors for a ``global`` rule (``[k]``): what goes through the reducer, in one call."""
+        if not forget:
+            device = retain[0].device if retain else torch.device("cpu")
+            probe = self.terms(torch.zeros(0, device=device), torch.zeros(0, device=device))
+            if probe is None:
+                return None
+            rows = torch.zeros(0, len(probe), device=device)
+        else:
+            per_tensor = [self.terms(f, r) for f, r in zip(forget, retain)]
+            if per_tensor[0] is None:
+                return None
+            rows = torch.stack([torch.stack(list(t)) for t in per_tensor if t is not None])
+        return rows.sum(0) if self.granularity == "global" else rows
+
+    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
+        """Cross-tensor quantities the rule needs: by default :meth:`summarize` of the reduced
+        :meth:`partial_sums` (one ``reducer`` call), ``None`` for a rule without :meth:`terms`."""
+        partial = self.partial_sums(forget, retain)
+        return None if partial is None else self.summarize(self.reducer(partial))
 
     def report(self, state: Any) -> dict[str, Tensor]:
         """Rule-specific diagnostics from :meth:`statistics` (e.g. PCGrad's projected fraction)."""

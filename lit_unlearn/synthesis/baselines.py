@@ -18,7 +18,6 @@ from lit_unlearn.synthesis.base import (
     RetainGuarantee,
     Synthesizer,
     dot32,
-    global_totals,
     run_chunked,
 )
 
@@ -69,9 +68,11 @@ class BLUR(Synthesizer):
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         self.eps = float(eps)
 
-    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
-        totals = global_totals(forget, retain, lambda f, r: (dot32(f, r), dot32(f, f)))
-        dot, sq = self.reducer(totals).unbind(0)
+    def terms(self, forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
+        return dot32(forget, retain), dot32(forget, forget)
+
+    def summarize(self, totals: Tensor) -> Any:
+        dot, sq = totals.unbind(-1)
         coefficient = dot / (sq + self.eps)
         # u = (γ − α c) g_f + α g_r: the scale of g_f, one 0-dim tensor for every tensor
         return {"scale": self.forget_weight - self.retain_weight * coefficient, "coefficient": coefficient}

@@ -13,7 +13,6 @@ from lit_unlearn.synthesis.base import (
     RetainGuarantee,
     Synthesizer,
     dot32,
-    global_totals,
 )
 
 EPS = 1e-10  # added to ||g_r||^2, the reference implementation's value
@@ -96,13 +95,11 @@ class PCGrad(_ProjectionBase):
     granularity: ClassVar[Granularity] = "tensor"
     retain_guarantee: ClassVar[RetainGuarantee | None] = "tensor"
 
-    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
-        if not forget:
-            empty = torch.zeros(0)
-            return {"scales": empty, "projected": empty.bool()}
-        dots = torch.stack([dot32(f, r) for f, r in zip(forget, retain)])
-        sq = torch.stack([dot32(r, r) for r in retain])
-        dots, sq = self.reducer(torch.stack([dots, sq])).unbind(0)
+    def terms(self, forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
+        return dot32(forget, retain), dot32(retain, retain)
+
+    def summarize(self, totals: Tensor) -> Any:
+        dots, sq = totals.unbind(-1)
         return {
             "scales": _projected_scales(dots, sq, self.retain_weight, self.forget_weight, self.eps),
             "projected": dots < 0,
@@ -136,9 +133,11 @@ class PCGradGlobal(_ProjectionBase):
     granularity: ClassVar[Granularity] = "global"
     retain_guarantee: ClassVar[RetainGuarantee | None] = "global"
 
-    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
-        totals = global_totals(forget, retain, lambda f, r: (dot32(f, r), dot32(r, r)))
-        dot, sq = self.reducer(totals).unbind(0)
+    def terms(self, forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor]:
+        return dot32(forget, retain), dot32(retain, retain)
+
+    def summarize(self, totals: Tensor) -> Any:
+        dot, sq = totals.unbind(-1)
         return {
             "scales": _projected_scales(dot, sq, self.retain_weight, self.forget_weight, self.eps),
             "projected": dot < 0,

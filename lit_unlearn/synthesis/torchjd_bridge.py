@@ -21,7 +21,6 @@ from lit_unlearn.synthesis.base import (
     RetainGuarantee,
     Synthesizer,
     dot32,
-    global_totals,
 )
 
 EXTRA = "lit_unlearn[torchjd]"
@@ -107,22 +106,22 @@ class TorchJD(Synthesizer):
         bottom = torch.stack([a * g * rf, g * g * ff], -1)
         return torch.stack([top, bottom], -2)
 
-    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
-        def terms(f: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            return dot32(r, r), dot32(r, f), dot32(f, f)
+    def terms(self, forget: Tensor, retain: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The Gramian's entries, in float32 (float64 for float64 gradients: the scales follow)."""
+        if torch.float64 in (forget.dtype, retain.dtype):
+            f, r = forget.double().reshape(-1), retain.double().reshape(-1)
+            return torch.dot(r, r), torch.dot(r, f), torch.dot(f, f)
+        return dot32(retain, retain), dot32(retain, forget), dot32(forget, forget)
 
+    def summarize(self, totals: Tensor) -> Any:
+        gramians = self._gramians(totals)
         if self.scope == "global":
-            gramians = self._gramians(self.reducer(global_totals(forget, retain, terms)))[None]
-        else:
-            if not forget:
-                return {"scales": torch.zeros(0, 2)}
-            per_tensor = torch.stack([torch.stack(terms(f, r)) for f, r in zip(forget, retain)])
-            gramians = self._gramians(self.reducer(per_tensor))
+            gramians = gramians[None]
+        elif not len(gramians):
+            return {"scales": torch.zeros(0, 2, dtype=totals.dtype, device=totals.device)}
         weights = torch.stack([self.weighting(G) for G in gramians]).to(torch.float64)
         scales = weights * torch.tensor([self.retain_weight, self.forget_weight], dtype=torch.float64)
-        device = retain[0].device if retain else torch.device("cpu")
-        dtype = torch.promote_types(retain[0].dtype, torch.float32) if retain else torch.float32
-        return {"scales": scales.to(device=device, dtype=dtype), "weights": weights}
+        return {"scales": scales.to(device=totals.device, dtype=totals.dtype), "weights": weights}
 
     def tensor_statistics(self, state: Any, index: int) -> Tensor:
         scales = state["scales"]

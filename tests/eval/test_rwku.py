@@ -143,7 +143,16 @@ class Scripted(torch.nn.Module):
         self.generation_config = type("Config", (), {"eos_token_id": generation_eos})()
         self.seen_eos: list[int] = []
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, eos_token_id):
+    def generate(
+        self,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        do_sample,
+        pad_token_id,
+        eos_token_id,
+        synced_gpus=False,
+    ):
         self.seen_eos = list(eos_token_id)
         out = []
         for token in self.answer[:max_new_tokens]:
@@ -203,3 +212,74 @@ def test_metric_set_reports_level_means_and_writes_its_prompts(llama3_tok, tmp_p
     assert [r["type"] for r in rows[1:4]] == ["prefix injection", "incontext learning", "affirmative suffix"]
     expected = build_prompt(llama3_tok, 3, "q1?", "incontext learning", protocol, chat=True)[0]
     assert rows[2]["prompt"] == expected  # the chat template is used by default for chat tokenizers
+
+
+class ByPrompt(torch.nn.Module):
+    """Answers ``right`` to prompts whose token sum is even and ``wrong`` otherwise, and records
+    every batch's size and ``synced_gpus``."""
+
+    def __init__(self, right: list[int], wrong: list[int], pad: int) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.right, self.wrong, self.pad = right, wrong, pad
+        self.generation_config = None
+        self.calls: list[tuple[int, bool]] = []
+
+    def generate(
+        self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, eos_token_id, synced_gpus
+    ):
+        self.calls.append((input_ids.shape[0], synced_gpus))
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            answer = self.right if int(ids[mask.bool()].sum()) % 2 == 0 else self.wrong
+            rows.append(torch.tensor((answer + [self.pad] * max_new_tokens)[:max_new_tokens]))
+        return torch.cat([input_ids, torch.stack(rows)], dim=1)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_two_ranks_share_the_one_process_batches_and_equal_one_process(llama3_tok, tmp_path, lockstep):
+    from lit_unlearn.partition import Partition
+
+    forget = [{"query": f"Who is person {i}?", "answer": "Stephen King", "level": "1"} for i in range(7)]
+    neighbor = [{"query": f"Where is town {i}?", "answer": "Maine", "level": "1"} for i in range(5)]
+    (tmp_path / "forget_level1.json").write_text(json.dumps(forget))
+    (tmp_path / "neighbor_level1.json").write_text(json.dumps(neighbor))
+    encode = lambda text: llama3_tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    model = ByPrompt(encode(" Stephen King Maine"), encode(" nobody"), llama3_tok.pad_token_id)
+
+    def metric(name):
+        rwku = RWKU(str(tmp_path), batch_size=3, outputs_path=str(tmp_path / name))
+        rwku.setup(llama3_tok, 256)
+        return rwku
+
+    one = metric("one.jsonl").compute(model, llama3_tok)
+    one_batches = [size for size, _ in model.calls]
+    assert 0 < one["forget_rougeL"] < 1 and 0 < one["retain_neighbor_rougeL"] < 1  # a real mix of scores
+    sums, parts, calls = [], [], []
+    for rank in (1, 0):  # rank 1 first, its collectives recorded; rank 0's add them (played by hand)
+        model.calls = []
+
+        def reduce_sum(local, rank=rank):
+            if rank == 1:
+                sums.append(local.clone())
+                return local
+            return local + sums.pop(0)
+
+        def gather(local, rank=rank):
+            if rank == 1:
+                parts.append(local)
+                return [local, local]
+            return [local, parts.pop(0)]
+
+        partition = Partition(rank, 2, reduce_sum, lockstep=lockstep, gather=gather)
+        result = metric(f"rank{rank}.jsonl").compute(model, llama3_tok, partition)
+        calls.append(list(model.calls))
+    assert result == pytest.approx(one, rel=1e-12)
+    assert not (tmp_path / "rank1.jsonl").exists()  # rank 0 writes the per-item file
+    assert (tmp_path / "rank0.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert one_batches == [3, 3, 1, 3, 2]  # batches of 3 per level: 3 forget, 2 neighbour
+    rank1, rank0 = ([size for size, _ in c] for c in calls)
+    assert rank1 == [3, 1, 2]  # a contiguous run of the one-process batches per level
+    # a sharded model: rank 0 runs a dummy batch so both ranks run as many generate calls
+    assert rank0 == ([3, 3, 3] if lockstep else [3, 3])
+    assert all(synced is lockstep for c in calls for _, synced in c)

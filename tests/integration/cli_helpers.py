@@ -14,6 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = os.path.join(ROOT, "configs", "debug", "tiny.yaml")
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+COMPILED = {**ENV, "LIT_UNLEARN_COMPILE": "1"}
+"""ENV with the compiled synthesis kernels users get by default (the test session runs eagerly)."""
 
 
 def tiny_fit(root: str, *extra: str) -> list[str]:
@@ -58,7 +60,7 @@ def saved_weights(run_dir: str) -> dict[str, Any]:
 
 
 def start_until_checkpoint(
-    root: str, *args: str, timeout: float = 180
+    root: str, *args: str, timeout: float = 180, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, str | None]:
     """Start ``lit-unlearn`` with ``args`` and return once its first ``last.ckpt`` exists (or it
     ended): ``(the running process, the checkpoint)``."""
@@ -67,7 +69,7 @@ def start_until_checkpoint(
     proc = subprocess.Popen(
         command("lit-unlearn", *args),
         cwd=ROOT,
-        env=ENV,
+        env=env or ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -79,13 +81,13 @@ def start_until_checkpoint(
 
 
 def sigterm_after_first_checkpoint(
-    root: str, *args: str, timeout: float = 180
+    root: str, *args: str, timeout: float = 180, env: dict[str, str] | None = None
 ) -> tuple[int, str, str | None]:
     """Start ``lit-unlearn`` with ``args``, send SIGTERM once its first ``last.ckpt`` exists (as a
     cluster's time limit would) and wait; returns ``(exit code, stderr, checkpoint)``."""
     import signal
 
-    proc, _ = start_until_checkpoint(root, *args, timeout=timeout)
+    proc, _ = start_until_checkpoint(root, *args, timeout=timeout, env=env)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err, last_checkpoint(root)
@@ -101,3 +103,61 @@ def assert_same_layer_geometry(a: dict[str, Any], b: dict[str, Any], tol: float 
             for va, vb in zip(ra, rb):
                 assert (va is None) == (vb is None), key
                 assert va is None or abs(va - vb) <= tol, (key, va, vb)
+
+
+def evaluation_overlay(directory: str, mc_task_dir: str, people: int = 20) -> str:
+    """A config overlay whose evaluations exercise every data-parallel metric: the probes, RWKU
+    greedy generation (forget/neighbour files from the embedded benchmark's questions), membership
+    inference, and lm-eval on the local ``synthetic_mc`` task; returns its path."""
+    from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
+
+    corpus = generate_corpus(people)
+    forget = set(corpus.forget_people)
+    rwku = os.path.join(directory, "rwku")
+    os.makedirs(rwku, exist_ok=True)
+    for name, keep in (("forget_level1.json", True), ("neighbor_level1.json", False)):
+        rows = [
+            {"query": p.prompt, "answer": p.answer, "level": "1"}
+            for p in corpus.probes_for("qa")
+            if (p.person in forget) is keep
+        ][:19]
+        with open(os.path.join(rwku, name), "w") as handle:
+            json.dump(rows, handle)
+    path = os.path.join(directory, "evaluation.yaml")
+    with open(path, "w") as handle:
+        handle.write(
+            f"""trainer:
+  callbacks:
+    - class_path: lit_unlearn.eval.UnlearningEvaluator
+      init_args:
+        metrics:
+          - class_path: lit_unlearn.eval.SyntheticProbes
+            init_args: {{num_people: {people}}}
+          - class_path: lit_unlearn.eval.SyntheticMembership
+            init_args: {{num_people: {people}}}
+          - class_path: lit_unlearn.eval.RWKU
+            init_args: {{directory: {rwku}, batch_size: 4, max_new_tokens: 5}}
+        every_n_steps: 5
+        monitor: forget_qa
+        target: 0.2
+        stop_on_target: false
+    - class_path: lit_unlearn.eval.LMEvalCallback
+      init_args: {{tasks: [synthetic_mc], include_path: {mc_task_dir}, batch_size: 4}}
+"""
+        )
+    return path
+
+
+def assert_same_evaluations(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two runs of :func:`evaluation_overlay` (e.g. 1 and 2 processes) report the same RWKU,
+    membership and probe values at every evaluation, and the same lm-eval accuracy."""
+    keys = {k for h in a["history"] for k in h}
+    assert {"forget_rougeL", "retain_neighbor_rougeL_all", "forget_qa"} <= keys, sorted(keys)
+    assert any(k.endswith("_auc") for k in keys), sorted(keys)
+    assert any(h["forget_rougeL"] > 0 or h["retain_neighbor_rougeL"] > 0 for h in a["history"])
+    assert [sorted(h) for h in a["history"]] == [sorted(h) for h in b["history"]]
+    for ha, hb in zip(a["history"], b["history"]):
+        for key in ha:
+            assert abs(hb[key] - ha[key]) <= 1e-4 * max(1.0, abs(ha[key])), (key, ha[key], hb[key])
+    assert a["lm_eval"]["synthetic_mc"] == b["lm_eval"]["synthetic_mc"]  # accuracy over all 40 questions
+    assert a["lm_eval"]["synthetic_mc"]["sample_len"] == 40 and 0 < a["lm_eval"]["synthetic_mc"]["acc"] <= 1

@@ -14,9 +14,12 @@ import torch
 from lit_unlearn.benchmarks.synthetic.target import target_dir
 from tests.engine_helpers import relative_difference
 from tests.integration.cli_helpers import (
+    COMPILED,
     ROOT,
     TINY,
+    assert_same_evaluations,
     assert_same_layer_geometry,
+    evaluation_overlay,
     results,
     run,
     run_dirs,
@@ -47,8 +50,10 @@ RULE_FLAGS = {
 
 @pytest.mark.integration
 @pytest.mark.parametrize("rule", list(RULE_FLAGS))
-def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path, rule):
+def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path, rule, mc_task):
     common = ["fit", "--config", TINY, "--trainer.max_steps", "6", *SGD, *RULE_FLAGS[rule]]
+    if rule == "UPGrad":  # also every data-parallel evaluation: RWKU, membership, lm-eval
+        common += ["--config", evaluation_overlay(str(tmp_path), mc_task[0])]
     one = run(
         "lit-unlearn",
         *common,
@@ -92,6 +97,8 @@ def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path, rule):
         ra["geometry"]["mean_update_retain_cosine"], abs=1e-4
     )
     assert_same_layer_geometry(ra, rb)
+    if rule == "UPGrad":
+        assert_same_evaluations(ra, rb)
     wa, wb = saved_weights(a), saved_weights(b)
     assert relative_difference(wb, wa, _initial_weights()) <= 1e-4
     for d in (a, b):
@@ -102,16 +109,25 @@ def test_two_process_cli_run_finishes_and_matches_one_process(tmp_path, rule):
 
 @pytest.mark.integration
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
-    """The shipped tiny config, no checkpoint flags: last.ckpt is written on SIGTERM and resumes exactly."""
+    """The shipped tiny config, no checkpoint flags, the compiled synthesis kernels (the default
+    outside the test session): last.ckpt is written on SIGTERM and resumes exactly, the resumed
+    process compiling its kernels again."""
     steps = ["--trainer.max_steps", "60"]
     full = run(
-        "lit-unlearn", "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(tmp_path / "full")
+        "lit-unlearn",
+        "fit",
+        "--config",
+        TINY,
+        *steps,
+        "--trainer.default_root_dir",
+        str(tmp_path / "full"),
+        env=COMPILED,
     )
     assert full.returncode == 0, full.stderr[-3000:]
 
     root = tmp_path / "cut"
     code, err, ckpt = sigterm_after_first_checkpoint(
-        str(root), "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(root)
+        str(root), "fit", "--config", TINY, *steps, "--trainer.default_root_dir", str(root), env=COMPILED
     )
     assert code == 143, err[-3000:]
     assert ckpt is not None
@@ -133,10 +149,15 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
         str(root),
         "--ckpt_path",
         str(ckpt),
+        env=COMPILED,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (full_dir,), (resumed_dir,) = run_dirs(str(tmp_path / "full")), run_dirs(str(root))  # resumed in place
     a, b = results(full_dir), results(resumed_dir)
+    assert a["synthesis"]["compiled"] and b["synthesis"]["compiled"]
+    assert (
+        "synthesis kernels compiled in" in full.stdout and "synthesis kernels compiled in" in resumed.stdout
+    )
     for key in ("steps", "final", "history", "matched_step", "geometry", "skipped_steps"):
         assert a[key] == b[key], key
     wa, wb = saved_weights(full_dir), saved_weights(resumed_dir)

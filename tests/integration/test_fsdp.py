@@ -18,7 +18,9 @@ from tests.integration.cli_helpers import (
     ENV,
     ROOT,
     TINY,
+    assert_same_evaluations,
     assert_same_layer_geometry,
+    evaluation_overlay,
     results,
     run,
     run_dirs,
@@ -43,7 +45,9 @@ def _initial() -> dict[str, torch.Tensor]:
     return load_file(os.path.join(target_dir("smoke"), "model.safetensors"))
 
 
-def _fit(root, *extra: str, sharded: bool, float64: bool = True, timeout: float = 240) -> str:
+def _fit(
+    root, *extra: str, sharded: bool, float64: bool = True, timeout: float = 240, compiled: bool = False
+) -> str:
     per_device = "4" if sharded else "8"
     args = [
         "fit",
@@ -66,16 +70,23 @@ def _fit(root, *extra: str, sharded: bool, float64: bool = True, timeout: float 
         main([*args, *extra])
     else:
         env = {**ENV, "PYTHONPATH": os.pathsep.join([EXAMPLES, ENV.get("PYTHONPATH", "")])}
+        env["LIT_UNLEARN_COMPILE"] = "1" if compiled else "0"
         proc = run("lit-unlearn", *args, *extra, timeout=timeout, env=env)  # the timeout detects deadlocks
         assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = run_dirs(str(root))
     return run_dir
 
 
+EVALUATED = "UPGrad"  # this rule's runs also evaluate RWKU, membership and lm-eval (data-parallel)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every rule once on 1 process and once sharded over 2, plus a shard-local PCGrad."""
+def runs(tmp_path_factory, mc_task):
+    """Every rule once on 1 process (eager synthesis) and once sharded over 2 with the compiled
+    kernels users get by default (the all-reduce runs between the two compiled passes), plus a
+    shard-local PCGrad."""
     root = tmp_path_factory.mktemp("fsdp")
+    overlay = ["--config", evaluation_overlay(str(root), mc_task[0])]
     out = {}
     for rule in RULES:
         out[rule] = tuple(
@@ -84,7 +95,9 @@ def runs(tmp_path_factory):
                 *RULE_ARGS.get(
                     rule, ["--model.synthesizer", rule, "--model.synthesizer.retain_weight", "0.5"]
                 ),
+                *(overlay if rule == EVALUATED else []),
                 sharded=n == 2,
+                compiled=n == 2,
             )
             for n in (1, 2)
         )
@@ -104,6 +117,8 @@ def test_two_sharded_processes_equal_one_process(runs, rule):
     one, two = runs[rule]
     ra, rb = results(one), results(two)
     assert (ra["world_size"], rb["world_size"]) == (1, 2)
+    assert ra["synthesis"]["compiled"] is False
+    assert rb["synthesis"]["compiled"] is (rule != "GRU")  # GRU's moving average keeps it eager
     assert ra["effective_batch"] == rb["effective_batch"] == {"forget": 8, "retain": 8}
     difference = relative_difference(saved_weights(two), saved_weights(one), _initial())
     assert difference <= 1e-4, difference
@@ -115,6 +130,8 @@ def test_two_sharded_processes_equal_one_process(runs, rule):
         ra["geometry"]["mean_update_retain_cosine"], abs=1e-4
     )
     assert_same_layer_geometry(ra, rb)
+    if rule == EVALUATED:  # every rank evaluated its share of the documents; the sums are the same
+        assert_same_evaluations(ra, rb)
 
 
 @pytest.mark.integration
