@@ -171,6 +171,10 @@ class Synthesizer(ABC):
     state_buffers: ClassVar[int] = 0
     """Parameter-sized buffers the rule keeps across steps (GRU's moving average: 1); the memory
     planner counts them."""
+    compiles_own_flow: ClassVar[bool] = False
+    """The rule overrides :meth:`_run_compiled` for a data flow of its own (GRU's moving average);
+    otherwise a rule that overrides :meth:`combine_tensor`, or :meth:`statistics` without
+    :meth:`terms`, runs eagerly."""
     parameter_state_keys: ClassVar[tuple[str, ...]] = ()
     """The :meth:`state_dict` entries that hold one tensor per trainable tensor (this rank's shard
     under FSDP), also returned by :meth:`parameter_state`."""
@@ -242,11 +246,13 @@ class Synthesizer(ABC):
     def compiled_passes(self) -> CompiledPasses | None:
         """The rule's compiled passes, or ``None`` where it runs eagerly: ``LIT_UNLEARN_COMPILE=0``,
         a rule that overrides :meth:`statistics` without :meth:`terms` or overrides
-        :meth:`combine_tensor` (its own data flow), or an earlier compilation failure."""
+        :meth:`combine_tensor` (its own data flow, unless :attr:`compiles_own_flow`), or an
+        earlier compilation failure."""
         if self._compiled is None:
             cls = type(self)
-            own_flow = cls.combine_tensor is not Synthesizer.combine_tensor or (
-                cls.statistics is not Synthesizer.statistics and cls.terms is Synthesizer.terms
+            own_flow = not cls.compiles_own_flow and (
+                cls.combine_tensor is not Synthesizer.combine_tensor
+                or (cls.statistics is not Synthesizer.statistics and cls.terms is Synthesizer.terms)
             )
             self._compiled = False if own_flow or not compile_requested() else CompiledPasses(self)
         return self._compiled if isinstance(self._compiled, CompiledPasses) else None

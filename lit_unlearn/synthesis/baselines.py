@@ -20,6 +20,7 @@ from lit_unlearn.synthesis.base import (
     dot32,
     run_chunked,
 )
+from lit_unlearn.synthesis.compiled import CompiledPasses
 
 EPS = 1e-10
 
@@ -126,6 +127,7 @@ class GRU(Synthesizer):
 
     granularity: ClassVar[Granularity] = "global"
     retain_guarantee: ClassVar[RetainGuarantee | None] = None
+    compiles_own_flow: ClassVar[bool] = True
     state_buffers: ClassVar[int] = 1
     parameter_state_keys: ClassVar[tuple[str, ...]] = ("average",)
 
@@ -154,16 +156,42 @@ class GRU(Synthesizer):
             self.average = [a.to(r.device) for a, r in zip(self.average, retain)]
         return self.average
 
-    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
-        average = self._average_for(forget, retain)
-        device = retain[0].device if retain else torch.device("cpu")
-        totals = torch.zeros(2, dtype=torch.float32, device=device)
-        for f, r, a in zip(forget, retain, average):
+    def partial_sums(self, forget: list[Tensor], retain: list[Tensor]) -> Tensor:
+        """Move the average (``r̄ ← ema · g_r + (1 − ema) · r̄``, in place) and return this shard's
+        ``(⟨g_f, r̄⟩, ‖r̄‖²)``: one pass over ``g_f``, ``g_r`` and ``r̄``."""
+        assert self.average is not None  # _average_for() ran first
+        totals = torch.zeros(2, dtype=torch.float32, device=retain[0].device if retain else "cpu")
+        for f, r, a in zip(forget, retain, self.average):
             a.mul_(1.0 - self.ema).add_(r.to(a.dtype), alpha=self.ema)
-            totals += torch.stack([dot32(f, a), dot32(a, a)])
-        dot, sq = self.reducer(totals).unbind(0)
+            totals = totals + torch.stack([dot32(f, a), dot32(a, a)])
+        return totals
+
+    def summarize(self, totals: Tensor) -> Any:
+        dot, sq = totals.unbind(-1)
         coefficient = torch.where(dot < 0, dot / (sq + self.eps), torch.zeros_like(dot))
         return {"scale": -self.forget_weight * coefficient, "projected": dot < 0}
+
+    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
+        self._average_for(forget, retain)
+        return self.summarize(self.reducer(self.partial_sums(forget, retain)))
+
+    def _run_compiled(
+        self, compiled: CompiledPasses, forget: list[Tensor], retain: list[Tensor], out: list[Tensor]
+    ) -> list[Tensor]:
+        """Two compiled passes: the average's update with the sums, then ``γ g_f + s r̄``. The
+        average has moved once the first pass ran, so a failure of the second finishes eagerly
+        here instead of starting the step again."""
+        average = self._average_for(forget, retain)
+        state = self.summarize(self.reducer(compiled.partial_sums(forget, retain)))
+        self.last_report = self.report(state)
+        try:
+            compiled.combine(forget, average, out, state)
+        except Exception as error:  # noqa: BLE001  # as Synthesizer.__call__: eager from now on
+            compiled.disable(error)
+            self._compiled = False
+            for j, (f, r, o) in enumerate(zip(forget, retain, out)):
+                self.combine_tensor(state, j, f, r, o)
+        return out
 
     def tensor_statistics(self, state: Any, index: int) -> Tensor:
         return state["scale"]

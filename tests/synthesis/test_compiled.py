@@ -11,8 +11,6 @@ from lit_unlearn.synthesis import GRU, RULES, SAGO, PCGrad, Synthesizer, TorchJD
 from lit_unlearn.synthesis.compiled import CompiledPasses
 from tests.synthesis.test_properties import make_grads, make_rule
 
-COMPILED_RULES = [cls for cls in RULES if cls is not GRU]
-
 
 @pytest.fixture(autouse=True)
 def _compile_on(monkeypatch):
@@ -29,7 +27,7 @@ def both(cls, **kwargs) -> tuple[Synthesizer, Synthesizer]:
     return make_rule(cls, **kwargs), eager(make_rule(cls, **kwargs))
 
 
-@pytest.mark.parametrize("cls", COMPILED_RULES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", RULES, ids=lambda c: c.__name__)
 def test_compiled_rule_writes_the_eager_update_into_the_retain_gradient(cls):
     """The engine's call: ``out`` is the retain gradient itself."""
     compiled, reference = both(cls)
@@ -116,8 +114,38 @@ def test_reducer_gets_one_call_with_the_partial_sums():
     torch.testing.assert_close(calls[0], eager_partial, rtol=1e-5, atol=1e-6)
 
 
+def test_gru_moves_its_average_in_the_compiled_pass_as_eagerly_over_steps():
+    compiled, reference = both(GRU, ema=0.5)
+    for seed in range(3):  # the average carries over: three steps
+        forget, retain = make_grads(20 + seed)
+        for u, e in zip(compiled(forget, retain), reference(forget, retain)):
+            torch.testing.assert_close(u, e, rtol=1e-5, atol=1e-6)
+    assert compiled.compiled
+    for a, b in zip(compiled.average, reference.average):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_gru_finishes_a_step_eagerly_when_its_combine_fails_to_compile(monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("inductor could not lower this")
+
+    compiled, reference = both(GRU, ema=0.5)
+    forget, retain = make_grads(30)
+    monkeypatch.setattr(CompiledPasses, "combine", broken)
+    with pytest.warns(RuntimeWarning, match="GRU: compiled synthesis is unavailable"):
+        update = compiled(forget, retain)
+    for u, e in zip(update, reference(forget, retain)):  # the average moved once, not twice
+        torch.testing.assert_close(u, e, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled.average, reference.average):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_switched_off_by_the_environment_and_for_a_rule_with_its_own_data_flow(monkeypatch):
-    assert make_rule(GRU).compiled_passes() is None  # its moving average is its own pass
+    class OwnFlow(SAGO):
+        def combine_tensor(self, state, index, forget, retain, out):
+            out.copy_(self.combine(forget, retain))
+
+    assert make_rule(OwnFlow).compiled_passes() is None  # an unknown data flow is not traced
     monkeypatch.setenv("LIT_UNLEARN_COMPILE", "0")
     rule = make_rule(SAGO)
     forget, retain = make_grads(10)
