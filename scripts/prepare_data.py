@@ -1,7 +1,8 @@
-"""Download and lay out the WMDP corpora and the RWKU files used by configs/data/*.yaml.
+"""Download and lay out the WMDP corpora, the RWKU files and the TOFU splits used by configs/.
 
     python scripts/prepare_data.py wmdp [--out data/wmdp]    # bio/cyber forget + retain corpora
     python scripts/prepare_data.py rwku [--out data/rwku]    # targets 1-50 / 151-200 + eval levels
+    python scripts/prepare_data.py tofu [--out data/tofu]    # every published TOFU split
 
 Needs network access to the Hugging Face Hub (and, for the WMDP bio forget corpus, the access the
 WMDP authors grant on request). Offline it stops with one clear line. Not run in the tests.
@@ -11,6 +12,9 @@ Layout written (JSONL with a ``text`` field, and RWKU's JSON for evaluation):
     data/rwku/forget_targets_1-50.jsonl, data/rwku/retain_targets_151-200.jsonl
     data/rwku/eval/{forget_level1,forget_level2,forget_level3,neighbor_level1,neighbor_level2}.json
     data/rwku/eval/{mia_forget,mia_retain}.json   (forget targets only; every field kept)
+    data/tofu/{forget01,forget05,forget10,retain90,retain95,retain99,holdout01,holdout05,holdout10}.json
+    data/tofu/{forget01,forget05,forget10,retain,real_authors,world_facts}_perturbed.json
+        (JSON arrays, every field kept: question, answer, paraphrased_answer, perturbed_answer)
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ WMDP_BIO_FORGET = "cais/wmdp-bio-forget-corpus"  # gated
 RWKU = "jinzhuoran/RWKU"
 RWKU_LEVELS = ["forget_level1", "forget_level2", "forget_level3", "neighbor_level1", "neighbor_level2"]
 RWKU_MIA = ["mia_forget", "mia_retain"]  # membership-inference texts (``text``, ``subject``)
+TOFU = "locuslab/TOFU"
+TOFU_TRAIN = [f"{kind}{n}" for kind, ns in (("forget", "01 05 10"), ("retain", "90 95 99"), ("holdout", "01 05 10"))
+              for n in ns.split()]  # fmt: skip
+TOFU_EVAL = ["forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
+             "real_authors_perturbed", "world_facts_perturbed"]  # fmt: skip
+TOFU_FIELDS = {"question", "answer"}
+TOFU_EVAL_FIELDS = {"question", "answer", "perturbed_answer"}
 
 
 def _load(name: str, config: str | None, split: str = "train") -> Any:
@@ -95,15 +106,36 @@ def prepare_rwku(out: str) -> None:
         print(f"RWKU {level}: {len(items)} items")
 
 
+def _write_json(path: str, items: list[dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(items, handle)
+    os.replace(path + ".tmp", path)  # never a half-written split
+
+
+def prepare_tofu(out: str) -> None:
+    """Every TOFU split as a local JSON array (what ``QAPairs`` and ``lit_unlearn.eval.TOFU`` read)."""
+    for config in TOFU_TRAIN + TOFU_EVAL:
+        items = [dict(r) for r in _load(TOFU, config)]
+        needed = TOFU_EVAL_FIELDS if config in TOFU_EVAL else TOFU_FIELDS
+        if config in ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed"):
+            needed = needed | {"paraphrased_answer"}
+        missing = sorted(needed - set(items[0])) if items else sorted(needed)
+        if missing:
+            sys.exit(f"prepare_data: {TOFU}/{config} has no {missing} (its layout changed?)")
+        _write_json(os.path.join(out, f"{config}.json"), items)
+        print(f"TOFU {config}: {len(items)} items")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("dataset", choices=["wmdp", "rwku"])
+    parser.add_argument("dataset", choices=["wmdp", "rwku", "tofu"])
     parser.add_argument("--out", default=None, help="output folder (default data/<dataset>)")
     args = parser.parse_args(argv)
     out = args.out or os.path.join("data", args.dataset)
-    (prepare_wmdp if args.dataset == "wmdp" else prepare_rwku)(out)
+    {"wmdp": prepare_wmdp, "rwku": prepare_rwku, "tofu": prepare_tofu}[args.dataset](out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Evaluation: metric sets, in-training evaluation with the matched-forgetting stop, the
-lm-evaluation-harness bridge, RWKU, membership inference, and run reports (results.json, TensorBoard, comparison)."""
+lm-evaluation-harness bridge, RWKU, TOFU, membership inference, and run reports (results.json, TensorBoard, comparison)."""
 
 from lit_unlearn.eval.callbacks import UnlearningEvaluator
 from lit_unlearn.eval.compare import compare_runs
@@ -8,9 +8,11 @@ from lit_unlearn.eval.metrics import CorpusNLL, MetricSet, MultipleChoice, Synth
 from lit_unlearn.eval.mia import MembershipInference, SyntheticMembership
 from lit_unlearn.eval.report import TradeoffReport
 from lit_unlearn.eval.rwku import RWKU
+from lit_unlearn.eval.tofu import TOFU
 
 __all__ = [
     "RWKU",
+    "TOFU",
     "CorpusNLL",
     "LMEvalCallback",
     "MembershipInference",

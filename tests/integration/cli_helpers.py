@@ -105,13 +105,43 @@ def assert_same_layer_geometry(a: dict[str, Any], b: dict[str, Any], tol: float 
                 assert va is None or abs(va - vb) <= tol, (key, va, vb)
 
 
+def write_synthetic_tofu(directory: str, corpus: Any, per_split: int = 7) -> str:
+    """TOFU files in the published schema from the embedded benchmark's questions (forget people
+    for forget10, the others for the remaining splits; perturbed answers are other values of the
+    same attribute, the paraphrase is the answer itself)."""
+    from lit_unlearn.benchmarks.synthetic.corpus import VALUES
+
+    forget = set(corpus.forget_people)
+    os.makedirs(directory, exist_ok=True)
+
+    def items(keep: bool, skip: int) -> list[dict[str, Any]]:
+        probes = [p for p in corpus.probes_for("qa") if (p.person in forget) is keep][skip : skip + per_split]
+        return [
+            {"question": p.prompt, "answer": p.answer, "paraphrased_answer": p.answer,
+             "perturbed_answer": [v for v in VALUES[p.attribute] if v != p.answer][:3]}
+            for p in probes
+        ]  # fmt: skip
+
+    for name, keep, skip in (
+        ("forget10", True, 0),
+        ("retain", False, 0),
+        ("real_authors", False, 20),
+        ("world_facts", False, 40),
+    ):
+        with open(os.path.join(directory, f"{name}_perturbed.json"), "w") as handle:
+            json.dump(items(keep, skip), handle)
+    return directory
+
+
 def evaluation_overlay(directory: str, mc_task_dir: str, people: int = 20) -> str:
     """A config overlay whose evaluations exercise every data-parallel metric: the probes, RWKU
     greedy generation (forget/neighbour files from the embedded benchmark's questions), membership
-    inference, and lm-eval on the local ``synthetic_mc`` task; returns its path."""
+    inference, TOFU (files from the same questions) and lm-eval on the local ``synthetic_mc`` task;
+    returns its path."""
     from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
 
     corpus = generate_corpus(people)
+    tofu = write_synthetic_tofu(os.path.join(directory, "tofu"), corpus)
     forget = set(corpus.forget_people)
     rwku = os.path.join(directory, "rwku")
     os.makedirs(rwku, exist_ok=True)
@@ -137,6 +167,8 @@ def evaluation_overlay(directory: str, mc_task_dir: str, people: int = 20) -> st
             init_args: {{num_people: {people}}}
           - class_path: lit_unlearn.eval.RWKU
             init_args: {{directory: {rwku}, batch_size: 4, max_new_tokens: 5}}
+          - class_path: lit_unlearn.eval.TOFU
+            init_args: {{directory: {tofu}, batch_size: 3, max_new_tokens: 4}}
         every_n_steps: 5
         monitor: forget_qa
         target: 0.2
@@ -152,7 +184,13 @@ def assert_same_evaluations(a: dict[str, Any], b: dict[str, Any]) -> None:
     """Two runs of :func:`evaluation_overlay` (e.g. 1 and 2 processes) report the same RWKU,
     membership and probe values at every evaluation, and the same lm-eval accuracy."""
     keys = {k for h in a["history"] for k in h}
-    assert {"forget_rougeL", "retain_neighbor_rougeL_all", "forget_qa"} <= keys, sorted(keys)
+    assert {
+        "forget_rougeL",
+        "retain_neighbor_rougeL_all",
+        "forget_qa",
+        "model_utility",
+        "forget_truth_ratio",
+    } <= keys, sorted(keys)
     assert any(k.endswith("_auc") for k in keys), sorted(keys)
     assert any(h["forget_rougeL"] > 0 or h["retain_neighbor_rougeL"] > 0 for h in a["history"])
     assert [sorted(h) for h in a["history"]] == [sorted(h) for h in b["history"]]
