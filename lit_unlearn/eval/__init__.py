@@ -8,7 +8,7 @@ from lit_unlearn.eval.metrics import CorpusNLL, MetricSet, MultipleChoice, Synth
 from lit_unlearn.eval.mia import MembershipInference, SyntheticMembership
 from lit_unlearn.eval.report import TradeoffReport
 from lit_unlearn.eval.rwku import RWKU
-from lit_unlearn.eval.tofu import TOFU
+from lit_unlearn.eval.tofu import TOFU, SyntheticTOFU
 
 __all__ = [
     "RWKU",
@@ -20,6 +20,7 @@ __all__ = [
     "MultipleChoice",
     "SyntheticMembership",
     "SyntheticProbes",
+    "SyntheticTOFU",
     "TradeoffReport",
     "UnlearningEvaluator",
     "compare_runs",

@@ -145,14 +145,18 @@ def read_split(path: str, paraphrase: bool) -> list[dict[str, Any]]:
     return records
 
 
-def format_prompt(tokenizer: Any, question: str, chat: bool) -> tuple[str, bool]:
-    """``(prompt text, whether tokenizing it adds special tokens)``."""
+PROMPT = "Question: {question}\nAnswer:"
+
+
+def format_prompt(tokenizer: Any, question: str, chat: bool, template: str = PROMPT) -> tuple[str, bool]:
+    """``(prompt text, whether tokenizing it adds special tokens)``: the chat template with the
+    question as the user message, or ``template`` filled in."""
     if chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
         return text, False
-    return f"Question: {question}\nAnswer:", True
+    return template.format(question=question), True
 
 
 @torch.no_grad()
@@ -223,6 +227,8 @@ class TOFU(MetricSet):
         chat_template: use the tokenizer's chat template; ``None`` = whenever it has one.
         max_new_tokens: generation budget for the ROUGE answers (open-unlearning: 200).
         batch_size: items per forward pass and per generation batch.
+        prompt_template: the prompt without a chat template (``{question}`` is replaced); the
+            answer follows after a space.
         truth_ratios_path: write the forget truth ratios there (``{"truth_ratios": [...]}``) after
             each evaluation: the file a retain model's run provides as ``retain_truth_ratios``.
     """
@@ -239,7 +245,10 @@ class TOFU(MetricSet):
         max_new_tokens: int = 200,
         batch_size: int = 16,
         truth_ratios_path: str | None = None,
+        prompt_template: str = PROMPT,
     ) -> None:
+        if "{question}" not in prompt_template:
+            raise UserError(f"TOFU prompt_template must contain {{question}}, got {prompt_template!r}")
         if forget_split not in FORGET_SPLITS:
             raise UserError(f"TOFU forget_split must be one of {list(FORGET_SPLITS)}, got {forget_split!r}")
         if retain_truth_ratios and retain_model:
@@ -247,7 +256,7 @@ class TOFU(MetricSet):
         self.directory, self.forget_split = directory, forget_split
         self.retain_truth_ratios_path, self.retain_model = retain_truth_ratios, retain_model
         self.chat_template, self.max_new_tokens, self.batch_size = chat_template, max_new_tokens, batch_size
-        self.truth_ratios_path = truth_ratios_path
+        self.truth_ratios_path, self.prompt_template = truth_ratios_path, prompt_template
         self._items: dict[str, list[dict[str, Any]]] = {}
         self._reference: list[float] | None = None
         self._chat = False
@@ -259,14 +268,20 @@ class TOFU(MetricSet):
         names.update({s: f"{s}_perturbed.json" for s in SPLITS[1:]})
         return {split: os.path.join(self.directory, name) for split, name in names.items()}
 
-    def setup(self, tokenizer: Any, max_length: int) -> None:
+    def load_items(self) -> dict[str, list[dict[str, Any]]]:
+        """Every split's items (read from :meth:`files`)."""
+        items = {}
         for split, path in self.files().items():
             if not os.path.exists(path):
                 raise UserError(
                     f"TOFU directory {self.directory}: {os.path.basename(path)} is missing "
                     "(write the local copy with: python scripts/prepare_data.py tofu --out DIR)"
                 )
-            self._items[split] = read_split(path, paraphrase=split in ("forget", "retain"))
+            items[split] = read_split(path, paraphrase=split in ("forget", "retain"))
+        return items
+
+    def setup(self, tokenizer: Any, max_length: int) -> None:
+        self._items = self.load_items()
         if self.chat_template and not getattr(tokenizer, "chat_template", None):
             raise UserError("TOFU chat_template: true, but the tokenizer has no chat template")
         self._chat = (
@@ -298,7 +313,9 @@ class TOFU(MetricSet):
         synced = partition.lockstep and partition.world_size > 1
         for indices, counted in partition.whole_batches(range(len(items)), self.batch_size):
             batch = [items[i] for i in indices]
-            prompts = [format_prompt(tokenizer, it["question"], self._chat)[0] for it in batch]
+            prompts = [
+                format_prompt(tokenizer, it["question"], self._chat, self.prompt_template)[0] for it in batch
+            ]
             correct = self._nll(model, tokenizer, prompts, [it["answer"] for it in batch])
             para = (
                 self._nll(model, tokenizer, prompts, [it["paraphrased_answer"] for it in batch])
@@ -366,3 +383,73 @@ class TOFU(MetricSet):
             self._reference = truth_ratios([r["para"] for r in rows], [r["wrong"] for r in rows]).tolist()
             del reference
         return self._reference
+
+
+class SyntheticTOFU(TOFU):
+    """TOFU's metrics on the embedded benchmark, with its retrain oracle as the retain model.
+
+    The views: ``forget`` = the forget people's questions, ``retain`` = the other people's,
+    ``real_authors`` = the other people's statements, ``world_facts`` = the arithmetic probes (up to
+    ``max_items`` each, in corpus order). Answers are one word, so the paraphrase is the answer
+    itself; the perturbed answers are other values of the same attribute (other sums for
+    arithmetic). Prompts are the probes' own (no ``Question:`` wrapper).
+
+    Args:
+        num_people: corpus size (must match the target).
+        forget_fraction: share of forget people (must match the target).
+        seed: corpus seed (must match the target).
+        retain_model: the retain model (default: the retrain oracle, built on first use, about a
+            minute on CPU).
+        retain_truth_ratios: or its truth ratios (a JSON file), instead of ``retain_model``.
+        perturbed: wrong answers per item.
+        max_items: items per split at most.
+        max_new_tokens: greedy answer length for ROUGE.
+        batch_size: items per forward pass.
+        truth_ratios_path: write this model's forget truth ratios there after each evaluation.
+    """
+
+    def __init__(
+        self,
+        num_people: int = 200,
+        forget_fraction: float = 0.1,
+        seed: int = 0,
+        retain_model: str | None = "synthetic://oracle",
+        retain_truth_ratios: str | None = None,
+        perturbed: int = 3,
+        max_items: int = 200,
+        max_new_tokens: int = 2,
+        batch_size: int = 64,
+        truth_ratios_path: str | None = None,
+    ) -> None:
+        super().__init__(
+            directory="", forget_split="forget10", retain_truth_ratios=retain_truth_ratios,
+            retain_model=None if retain_truth_ratios else retain_model, chat_template=False,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, truth_ratios_path=truth_ratios_path,
+            prompt_template="{question}",
+        )  # fmt: skip
+        self.num_people, self.forget_fraction, self.seed = num_people, forget_fraction, seed
+        self.perturbed, self.max_items = perturbed, max_items
+
+    def load_items(self) -> dict[str, list[dict[str, Any]]]:
+        from lit_unlearn.benchmarks.synthetic.corpus import VALUES, generate_corpus
+
+        corpus = generate_corpus(self.num_people, self.forget_fraction, self.seed)
+
+        def item(probe: Any) -> dict[str, Any]:
+            if probe.kind == "arithmetic":
+                total = int(probe.answer)
+                wrong = [str(total + d) for d in (1, -1, 2, -2, 3, -3) if total + d >= 0]
+            else:
+                wrong = [v for v in VALUES[probe.attribute] if v != probe.answer]
+            return {
+                "question": probe.prompt, "answer": probe.answer, "paraphrased_answer": probe.answer,
+                "perturbed_answer": wrong[: self.perturbed],
+            }  # fmt: skip
+
+        views = {
+            "forget": corpus.probes_for("qa", corpus.forget_people),
+            "retain": corpus.probes_for("qa", corpus.retain_people),
+            "real_authors": corpus.probes_for("statement", corpus.retain_people),
+            "world_facts": corpus.probes_for("arithmetic"),
+        }
+        return {split: [item(p) for p in probes[: self.max_items]] for split, probes in views.items()}

@@ -339,3 +339,25 @@ def test_the_tofu_evaluation_of_a_saved_model_through_lit_unlearn_eval(smoke_tar
     metric.setup(tokenizer, 64)
     assert reported == pytest.approx(metric.compute(load_causal_lm(smoke_target), tokenizer), rel=1e-6)
     assert max(v for k, v in reported.items() if k.endswith("rougeL")) > 0 and "model_utility" in reported
+
+
+def test_the_embedded_benchmarks_tofu_view(smoke_target):
+    """Forget = the forget people's questions, perturbed answers = other values of the attribute;
+    the model against itself as the retain model has forget quality 1."""
+    from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
+    from lit_unlearn.eval import SyntheticTOFU
+    from lit_unlearn.models import load_causal_lm, load_tokenizer
+    from tests.conftest import SMOKE_PEOPLE
+
+    metric = SyntheticTOFU(num_people=SMOKE_PEOPLE, retain_model=smoke_target, max_items=40)
+    tokenizer = load_tokenizer(smoke_target)
+    metric.setup(tokenizer, 64)
+    corpus = generate_corpus(SMOKE_PEOPLE)
+    forget = corpus.probes_for("qa", corpus.forget_people)
+    assert [it["question"] for it in metric._items["forget"]] == [p.prompt for p in forget][:40]
+    for it in metric._items["forget"] + metric._items["world_facts"]:
+        assert len(it["perturbed_answer"]) == 3 and it["answer"] not in it["perturbed_answer"]
+    got = metric.compute(load_causal_lm(smoke_target), tokenizer)
+    assert got["forget_quality"] == pytest.approx(1.0)
+    # the smoke target knows its retain people: right answers far likelier than wrong ones
+    assert got["retain_truth_ratio"] > 0.8 and got["retain_qa_rougeL"] > 0.8

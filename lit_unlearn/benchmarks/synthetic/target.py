@@ -41,13 +41,14 @@ SCHEME = "synthetic://"
 PRESETS: dict[str, dict[str, Any]] = {  # folder names under the machine's cache
     "default": {"output_dir": "synthetic-target"},
     "smoke": {"output_dir": "synthetic-smoke", "num_people": 20, "steps": 150},
+    "oracle": {"output_dir": "synthetic-oracle", "oracle": True},  # the default target's retrain oracle
 }
 
 
 def target_dir(name: str = "default") -> str:
     """Where ``synthetic://<name>`` is cached: ``<machine cache>/synthetic-target`` (``default``),
     ``synthetic-smoke`` (``smoke``); ``oracle`` is the default target's retrain oracle."""
-    folder = "synthetic-oracle" if name == "oracle" else PRESETS[name]["output_dir"]
+    folder = PRESETS[name]["output_dir"]
     return os.path.join(cache_root(), folder)
 
 
@@ -279,7 +280,7 @@ def _build(
 
 
 def resolve_synthetic(name_or_path: str) -> str:
-    """Map ``synthetic://default`` / ``synthetic://smoke`` to a built (or cached) target directory.
+    """Map ``synthetic://default`` / ``smoke`` / ``oracle`` to a built (or cached) target directory.
 
     Any other string is returned unchanged (a hub id or a local path).
     """
