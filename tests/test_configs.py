@@ -274,3 +274,43 @@ def test_components_combine_and_run_two_steps(forget, synthesizer, tmp_path, mon
         ]
     main(args)
     assert glob.glob(os.path.join(tmp_path, "**", "results.json"), recursive=True)
+
+
+@pytest.mark.parametrize("objective", ["graddiff", "npo", "simnpo"])
+@pytest.mark.parametrize("rule", ["naive", "pcgrad", "sago"])
+def test_tofu_pairings_compose_open_unlearnings_setting(objective, rule, capsys, monkeypatch):
+    """The nine TOFU pairings documented in benchmark/tofu.yaml: components on the benchmark, with
+    open-unlearning's lr 1e-5, weight decay 0.01, 10 epochs, global batch 32 + 32 on 4 GPUs, and its
+    SimNPO β 4.5 / γ 0.125."""
+    monkeypatch.chdir(ROOT)
+    args = [
+        "fit",
+        "--config",
+        "configs/benchmark/tofu.yaml",
+        "--model.synthesizer",
+        f"configs/synthesizer/{rule}.yaml",
+    ]
+    if objective != "graddiff":
+        args += ["--model.forget_objective", f"configs/objective/forget/{objective}.yaml"]
+    if objective == "simnpo":
+        args += ["--model.forget_objective.beta", "4.5", "--model.synthesizer.forget_weight", "0.125"]
+    config = parsed(args + ["--config", "configs/trainer/gpu_ddp.yaml"], capsys)
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    assert model["optimizer"]["init_args"] == {
+        "lr": 1e-5,
+        "weight_decay": 0.01,
+        **{k: v for k, v in model["optimizer"]["init_args"].items() if k not in ("lr", "weight_decay")},
+    }
+    assert trainer["max_epochs"] == 10 and model["warmup_ratio"] == 0.1
+    assert data["forget_batch_size"] * trainer["devices"] * model["accumulate_grad_batches"] == 32
+    assert data["retain_batch_size"] * trainer["devices"] * model["accumulate_grad_batches"] == 32
+    forget = model["forget_objective"]
+    expected = {"graddiff": "GradientAscent", "npo": "NPO", "simnpo": "SimNPO"}[objective]
+    assert forget["class_path"] == f"lit_unlearn.objectives.{expected}"
+    weights = model["synthesizer"]["init_args"]
+    assert weights["forget_weight"] == (0.125 if objective == "simnpo" else 1.0)
+    assert weights.get("retain_weight", 1.0) == 1.0
+    if objective == "simnpo":
+        assert forget["init_args"]["beta"] == 4.5
+    elif objective == "npo":
+        assert forget["init_args"]["beta"] == 0.1

@@ -136,8 +136,8 @@ def write_synthetic_tofu(directory: str, corpus: Any, per_split: int = 7) -> str
 def evaluation_overlay(directory: str, mc_task_dir: str, people: int = 20) -> str:
     """A config overlay whose evaluations exercise every data-parallel metric: the probes, RWKU
     greedy generation (forget/neighbour files from the embedded benchmark's questions), membership
-    inference, TOFU (files from the same questions) and lm-eval on the local ``synthetic_mc`` task;
-    returns its path."""
+    inference, TOFU (files from the same questions), corpus NLL, multiple choice, and lm-eval on the
+    local ``synthetic_mc`` task; returns its path."""
     from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
 
     corpus = generate_corpus(people)
@@ -169,6 +169,13 @@ def evaluation_overlay(directory: str, mc_task_dir: str, people: int = 20) -> st
             init_args: {{directory: {rwku}, batch_size: 4, max_new_tokens: 5}}
           - class_path: lit_unlearn.eval.TOFU
             init_args: {{directory: {tofu}, batch_size: 3, max_new_tokens: 4}}
+          - class_path: lit_unlearn.eval.CorpusNLL
+            init_args:
+              source: {{class_path: lit_unlearn.benchmarks.synthetic.SyntheticKnowledge, init_args: {{part: retain, num_people: {people}}}}}
+              name: corpus_nll
+              batch_size: 7
+          - class_path: lit_unlearn.eval.MultipleChoice
+            init_args: {{path: {os.path.join(mc_task_dir, "mc.jsonl")}, name: mc_acc}}
         every_n_steps: 5
         monitor: forget_qa
         target: 0.2
