@@ -171,10 +171,6 @@ class Synthesizer(ABC):
     state_buffers: ClassVar[int] = 0
     """Parameter-sized buffers the rule keeps across steps (GRU's moving average: 1); the memory
     planner counts them."""
-    compiles_own_flow: ClassVar[bool] = False
-    """The rule overrides :meth:`_run_compiled` for a data flow of its own (GRU's moving average);
-    otherwise a rule that overrides :meth:`combine_tensor`, or :meth:`statistics` without
-    :meth:`terms`, runs eagerly."""
     parameter_state_keys: ClassVar[tuple[str, ...]] = ()
     """The :meth:`state_dict` entries that hold one tensor per trainable tensor (this rank's shard
     under FSDP), also returned by :meth:`parameter_state`."""
@@ -219,14 +215,16 @@ class Synthesizer(ABC):
         """
         forget, retain = list(forget), list(retain)
         out_list = self.validate(forget, retain, out)
-        if observer is None and (compiled := self.compiled_passes()) is not None:
-            try:
-                return self._run_compiled(compiled, forget, retain, out_list)
-            except Exception as error:  # noqa: BLE001  # inductor/compiler failures: eager from now on
-                compiled.disable(error)
-                self._compiled = False
-        state = self.statistics(forget, retain)
+        compiled = self.compiled_passes() if observer is None else None
+        state = self._statistics(compiled, forget, retain)
         self.last_report = self.report(state)
+        operand = self.combine_operand(forget, retain)
+        if compiled is not None and self.compiled:
+            try:
+                compiled.combine(forget, operand, out_list, state)
+                return out_list
+            except Exception as error:  # noqa: BLE001  # the statistics stand: finish eagerly
+                self._run_eagerly(compiled, error)
         scratch: Tensor | None = None
         if observer is not None:
             biggest = max(range(len(out_list)), key=lambda j: out_list[j].numel(), default=None)
@@ -235,24 +233,36 @@ class Synthesizer(ABC):
                 scratch = torch.empty(ref.numel(), dtype=ref.dtype, device=ref.device)
         for j, (f, r, o) in enumerate(zip(forget, retain, out_list)):
             if observer is None or scratch is None:
-                self.combine_tensor(state, j, f, r, o)
+                self.combine_tensor(state, j, f, operand[j], o)
                 continue
             u = scratch[: o.numel()].view(o.shape)
-            self.combine_tensor(state, j, f, r, u)
+            self.combine_tensor(state, j, f, operand[j], u)
             observer(j, f, r, u)
             o.copy_(u)
         return out_list
 
+    def _statistics(self, compiled: CompiledPasses | None, forget: list[Tensor], retain: list[Tensor]) -> Any:
+        if compiled is not None:
+            try:
+                return self.statistics(forget, retain, sums=compiled.partial_sums)
+            except Exception as error:  # noqa: BLE001  # compilation fails before the traced code runs
+                self._run_eagerly(compiled, error)
+        return self.statistics(forget, retain)
+
+    def _run_eagerly(self, compiled: CompiledPasses, error: BaseException) -> None:
+        """A compilation failed (no C++ compiler, an operation inductor cannot lower): warn once
+        and run eagerly for the rest of the process."""
+        compiled.disable(error)
+        self._compiled = False
+
     def compiled_passes(self) -> CompiledPasses | None:
         """The rule's compiled passes, or ``None`` where it runs eagerly: ``LIT_UNLEARN_COMPILE=0``,
-        a rule that overrides :meth:`statistics` without :meth:`terms` or overrides
-        :meth:`combine_tensor` (its own data flow, unless :attr:`compiles_own_flow`), or an
-        earlier compilation failure."""
+        a rule that overrides :meth:`combine_tensor`, or :meth:`statistics` without
+        :meth:`partial_sums` (a data flow of its own), or an earlier compilation failure."""
         if self._compiled is None:
             cls = type(self)
-            own_flow = not cls.compiles_own_flow and (
-                cls.combine_tensor is not Synthesizer.combine_tensor
-                or (cls.statistics is not Synthesizer.statistics and cls.terms is Synthesizer.terms)
+            own_flow = cls.combine_tensor is not Synthesizer.combine_tensor or (
+                cls.statistics is not Synthesizer.statistics and cls.partial_sums is Synthesizer.partial_sums
             )
             self._compiled = False if own_flow or not compile_requested() else CompiledPasses(self)
         return self._compiled if isinstance(self._compiled, CompiledPasses) else None
@@ -266,17 +276,6 @@ class Synthesizer(ABC):
     def compile_seconds(self) -> float:
         """Seconds this process spent compiling the rule's kernels (0.0 when eager)."""
         return self._compiled.compile_seconds if isinstance(self._compiled, CompiledPasses) else 0.0
-
-    def _run_compiled(
-        self, compiled: CompiledPasses, forget: list[Tensor], retain: list[Tensor], out: list[Tensor]
-    ) -> list[Tensor]:
-        state = None
-        if type(self).terms is not Synthesizer.terms:
-            state = self.summarize(self.reducer(compiled.partial_sums(forget, retain)))
-        self.last_report = self.report(state)
-        if out:
-            compiled.combine(forget, retain, out, state)
-        return out
 
     @staticmethod
     def validate(
@@ -322,27 +321,38 @@ class Synthesizer(ABC):
         ``tensor`` rule, ``[k]`` (summed over tensors) for a ``global`` one."""
         raise NotImplementedError(f"{type(self).__name__} defines terms() but not summarize()")
 
-    def partial_sums(self, forget: list[Tensor], retain: list[Tensor]) -> Tensor | None:
+    def partial_sums(self, forget: list[Tensor], retain: list[Tensor]) -> Tensor:
         """This shard's :meth:`terms` for every tensor, stacked (``[tensors, k]``) or summed over
         tensors for a ``global`` rule (``[k]``): what goes through the reducer, in one call."""
-        if not forget:
-            device = retain[0].device if retain else torch.device("cpu")
-            probe = self.terms(torch.zeros(0, device=device), torch.zeros(0, device=device))
-            if probe is None:
-                return None
-            rows = torch.zeros(0, len(probe), device=device)
-        else:
-            per_tensor = [self.terms(f, r) for f, r in zip(forget, retain)]
-            if per_tensor[0] is None:
-                return None
-            rows = torch.stack([torch.stack(list(t)) for t in per_tensor if t is not None])
+
+        def row(f: Tensor, r: Tensor) -> Tensor:
+            values = self.terms(f, r)
+            if values is None:
+                raise NotImplementedError(f"{type(self).__name__} defines no terms()")
+            return torch.stack(list(values))
+
+        if forget:
+            rows = torch.stack([row(f, r) for f, r in zip(forget, retain)])
+        else:  # no tensor on this shard: k columns, no row
+            empty = torch.zeros(0, device=retain[0].device if retain else torch.device("cpu"))
+            rows = row(empty, empty)[None][:0]
         return rows.sum(0) if self.granularity == "global" else rows
 
-    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
+    def statistics(
+        self, forget: list[Tensor], retain: list[Tensor], sums: Callable[..., Tensor] | None = None
+    ) -> Any:
         """Cross-tensor quantities the rule needs: by default :meth:`summarize` of the reduced
-        :meth:`partial_sums` (one ``reducer`` call), ``None`` for a rule without :meth:`terms`."""
-        partial = self.partial_sums(forget, retain)
-        return None if partial is None else self.summarize(self.reducer(partial))
+        :meth:`partial_sums` (one ``reducer`` call), ``None`` for a rule without :meth:`terms`.
+        ``sums`` computes the partial sums in its place (the compiled :meth:`partial_sums`); a
+        rule that overrides this method and :meth:`partial_sums` takes it too."""
+        if type(self).terms is Synthesizer.terms:
+            return None
+        return self.summarize(self.reducer((sums or self.partial_sums)(forget, retain)))
+
+    def combine_operand(self, forget: list[Tensor], retain: list[Tensor]) -> list[Tensor]:
+        """What :meth:`combine` receives beside the forget gradient: the retain gradient (GRU: its
+        moving average, which :meth:`statistics` has just moved)."""
+        return retain
 
     def report(self, state: Any) -> dict[str, Tensor]:
         """Rule-specific diagnostics from :meth:`statistics` (e.g. PCGrad's projected fraction)."""

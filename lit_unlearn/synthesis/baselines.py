@@ -6,7 +6,7 @@ rule's ``reducer`` so they are whole-vector values under FSDP) and no host synch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,9 +18,7 @@ from lit_unlearn.synthesis.base import (
     RetainGuarantee,
     Synthesizer,
     dot32,
-    run_chunked,
 )
-from lit_unlearn.synthesis.compiled import CompiledPasses
 
 EPS = 1e-10
 
@@ -127,7 +125,6 @@ class GRU(Synthesizer):
 
     granularity: ClassVar[Granularity] = "global"
     retain_guarantee: ClassVar[RetainGuarantee | None] = None
-    compiles_own_flow: ClassVar[bool] = True
     state_buffers: ClassVar[int] = 1
     parameter_state_keys: ClassVar[tuple[str, ...]] = ("average",)
 
@@ -171,49 +168,27 @@ class GRU(Synthesizer):
         coefficient = torch.where(dot < 0, dot / (sq + self.eps), torch.zeros_like(dot))
         return {"scale": -self.forget_weight * coefficient, "projected": dot < 0}
 
-    def statistics(self, forget: list[Tensor], retain: list[Tensor]) -> Any:
+    def statistics(
+        self, forget: list[Tensor], retain: list[Tensor], sums: Callable[..., Tensor] | None = None
+    ) -> Any:
         self._average_for(forget, retain)
-        return self.summarize(self.reducer(self.partial_sums(forget, retain)))
+        return self.summarize(self.reducer((sums or self.partial_sums)(forget, retain)))
 
-    def _run_compiled(
-        self, compiled: CompiledPasses, forget: list[Tensor], retain: list[Tensor], out: list[Tensor]
-    ) -> list[Tensor]:
-        """Two compiled passes: the average's update with the sums, then ``γ g_f + s r̄``. The
-        average has moved once the first pass ran, so a failure of the second finishes eagerly
-        here instead of starting the step again."""
-        average = self._average_for(forget, retain)
-        state = self.summarize(self.reducer(compiled.partial_sums(forget, retain)))
-        self.last_report = self.report(state)
-        try:
-            compiled.combine(forget, average, out, state)
-        except Exception as error:  # noqa: BLE001  # as Synthesizer.__call__: eager from now on
-            compiled.disable(error)
-            self._compiled = False
-            for j, (f, r, o) in enumerate(zip(forget, retain, out)):
-                self.combine_tensor(state, j, f, r, o)
-        return out
+    def combine_operand(self, forget: list[Tensor], retain: list[Tensor]) -> list[Tensor]:
+        """The moving average ``r̄`` (moved by :meth:`statistics`) in place of the retain gradient."""
+        assert self.average is not None
+        return self.average
 
     def tensor_statistics(self, state: Any, index: int) -> Tensor:
         return state["scale"]
 
     def combine(self, forget: Tensor, retain: Tensor, stats: Any = None) -> Tensor:
         """``γ g_f + s r̄`` — for this rule the second argument is the moving average's chunk
-        (:meth:`combine_tensor` passes it in place of the retain gradient)."""
+        (:meth:`combine_operand`: it stands in place of the retain gradient)."""
         return self.forget_weight * forget + stats * retain
 
     def fused_kernel(self, stats: Any) -> ChunkKernel:
         return _scaled_sum_kernel(stats, self.forget_weight)
-
-    def combine_tensor(self, state: Any, index: int, forget: Tensor, retain: Tensor, out: Tensor) -> None:
-        assert self.average is not None  # statistics() ran first
-        stats = self.tensor_statistics(state, index)
-        kernel = self.fused_kernel(stats)
-        if kernel is None:  # the fast path switched off: the plain combine
-
-            def kernel(f: Tensor, a: Tensor, o: Tensor, _: Tensor, __: Tensor) -> None:
-                o.copy_(self.combine(f, a, stats))
-
-        run_chunked(forget, self.average[index], out, kernel)
 
     def report(self, state: Any) -> dict[str, Tensor]:
         return {"projected_fraction": state["projected"].float()}
