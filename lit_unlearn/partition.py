@@ -39,6 +39,12 @@ class Partition:
     lockstep: bool = False
     gather: Callable[[Any], list[Any]] | None = None
 
+    @property
+    def synced(self) -> bool:
+        """Forward passes are collectives here (``lockstep`` with another process to meet):
+        generation must keep stepping until every process has finished its batch."""
+        return self.lockstep and self.world_size > 1
+
     def batches(self, items: Sequence[T], batch_size: int) -> Iterator[tuple[list[T], bool]]:
         """``(batch, counted)`` pairs of this process's items: contiguous blocks of ``items``
         (rank r takes the r-th of ``world_size`` near-equal blocks), ``batch_size`` at a time.

@@ -292,7 +292,6 @@ class RWKU(MetricSet):
         stop_ids = list(
             dict.fromkeys([*_as_ids(getattr(config, "eos_token_id", None)), *self._tokenizer_stops])
         )
-        synced = partition.lockstep and partition.world_size > 1
         for group, prefix in (("forget", "forget_rougeL"), ("neighbor", "retain_neighbor_rougeL")):
             level_means, pooled_sum, pooled_count = [], 0.0, 0
             for level, items in self._items.items():
@@ -304,7 +303,7 @@ class RWKU(MetricSet):
                 for indices, counted in partition.whole_batches(range(len(prompts)), self.batch_size):
                     answers = greedy_generate(
                         model, tokenizer, [prompts[i] for i in indices], self.max_new_tokens, stops,
-                        len(indices), add_special_tokens=self._special, stop_ids=stop_ids, synced=synced,
+                        len(indices), add_special_tokens=self._special, stop_ids=stop_ids, synced=partition.synced,
                     )  # fmt: skip
                     if counted:
                         mine += [(i, a, score(a, str(items[i]["answer"]))) for i, a in zip(indices, answers)]

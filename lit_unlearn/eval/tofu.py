@@ -148,15 +148,14 @@ def read_split(path: str, paraphrase: bool) -> list[dict[str, Any]]:
 PROMPT = "Question: {question}\nAnswer:"
 
 
-def format_prompt(tokenizer: Any, question: str, chat: bool, template: str = PROMPT) -> tuple[str, bool]:
-    """``(prompt text, whether tokenizing it adds special tokens)``: the chat template with the
-    question as the user message, or ``template`` filled in."""
+def format_prompt(tokenizer: Any, question: str, chat: bool, template: str = PROMPT) -> str:
+    """The chat template with the question as the user message (its text carries the special
+    tokens), or ``template`` filled in (tokenized with them added)."""
     if chat:
-        text = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
-        return text, False
-    return template.format(question=question), True
+    return template.format(question=question)
 
 
 @torch.no_grad()
@@ -165,17 +164,18 @@ def answer_nll(
     tokenizer: Any,
     prompts: Sequence[str],
     answers: Sequence[str],
-    add_special_tokens: bool,
     chat: bool,
     batch_size: int = 16,
     max_length: int = 512,
 ) -> list[float]:
     """Token-mean NLL of each answer given its prompt (right-padded batches of ``batch_size``; the
-    prompt is cut from the left when prompt + answer exceed ``max_length``)."""
+    prompt is cut from the left when prompt + answer exceed ``max_length``). ``chat``: the prompts
+    come from the chat template (special tokens in the text, the answer right after it); otherwise
+    special tokens are added and the answer follows a space."""
     device = next(model.parameters()).device
     rows = []
     for prompt, answer in zip(prompts, answers):
-        head = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        head = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
         tail = tokenizer(answer if chat else " " + answer, add_special_tokens=False)["input_ids"]
         if not tail:
             raise DataSourceError(f"TOFU: the answer {answer!r} has no token")
@@ -260,7 +260,6 @@ class TOFU(MetricSet):
         self._items: dict[str, list[dict[str, Any]]] = {}
         self._reference: list[float] | None = None
         self._chat = False
-        self._special = True
         self._max_length = 512
 
     def files(self) -> dict[str, str]:
@@ -289,7 +288,6 @@ class TOFU(MetricSet):
             if self.chat_template is None
             else self.chat_template
         )
-        self._special = not self._chat
         self._max_length = max_length
         if self.retain_truth_ratios_path:
             self._reference = read_retain_truth_ratios(self.retain_truth_ratios_path)
@@ -300,9 +298,7 @@ class TOFU(MetricSet):
                 )
 
     def _nll(self, model: nn.Module, tokenizer: Any, prompts: list[str], answers: list[str]) -> list[float]:
-        return answer_nll(
-            model, tokenizer, prompts, answers, self._special, self._chat, self.batch_size, self._max_length
-        )
+        return answer_nll(model, tokenizer, prompts, answers, self._chat, self.batch_size, self._max_length)
 
     def _scores(
         self, model: nn.Module, tokenizer: Any, split: str, partition: Partition, generate: bool = True
@@ -310,11 +306,10 @@ class TOFU(MetricSet):
         """Per item (this process's share, then gathered in order): NLLs and the ROUGE recall."""
         items = self._items[split]
         mine: list[dict[str, Any]] = []
-        synced = partition.lockstep and partition.world_size > 1
         for indices, counted in partition.whole_batches(range(len(items)), self.batch_size):
             batch = [items[i] for i in indices]
             prompts = [
-                format_prompt(tokenizer, it["question"], self._chat, self.prompt_template)[0] for it in batch
+                format_prompt(tokenizer, it["question"], self._chat, self.prompt_template) for it in batch
             ]
             correct = self._nll(model, tokenizer, prompts, [it["answer"] for it in batch])
             para = (
@@ -332,7 +327,7 @@ class TOFU(MetricSet):
             if generate:
                 outputs = greedy_generate(
                     model, tokenizer, prompts, self.max_new_tokens, (), len(batch),
-                    add_special_tokens=self._special, synced=synced,
+                    add_special_tokens=not self._chat, synced=partition.synced,
                 )  # fmt: skip
                 rouge = [score_sago(o, it["answer"]) for o, it in zip(outputs, batch)]
             if counted:

@@ -126,7 +126,7 @@ def _manual_nll(model, tok, question: str, answer: str) -> float:
 def test_answer_nll_in_padded_batches_equals_one_item_at_a_time(model, tok):
     items = [_item(i) for i in range(5)]
     prompts = [f"Question: {it['question']}\nAnswer:" for it in items]
-    batched = answer_nll(model, tok, prompts, [it["answer"] for it in items], True, False, batch_size=3)
+    batched = answer_nll(model, tok, prompts, [it["answer"] for it in items], chat=False, batch_size=3)
     by_hand = [_manual_nll(model, tok, it["question"], it["answer"]) for it in items]
     assert batched == pytest.approx(by_hand, rel=1e-5)
 
