@@ -1,8 +1,10 @@
-"""Download and lay out the WMDP corpora, the RWKU files and the TOFU splits used by configs/.
+"""Download and lay out the WMDP corpora, the RWKU files, the TOFU splits and the MUSE corpora used
+by configs/.
 
     python scripts/prepare_data.py wmdp [--out data/wmdp]    # bio/cyber forget + retain corpora
     python scripts/prepare_data.py rwku [--out data/rwku]    # targets 1-50 / 151-200 + eval levels
     python scripts/prepare_data.py tofu [--out data/tofu]    # every published TOFU split
+    python scripts/prepare_data.py muse [--out data/muse]    # MUSE News and Books, every subset
 
 Needs network access to the Hugging Face Hub (and, for the WMDP bio forget corpus, the access the
 WMDP authors grant on request). Offline it stops with one clear line. Not run in the tests.
@@ -15,6 +17,12 @@ Layout written (JSONL with a ``text`` field, and RWKU's JSON for evaluation):
     data/tofu/{forget01,forget05,forget10,retain90,retain95,retain99,holdout01,holdout05,holdout10}.json
     data/tofu/{forget01,forget05,forget10,retain,real_authors,world_facts}_perturbed.json
         (JSON arrays, every field kept: question, answer, paraphrased_answer, perturbed_answer)
+    data/muse/{news,books}/raw_{forget,retain1,retain2,holdout}.json          (text: training corpora)
+    data/muse/{news,books}/verbmem_forget.json                                 (prompt, gt)
+    data/muse/{news,books}/knowmem_{forget,retain}_qa{,_icl}.json              (question, answer)
+    data/muse/{news,books}/privleak_{forget,holdout,retain}.json              (text)
+        (JSON arrays, every field kept; the hub's older split names retain2_qa / retain2 are
+        written under the current names retain_qa / retain)
 """
 
 from __future__ import annotations
@@ -38,6 +46,21 @@ TOFU_EVAL = ["forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "
              "real_authors_perturbed", "world_facts_perturbed"]  # fmt: skip
 TOFU_FIELDS = {"question", "answer"}
 TOFU_EVAL_FIELDS = {"question", "answer", "perturbed_answer"}
+MUSE = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
+MUSE_FILES = [  # (subset, split names: current first, then older revisions', file written, fields)
+    *(
+        ("raw", [split], f"raw_{split}.json", {"text"})
+        for split in ("forget", "retain1", "retain2", "holdout")
+    ),
+    ("verbmem", ["forget"], "verbmem_forget.json", {"prompt", "gt"}),
+    ("knowmem", ["forget_qa"], "knowmem_forget_qa.json", {"question", "answer"}),
+    ("knowmem", ["forget_qa_icl"], "knowmem_forget_qa_icl.json", {"question", "answer"}),
+    ("knowmem", ["retain_qa", "retain2_qa"], "knowmem_retain_qa.json", {"question", "answer"}),
+    ("knowmem", ["retain_qa_icl", "retain2_qa_icl"], "knowmem_retain_qa_icl.json", {"question", "answer"}),
+    ("privleak", ["forget"], "privleak_forget.json", {"text"}),
+    ("privleak", ["holdout"], "privleak_holdout.json", {"text"}),
+    ("privleak", ["retain", "retain2"], "privleak_retain.json", {"text"}),
+]
 
 
 def _load(name: str, config: str | None, split: str = "train") -> Any:
@@ -49,6 +72,18 @@ def _load(name: str, config: str | None, split: str = "train") -> Any:
         sys.exit(
             f"prepare_data: cannot load {name}{'/' + config if config else ''} ({type(err).__name__}: {str(err)[:200]}); "
             "this step needs network access to the Hugging Face Hub (and access to gated datasets)"
+        )
+
+
+def _split_names(name: str, config: str) -> list[str]:
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(name, config))
+    except Exception as err:
+        sys.exit(
+            f"prepare_data: cannot list the splits of {name}/{config} ({type(err).__name__}: {str(err)[:200]}); "
+            "this step needs network access to the Hugging Face Hub"
         )
 
 
@@ -127,15 +162,36 @@ def prepare_tofu(out: str) -> None:
         print(f"TOFU {config}: {len(items)} items")
 
 
+def prepare_muse(out: str) -> None:
+    """MUSE News and Books: every subset the evaluation and the training read, as JSON arrays."""
+    for corpus, repo in MUSE.items():
+        available: dict[str, list[str]] = {}
+        for subset, candidates, filename, needed in MUSE_FILES:
+            if subset not in available:
+                available[subset] = _split_names(repo, subset)
+            split = next((c for c in candidates if c in available[subset]), None)
+            if split is None:
+                sys.exit(
+                    f"prepare_data: {repo}/{subset} has no split {' or '.join(candidates)} (its layout changed?)"
+                )
+            items = [dict(r) for r in _load(repo, subset, split=split)]
+            missing = sorted(needed - set(items[0])) if items else sorted(needed)
+            if missing:
+                sys.exit(f"prepare_data: {repo}/{subset}/{split} has no {missing} (its layout changed?)")
+            _write_json(os.path.join(out, corpus, filename), items)
+            print(f"MUSE {corpus} {subset}/{split}: {len(items)} records")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("dataset", choices=["wmdp", "rwku", "tofu"])
+    parser.add_argument("dataset", choices=["wmdp", "rwku", "tofu", "muse"])
     parser.add_argument("--out", default=None, help="output folder (default data/<dataset>)")
     args = parser.parse_args(argv)
     out = args.out or os.path.join("data", args.dataset)
-    {"wmdp": prepare_wmdp, "rwku": prepare_rwku, "tofu": prepare_tofu}[args.dataset](out)
+    jobs = {"wmdp": prepare_wmdp, "rwku": prepare_rwku, "tofu": prepare_tofu, "muse": prepare_muse}
+    jobs[args.dataset](out)
 
 
 if __name__ == "__main__":

@@ -314,3 +314,47 @@ def test_tofu_pairings_compose_open_unlearnings_setting(objective, rule, capsys,
         assert forget["init_args"]["beta"] == 4.5
     elif objective == "npo":
         assert forget["init_args"]["beta"] == 0.1
+
+
+@pytest.mark.parametrize("corpus", ["news", "books"])
+def test_muse_benchmarks_carry_open_unlearnings_setting(corpus, capsys, monkeypatch):
+    """benchmark/muse_<corpus>.yaml on 4 GPUs: MUSE's target and retrain models, lr 1e-5 constant
+    without weight decay, 10 epochs, global batch 64 + 64 of 2048-token chunks of the forget and
+    retain1 splits, and the MUSE evaluation with Min-K%++ PrivLeak."""
+    monkeypatch.chdir(ROOT)
+    config = parsed(
+        [
+            "fit",
+            "--config",
+            f"configs/benchmark/muse_{corpus}.yaml",
+            "--config",
+            "configs/trainer/gpu_ddp.yaml",
+        ],
+        capsys,
+    )
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    name = {"news": "News", "books": "Books"}[corpus]
+    assert model["network"]["init_args"]["path"] == f"muse-bench/MUSE-{name}_target"
+    assert (
+        model["optimizer"]["init_args"]["lr"] == 1e-5
+        and model["optimizer"]["init_args"]["weight_decay"] == 0.0
+    )
+    assert (model["lr_decay"], model["warmup_ratio"], trainer["max_epochs"]) == ("constant", 0.0, 10)
+    for side in ("forget", "retain"):
+        assert data[f"{side}_batch_size"] * trainer["devices"] * model["accumulate_grad_batches"] == 64
+    assert data["max_length"] == 2048
+    assert data["forget"]["init_args"]["path"] == f"data/muse/{corpus}/raw_forget.json"
+    assert data["retain"]["init_args"]["path"] == f"data/muse/{corpus}/raw_retain1.json"
+    (muse,) = [
+        m
+        for c in trainer["callbacks"]
+        for m in c.get("init_args", {}).get("metrics", [])
+        if m["class_path"].endswith("MUSE")
+    ]
+    assert muse["init_args"]["retain_model"] == f"muse-bench/MUSE-{name}_retrain"
+    assert (muse["init_args"]["attack"], muse["init_args"]["k"], muse["init_args"]["max_tokens"]) == (
+        "minkpp",
+        0.4,
+        2048,
+    )
+    assert muse["init_args"]["directory"] == f"data/muse/{corpus}"

@@ -153,6 +153,8 @@ class MembershipInference(MetricSet):
         text_field: the field that holds the text (RWKU: ``text``).
         k: the fraction of least likely tokens for Min-K% and Min-K%++ (0.2 = 20 %).
         max_texts: score only the first N texts of each set (``None`` = all).
+        max_tokens: score at most the first N tokens after BOS of each text (MUSE: 2048);
+            ``None`` = the whole text, up to the model's context.
     """
 
     def __init__(
@@ -163,11 +165,14 @@ class MembershipInference(MetricSet):
         text_field: str = "text",
         k: float = 0.2,
         max_texts: int | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k must be in (0, 1], got {k}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
         self.files = {"forget": forget, "forget_holdout": holdout, "retain": retain}
-        self.text_field, self.k, self.max_texts = text_field, k, max_texts
+        self.text_field, self.k, self.max_texts, self.max_tokens = text_field, k, max_texts, max_tokens
         self._texts: dict[str, list[str]] = {}
         self._ids: dict[str, list[list[int]]] = {}
 
@@ -189,7 +194,8 @@ class MembershipInference(MetricSet):
             if not rows:
                 raise DataSourceError(f"membership inference: the {name} set has no text")
         self._ids = {
-            name: tokenize_texts(tokenizer, t, None, f"{name} text") for name, t in self._texts.items()
+            name: tokenize_texts(tokenizer, t, self.max_tokens and self.max_tokens + 1, f"{name} text")
+            for name, t in self._texts.items()
         }
 
     data_parallel = True

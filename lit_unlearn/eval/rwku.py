@@ -118,7 +118,7 @@ def score_official(prediction: str, reference: str) -> float:
 
 
 @functools.cache
-def _stemming_scorer() -> Any:
+def stemming_scorer() -> Any:
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -128,7 +128,7 @@ def score_sago(prediction: str, reference: str) -> float:
     """ROUGE-L recall of ``rouge_score`` with stemming, as the SAGO port calls it."""
     if not prediction.strip() or not reference.strip():
         return 0.0
-    return float(_stemming_scorer().score(reference, prediction)["rougeL"].recall)
+    return float(stemming_scorer().score(reference, prediction)["rougeL"].recall)
 
 
 SCORERS = {"official": score_official, "sago": score_sago}

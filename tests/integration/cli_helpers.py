@@ -133,15 +133,47 @@ def write_synthetic_tofu(directory: str, corpus: Any, per_split: int = 7) -> str
     return directory
 
 
+def write_synthetic_muse(directory: str, corpus: Any, per_file: int = 6) -> str:
+    """MUSE evaluation files in the published schema from the embedded benchmark: VerbMem = the
+    forget people's documents cut after three words, KnowMem = their questions (and the retain
+    people's), PrivLeak = the forget documents against the membership holdout (documents with
+    other people's values, never trained on)."""
+    from lit_unlearn.eval.mia import SyntheticMembership
+
+    forget = set(corpus.forget_people)
+    texts = SyntheticMembership(num_people=len(corpus.people)).texts()
+    documents = [d.text.split() for d in corpus.person_docs(corpus.forget_people)]
+
+    def qa(keep: bool, skip: int) -> list[dict[str, Any]]:
+        probes = [p for p in corpus.probes_for("qa") if (p.person in forget) is keep][skip : skip + per_file]
+        return [{"question": p.prompt, "answer": p.answer} for p in probes]
+
+    files = {
+        "verbmem_forget": [{"prompt": " ".join(w[:3]), "gt": " ".join(w[3:])} for w in documents[:per_file]],
+        "knowmem_forget_qa": qa(True, 0),
+        "knowmem_forget_qa_icl": qa(True, per_file)[:2],
+        "knowmem_retain_qa": qa(False, 0),
+        "knowmem_retain_qa_icl": qa(False, per_file)[:2],
+        "privleak_forget": [{"text": t} for t in texts["forget"][: 2 * per_file]],
+        "privleak_holdout": [{"text": t} for t in texts["forget_holdout"][: 2 * per_file]],
+    }
+    os.makedirs(directory, exist_ok=True)
+    for name, rows in files.items():
+        with open(os.path.join(directory, f"{name}.json"), "w") as handle:
+            json.dump(rows, handle)
+    return directory
+
+
 def evaluation_overlay(directory: str, mc_task_dir: str, people: int = 20) -> str:
     """A config overlay whose evaluations exercise every data-parallel metric: the probes, RWKU
     greedy generation (forget/neighbour files from the embedded benchmark's questions), membership
-    inference, TOFU (files from the same questions), corpus NLL, multiple choice, and lm-eval on the
+    inference, TOFU and MUSE (files from the same questions and documents), corpus NLL, multiple choice, and lm-eval on the
     local ``synthetic_mc`` task; returns its path."""
     from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
 
     corpus = generate_corpus(people)
     tofu = write_synthetic_tofu(os.path.join(directory, "tofu"), corpus)
+    muse = write_synthetic_muse(os.path.join(directory, "muse"), corpus)
     forget = set(corpus.forget_people)
     rwku = os.path.join(directory, "rwku")
     os.makedirs(rwku, exist_ok=True)
@@ -169,6 +201,8 @@ def evaluation_overlay(directory: str, mc_task_dir: str, people: int = 20) -> st
             init_args: {{directory: {rwku}, batch_size: 4, max_new_tokens: 5}}
           - class_path: lit_unlearn.eval.TOFU
             init_args: {{directory: {tofu}, batch_size: 3, max_new_tokens: 4}}
+          - class_path: lit_unlearn.eval.MUSE
+            init_args: {{directory: {muse}, retain_auc: 0.5, verbmem_new_tokens: 6, knowmem_new_tokens: 3, verbmem_batch_size: 4, knowmem_batch_size: 4}}
           - class_path: lit_unlearn.eval.CorpusNLL
             init_args:
               source: {{class_path: lit_unlearn.benchmarks.synthetic.SyntheticKnowledge, init_args: {{part: retain, num_people: {people}}}}}
@@ -197,9 +231,12 @@ def assert_same_evaluations(a: dict[str, Any], b: dict[str, Any]) -> None:
         "forget_qa",
         "model_utility",
         "forget_truth_ratio",
+        "forget_verbmem_rougeL",
+        "privleak",
     } <= keys, sorted(keys)
     assert any(k.endswith("_auc") for k in keys), sorted(keys)
     assert any(h["forget_rougeL"] > 0 or h["retain_neighbor_rougeL"] > 0 for h in a["history"])
+    assert any(h["forget_verbmem_rougeL"] > 0 for h in a["history"])
     assert [sorted(h) for h in a["history"]] == [sorted(h) for h in b["history"]]
     for ha, hb in zip(a["history"], b["history"]):
         for key in ha:
