@@ -39,7 +39,7 @@ from lit_unlearn.data.sources import read_records
 from lit_unlearn.errors import UserError
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.eval.mia import ATTACKS, MembershipInference
-from lit_unlearn.eval.rwku import SAGO_STOPS, greedy_generate, stemming_scorer
+from lit_unlearn.eval.rwku import SAGO_STOPS, greedy_generate, stemming_scorer, stop_token_ids
 from lit_unlearn.partition import SINGLE, Partition
 
 log = logging.getLogger(__name__)
@@ -255,11 +255,14 @@ class MUSE(MetricSet):
         prompts, references = self._tasks[task]
         kind = task.split("_")[1]
         stops = SAGO_STOPS if kind == "knowmem" else list(self.verbmem_stops)
+        # generation ends at the tokenizer's EOS and at every EOS id of the model's generation config
+        config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stop_ids = stop_token_ids(tokenizer, "sago", config_eos)
         mine: list[tuple[int, str, float]] = []
         for indices, counted in partition.whole_batches(range(len(prompts)), self.batch_size[kind]):
             outputs = greedy_generate(
                 model, tokenizer, [prompts[i] for i in indices], self.new_tokens[kind], stops, len(indices),
-                add_special_tokens=not self._chat, synced=partition.synced,
+                add_special_tokens=not self._chat, stop_ids=stop_ids, synced=partition.synced,
             )  # fmt: skip
             if counted:
                 mine += [(i, o, rouge_l_f1(o, references[i])) for i, o in zip(indices, outputs)]
