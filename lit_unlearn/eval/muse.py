@@ -241,6 +241,10 @@ class MUSE(MetricSet):
         self._chat = self.chat_template
         self._tasks = self.load_tasks(tokenizer)
         self._mia.setup(tokenizer, max_length)
+        if self.retain_model:  # a missing path or an unreachable hub id fails now, not after step 0
+            from lit_unlearn.models import check_model_path
+
+            check_model_path(self.retain_model, flag="MUSE retain_model")
         if self.retain_logs:
             self._reference = read_reference_auc(self.retain_logs, self.attack)
         if self.retain_model is None and self._reference is None:
@@ -290,8 +294,9 @@ class MUSE(MetricSet):
             privleak_reference_auc=0.5 if reference is None else reference,
         )
         if self.outputs_path and partition.rank == 0:
-            with open(self.outputs_path, "w") as handle:
+            with open(self.outputs_path + ".tmp", "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in per_item)
+            os.replace(self.outputs_path + ".tmp", self.outputs_path)  # never a half-written file
         return results
 
     def _retain_reference(self, model: nn.Module, tokenizer: Any, partition: Partition) -> float | None:

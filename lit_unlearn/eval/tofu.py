@@ -289,6 +289,10 @@ class TOFU(MetricSet):
             else self.chat_template
         )
         self._max_length = max_length
+        if self.retain_model:  # a missing path or an unreachable hub id fails now, not after step 0
+            from lit_unlearn.models import check_model_path
+
+            check_model_path(self.retain_model, flag="TOFU retain_model")
         if self.retain_truth_ratios_path:
             self._reference = read_retain_truth_ratios(self.retain_truth_ratios_path)
             if len(self._reference) != len(self._items["forget"]):

@@ -315,6 +315,10 @@ def test_bad_input_is_one_clear_error(tok, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"mia_min_k": {"agg_value": 0.7}}))
     with pytest.raises(UserError, match="expected an AUC in .* under mia_min_k_plus_plus.agg_value"):
         read_reference_auc(str(tmp_path / "other.json"), "minkpp")
+    with pytest.raises(UserError, match=r"MUSE retain_model: local path .*/no/such/model' does not exist"):
+        MUSE(write_muse(tmp_path / "muse5"), retain_model=str(tmp_path / "no" / "such" / "model")).setup(
+            tok, 64
+        )
     with pytest.raises(UserError, match="chat_template: true, but the tokenizer has no chat template"):
         MUSE(write_muse(tmp_path / "muse4"), chat_template=True).setup(tok, 64)
 

@@ -281,6 +281,8 @@ def test_bad_input_is_one_clear_error(tok, tmp_path):
     (tmp_path / "short.json").write_text(json.dumps([0.5, 0.7]))
     with pytest.raises(UserError, match=r"2 values for 7 forget10 items"):
         TOFU(directory, retain_truth_ratios=str(tmp_path / "short.json")).setup(tok, 64)
+    with pytest.raises(UserError, match=r"TOFU retain_model: local path .*/no/model' does not exist"):
+        TOFU(directory, retain_model=str(tmp_path / "no" / "model")).setup(tok, 64)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(UserError, match="broken.json: not valid JSON"):
         read_retain_truth_ratios(str(tmp_path / "broken.json"))
