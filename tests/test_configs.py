@@ -316,22 +316,26 @@ def test_tofu_pairings_compose_open_unlearnings_setting(objective, rule, capsys,
         assert forget["init_args"]["beta"] == 0.1
 
 
+@pytest.mark.parametrize("objective", ["graddiff", "npo", "simnpo"])
 @pytest.mark.parametrize("corpus", ["news", "books"])
-def test_muse_benchmarks_carry_open_unlearnings_setting(corpus, capsys, monkeypatch):
-    """benchmark/muse_<corpus>.yaml on 4 GPUs: MUSE's target and retrain models, lr 1e-5 constant
-    without weight decay, 10 epochs, global batch 64 + 64 of 2048-token chunks of the forget and
-    retain1 splits, and the MUSE evaluation with Min-K%++ PrivLeak."""
+def test_muse_benchmarks_carry_open_unlearnings_setting(corpus, objective, capsys, monkeypatch):
+    """benchmark/muse_<corpus>.yaml on 4 GPUs with SAGO and each objective as documented in its
+    header: MUSE's target and retrain models, lr 1e-5 constant without weight decay, 10 epochs,
+    global batch 64 + 64 of 2048-token chunks of the forget and retain1 splits, and the MUSE
+    evaluation with Min-K%++ PrivLeak."""
     monkeypatch.chdir(ROOT)
-    config = parsed(
-        [
-            "fit",
-            "--config",
-            f"configs/benchmark/muse_{corpus}.yaml",
-            "--config",
-            "configs/trainer/gpu_ddp.yaml",
-        ],
-        capsys,
-    )
+    args = ["fit", "--config", f"configs/benchmark/muse_{corpus}.yaml"]
+    args += ["--model.synthesizer", "configs/synthesizer/sago.yaml"]
+    if objective != "graddiff":
+        args += ["--model.forget_objective", f"configs/objective/forget/{objective}.yaml"]
+    if objective == "simnpo":
+        args += ["--model.forget_objective.beta", "4.5", "--model.synthesizer.forget_weight", "0.125"]
+    config = parsed(args + ["--config", "configs/trainer/gpu_ddp.yaml"], capsys)
+    expected = {"graddiff": "GradientAscent", "npo": "NPO", "simnpo": "SimNPO"}[objective]
+    assert config["model"]["forget_objective"]["class_path"] == f"lit_unlearn.objectives.{expected}"
+    assert config["model"]["synthesizer"]["class_path"] == "lit_unlearn.synthesis.SAGO"
+    weight = config["model"]["synthesizer"]["init_args"]["forget_weight"]
+    assert weight == (0.125 if objective == "simnpo" else 1.0)
     model, data, trainer = config["model"], config["data"], config["trainer"]
     name = {"news": "News", "books": "Books"}[corpus]
     assert model["network"]["init_args"]["path"] == f"muse-bench/MUSE-{name}_target"

@@ -64,14 +64,11 @@ def test_sweep_runs_then_skips_finished_runs(tmp_path):
 def test_prepare_rwku_keeps_every_field_the_protocols_need(tmp_path, monkeypatch):
     """The hub is replaced by records in RWKU's published schema; level-3 ``type`` survives and the
     membership-inference subsets are written."""
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", os.path.join(ROOT, "scripts", "prepare_data.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from tests.integration.cli_helpers import load_script
+
+    module = load_script("prepare_data")
     targets = [{"target": f"T{i}"} for i in range(200)]
     probe = {"query": "q", "answer": "a", "subject": "T0"}
     hub = {
@@ -104,14 +101,9 @@ def test_prepare_rwku_keeps_every_field_the_protocols_need(tmp_path, monkeypatch
 
 
 def _study():
-    import importlib.util
+    from tests.integration.cli_helpers import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "study_rules", os.path.join(ROOT, "scripts", "study_rules.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("study_rules")
 
 
 def _result(retain, forget=0.2, matched=True, step=40, cos=(0.1, 0.3)):

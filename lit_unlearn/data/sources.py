@@ -61,6 +61,17 @@ def _read_text(path: str) -> str:
         ) from None
 
 
+def read_json(path: str, where: str) -> Any:
+    """A whole JSON file; a missing file or invalid JSON is one line starting with ``where``."""
+    if not os.path.exists(path):
+        raise DataSourceError(f"{where}: no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataSourceError(f"{where}: not valid JSON ({error})") from None
+
+
 def _checked_path(path: str) -> str:
     """The lower-case extension of an existing, supported data file."""
     if not os.path.exists(path):

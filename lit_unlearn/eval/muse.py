@@ -35,11 +35,11 @@ from typing import Any
 
 from torch import nn
 
-from lit_unlearn.data.sources import read_records
+from lit_unlearn.data.sources import read_json, read_records
 from lit_unlearn.errors import UserError
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.eval.mia import ATTACKS, MembershipInference
-from lit_unlearn.eval.rwku import SAGO_STOPS, greedy_generate, stemming_scorer, stop_token_ids
+from lit_unlearn.eval.rwku import SAGO_STOPS, shared_greedy, stemming_scorer, stop_token_ids
 from lit_unlearn.partition import SINGLE, Partition
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,7 @@ def read_reference_auc(path: str, attack: str) -> float:
     of ``lit-unlearn-eval --metrics MUSE`` (``MUSE.privleak_auc``), or an object with
     ``privleak_auc``."""
     where = f"MUSE retain_logs {path}"
-    if not os.path.exists(path):
-        raise UserError(f"{where}: no such file")
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{where}: not valid JSON ({error})") from None
+    data = read_json(path, where)
     candidates = []
     if isinstance(data, dict):
         entry = data.get(OPEN_UNLEARNING_KEYS[attack])
@@ -262,15 +256,11 @@ class MUSE(MetricSet):
         # generation ends at the tokenizer's EOS and at every EOS id of the model's generation config
         config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         stop_ids = stop_token_ids(tokenizer, "sago", config_eos)
-        mine: list[tuple[int, str, float]] = []
-        for indices, counted in partition.whole_batches(range(len(prompts)), self.batch_size[kind]):
-            outputs = greedy_generate(
-                model, tokenizer, [prompts[i] for i in indices], self.new_tokens[kind], stops, len(indices),
-                add_special_tokens=not self._chat, stop_ids=stop_ids, synced=partition.synced,
-            )  # fmt: skip
-            if counted:
-                mine += [(i, o, rouge_l_f1(o, references[i])) for i, o in zip(indices, outputs)]
-        return partition.concatenate(mine)
+        outputs = shared_greedy(
+            model, tokenizer, prompts, partition, self.batch_size[kind], max_new_tokens=self.new_tokens[kind],
+            stop_strings=stops, add_special_tokens=not self._chat, stop_ids=stop_ids,
+        )  # fmt: skip
+        return partition.concatenate([(i, o, rouge_l_f1(o, references[i])) for i, o in outputs])
 
     def _auc(self, model: nn.Module, tokenizer: Any, partition: Partition) -> float:
         return self._mia.compute(model, tokenizer, partition)[f"forget_mia_{self.attack}_auc"]

@@ -210,6 +210,33 @@ def greedy_generate(
     return outputs
 
 
+def shared_greedy(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    partition: Partition,
+    batch_size: int,
+    **options: Any,
+) -> list[tuple[int, str]]:
+    """This process's ``(index, answer)`` pairs of :func:`greedy_generate`: it answers its share of
+    the one-process batches (so every prompt is padded, and answered, as in one process); under a
+    sharded model it also runs the lockstep's dummy batches and drops their answers. ``options``:
+    the other arguments of :func:`greedy_generate`."""
+    mine: list[tuple[int, str]] = []
+    for indices, counted in partition.whole_batches(range(len(prompts)), batch_size):
+        answers = greedy_generate(
+            model,
+            tokenizer,
+            [prompts[i] for i in indices],
+            batch_size=len(indices),
+            synced=partition.synced,
+            **options,
+        )
+        if counted:
+            mine += list(zip(indices, answers))
+    return mine
+
+
 def _as_ids(value: Any) -> list[int]:
     if value is None:
         return []
@@ -298,15 +325,12 @@ class RWKU(MetricSet):
                 if not level.startswith(group):
                     continue
                 prompts = self._prompts[level]
-                mine: list[tuple[int, str, float]] = []  # (item, output, score) of this process's share
-                # the one-process batches, shared out: each prompt is padded as in one process
-                for indices, counted in partition.whole_batches(range(len(prompts)), self.batch_size):
-                    answers = greedy_generate(
-                        model, tokenizer, [prompts[i] for i in indices], self.max_new_tokens, stops,
-                        len(indices), add_special_tokens=self._special, stop_ids=stop_ids, synced=partition.synced,
-                    )  # fmt: skip
-                    if counted:
-                        mine += [(i, a, score(a, str(items[i]["answer"]))) for i, a in zip(indices, answers)]
+                answers = shared_greedy(
+                    model, tokenizer, prompts, partition, self.batch_size, max_new_tokens=self.max_new_tokens,
+                    stop_strings=stops, add_special_tokens=self._special, stop_ids=stop_ids,
+                )  # fmt: skip
+                # (item, output, score) of this process's share
+                mine = [(i, a, score(a, str(items[i]["answer"]))) for i, a in answers]
                 total, count = partition.total([sum(s for _, _, s in mine), len(mine)])
                 results[f"{prefix}_{level.split('_')[1]}"] = total / count
                 level_means.append(total / count)

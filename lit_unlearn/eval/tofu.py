@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lit_unlearn.data.sources import DataSourceError, read_records
+from lit_unlearn.data.sources import DataSourceError, read_json, read_records
 from lit_unlearn.errors import UserError
 from lit_unlearn.eval.metrics import MetricSet
 from lit_unlearn.eval.rwku import greedy_generate, score_sago
@@ -105,13 +105,7 @@ def read_retain_truth_ratios(path: str) -> list[float]:
     ``truth_ratios`` list (what :class:`TOFU` writes), or open-unlearning's evaluation JSON
     (``forget_truth_ratio.value_by_index.<i>.score``)."""
     where = f"TOFU retain_truth_ratios {path}"
-    if not os.path.exists(path):
-        raise UserError(f"{where}: no such file")
-    try:
-        with open(path) as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{where}: not valid JSON ({error})") from None
+    data = read_json(path, where)
     if isinstance(data, dict) and "truth_ratios" in data:
         data = data["truth_ratios"]
     elif isinstance(data, dict) and "forget_truth_ratio" in data:

@@ -165,11 +165,9 @@ def test_compare_script_needs_only_the_folder(demo_like, tmp_path):
 
 
 def test_compare_script_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
-    import importlib.util
+    from tests.integration.cli_helpers import load_script
 
-    spec = importlib.util.spec_from_file_location("compare_runs_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("compare_runs")
     with pytest.raises(SystemExit) as stop:
         script.main([str(tmp_path / "nothing")])
     assert stop.value.code == 2

@@ -5,7 +5,6 @@ prepare_data.py writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -21,7 +20,6 @@ from lit_unlearn.errors import UserError
 from lit_unlearn.eval.muse import MUSE, knowmem_prompt, privleak, read_reference_auc, rouge_l_f1
 from lit_unlearn.partition import Partition
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = "the quick brown fox jumps over the lazy dog a brown dog over the fox again and then".split()
 
 
@@ -236,16 +234,16 @@ def test_the_privleak_reference_in_every_form(model, tok, tmp_path, caplog):
 
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_two_ranks_equal_one_process(model, tok, tmp_path, lockstep, monkeypatch):
-    import lit_unlearn.eval.muse as muse
+    import lit_unlearn.eval.rwku as rwku  # MUSE generates through rwku.shared_greedy
 
     synced_flags = []
-    real_generate = muse.greedy_generate
+    real_generate = rwku.greedy_generate
 
     def generate(*args, synced=False, **kwargs):  # one process here: record the flag, run unsynced
         synced_flags.append(synced)
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(muse, "greedy_generate", generate)
+    monkeypatch.setattr(rwku, "greedy_generate", generate)
     directory = write_muse(tmp_path / "muse")
     settings = dict(
         retain_auc=0.55,
@@ -323,17 +321,10 @@ def test_bad_input_is_one_clear_error(tok, tmp_path):
         MUSE(write_muse(tmp_path / "muse4"), chat_template=True).setup(tok, 64)
 
 
-def _prepare_data():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", os.path.join(ROOT, "scripts", "prepare_data.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_prepare_muse_writes_every_file_with_its_fields(tmp_path, monkeypatch):
-    module = _prepare_data()
+    from tests.integration.cli_helpers import load_script
+
+    module = load_script("prepare_data")
     text, qa = {"text": "t"}, {"question": "q", "answer": "a"}
     splits = {
         "raw": {s: [text] for s in ("forget", "retain1", "retain2", "holdout")},
@@ -366,39 +357,23 @@ def test_prepare_muse_writes_every_file_with_its_fields(tmp_path, monkeypatch):
 def test_the_muse_evaluation_of_a_saved_model_through_lit_unlearn_eval(smoke_target, tmp_path):
     """``lit-unlearn-eval --metrics`` with the MUSE set gives the numbers of the set in-process."""
     from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
-    from lit_unlearn.models import load_causal_lm, load_tokenizer
     from tests.conftest import SMOKE_PEOPLE
-    from tests.integration.cli_helpers import run, write_synthetic_muse
+    from tests.integration.cli_helpers import evaluated_through_cli, write_synthetic_muse
 
     directory = write_synthetic_muse(str(tmp_path / "muse"), generate_corpus(SMOKE_PEOPLE))
-    out = tmp_path / "eval.json"
-    spec = (
-        f"[{{class_path: lit_unlearn.eval.MUSE, init_args: {{directory: {directory}, retain_auc: 0.5, "
-        "verbmem_new_tokens: 6, knowmem_new_tokens: 3}}]"
-    )
-    proc = run(
-        "lit-unlearn-eval",
-        "--model",
+    reported, expected = evaluated_through_cli(
         smoke_target,
-        "--metrics",
-        spec,
-        "--output",
-        str(out),
-        "--max_length",
-        "64",
+        "MUSE",
+        f"directory: {directory}, retain_auc: 0.5, verbmem_new_tokens: 6, knowmem_new_tokens: 3",
+        str(tmp_path),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reported = json.load(open(out))["MUSE"]
-    metric = MUSE(directory, retain_auc=0.5, verbmem_new_tokens=6, knowmem_new_tokens=3)
-    tokenizer = load_tokenizer(smoke_target)
-    metric.setup(tokenizer, 64)
-    assert reported == pytest.approx(metric.compute(load_causal_lm(smoke_target), tokenizer), rel=1e-6)
+    assert reported == pytest.approx(expected, rel=1e-6)
     # the smoke target was trained on these texts: it continues them (its word-level vocabulary has
     # no "Question:"/"Answer:", so KnowMem's wrapper is out of its world and scores ~0 here)
     assert reported["forget_verbmem_rougeL"] > 0.2
     assert reported["privleak_auc"] > 0.5 and math.isfinite(reported["privleak"])
-    # the output file is itself a PrivLeak reference for a later run
-    assert read_reference_auc(str(out), "minkpp") == reported["privleak_auc"]
+    # lit-unlearn-eval's output is itself a PrivLeak reference for a later run
+    assert read_reference_auc(str(tmp_path / "eval.json"), "minkpp") == reported["privleak_auc"]
 
 
 def test_the_embedded_benchmarks_muse_view(smoke_target):

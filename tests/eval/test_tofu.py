@@ -4,7 +4,6 @@ local copy prepare_data.py writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -29,8 +28,6 @@ from lit_unlearn.eval.tofu import (
     truth_ratios,
 )
 from lit_unlearn.partition import Partition
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_truth_ratio_and_its_aggregations_by_hand():
@@ -289,11 +286,9 @@ def test_bad_input_is_one_clear_error(tok, tmp_path):
 
 
 def test_prepare_tofu_writes_every_split_with_its_fields(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", os.path.join(ROOT, "scripts", "prepare_data.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from tests.integration.cli_helpers import load_script
+
+    module = load_script("prepare_data")
     qa = {"question": "q", "answer": "a"}
     perturbed = {**qa, "paraphrased_answer": "p", "perturbed_answer": ["w1", "w2"]}
     hub = {config: [qa] for config in module.TOFU_TRAIN}
@@ -314,32 +309,14 @@ def test_prepare_tofu_writes_every_split_with_its_fields(tmp_path, monkeypatch):
 def test_the_tofu_evaluation_of_a_saved_model_through_lit_unlearn_eval(smoke_target, tmp_path):
     """``lit-unlearn-eval --metrics`` with the TOFU set gives the numbers of the set in-process."""
     from lit_unlearn.benchmarks.synthetic.corpus import generate_corpus
-    from lit_unlearn.models import load_causal_lm, load_tokenizer
     from tests.conftest import SMOKE_PEOPLE
-    from tests.integration.cli_helpers import run, write_synthetic_tofu
+    from tests.integration.cli_helpers import evaluated_through_cli, write_synthetic_tofu
 
     directory = write_synthetic_tofu(str(tmp_path / "tofu"), generate_corpus(SMOKE_PEOPLE))
-    out = tmp_path / "eval.json"
-    spec = (
-        f"[{{class_path: lit_unlearn.eval.TOFU, init_args: {{directory: {directory}, max_new_tokens: 5}}}}]"
+    reported, expected = evaluated_through_cli(
+        smoke_target, "TOFU", f"directory: {directory}, max_new_tokens: 5", str(tmp_path)
     )
-    proc = run(
-        "lit-unlearn-eval",
-        "--model",
-        smoke_target,
-        "--metrics",
-        spec,
-        "--output",
-        str(out),
-        "--max_length",
-        "64",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reported = json.load(open(out))["TOFU"]
-    metric = TOFU(directory, max_new_tokens=5)
-    tokenizer = load_tokenizer(smoke_target)
-    metric.setup(tokenizer, 64)
-    assert reported == pytest.approx(metric.compute(load_causal_lm(smoke_target), tokenizer), rel=1e-6)
+    assert reported == pytest.approx(expected, rel=1e-6)
     assert max(v for k, v in reported.items() if k.endswith("rougeL")) > 0 and "model_utility" in reported
 
 

@@ -36,6 +36,40 @@ def run(
     )
 
 
+def load_script(name: str) -> Any:
+    """``scripts/<name>.py`` imported as a module (its functions called in-process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluated_through_cli(model: str, metric: str, init_args: str, directory: str) -> tuple[dict, dict]:
+    """``lit-unlearn-eval --metrics`` with one metric set (``lit_unlearn.eval.<metric>``, its
+    ``init_args`` as a YAML flow mapping body) on a saved model, and the same set computed
+    in-process: ``(reported, expected)``."""
+    import yaml
+
+    import lit_unlearn.eval as evaluation
+    from lit_unlearn.models import load_causal_lm, load_tokenizer
+
+    out = os.path.join(directory, "eval.json")
+    spec = f"[{{class_path: lit_unlearn.eval.{metric}, init_args: {{{init_args}}}}}]"
+    proc = run("lit-unlearn-eval", "--model", model, "--metrics", spec, "--output", out, "--max_length", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as handle:
+        reported = json.load(handle)[metric]
+    metric_set = getattr(evaluation, metric)(**yaml.safe_load(f"{{{init_args}}}"))
+    tokenizer = load_tokenizer(model)
+    metric_set.setup(tokenizer, 64)
+    return reported, metric_set.compute(load_causal_lm(model), tokenizer)
+
+
 def run_dirs(root: str) -> list[str]:
     """The run directories under a ``default_root_dir`` (those holding a config.yaml), oldest first."""
     found = glob.glob(os.path.join(str(root), "**", "config.yaml"), recursive=True)

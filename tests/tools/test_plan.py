@@ -219,13 +219,9 @@ def test_console_script_plans_from_a_run_configuration():
 
 
 def test_the_readme_memory_table_is_the_tools_output():
-    import importlib.util
+    from tests.integration.cli_helpers import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "plan_table", os.path.join(ROOT, "scripts", "plan_table.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("plan_table")
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
     assert module.table() in readme
