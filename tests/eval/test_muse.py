@@ -12,9 +12,7 @@ import os
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
 
-from lit_unlearn.benchmarks.synthetic import tiny_llama
 from lit_unlearn.data.sources import DataSourceError
 from lit_unlearn.errors import UserError
 from lit_unlearn.eval.muse import MUSE, knowmem_prompt, privleak, read_reference_auc, rouge_l_f1
@@ -37,19 +35,6 @@ def test_rouge_l_f1_by_hand():
     assert rouge_l_f1("the cat on mat", "the cat sat on the mat") == pytest.approx(0.8)
     assert rouge_l_f1("Cats running", "cat run") == pytest.approx(1.0)  # lower-cased and stemmed
     assert rouge_l_f1("", "the cat") == 0.0
-
-
-@pytest.fixture(scope="module")
-def tok(bpe_tokenizer_dir):
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(bpe_tokenizer_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return tiny_llama(len(tok), hidden=32, intermediate=64, layers=2, heads=2, max_positions=256).eval()
 
 
 def _text(i: int, length: int) -> str:
@@ -235,15 +220,9 @@ def test_the_privleak_reference_in_every_form(model, tok, tmp_path, caplog):
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_two_ranks_equal_one_process(model, tok, tmp_path, lockstep, monkeypatch):
     import lit_unlearn.eval.rwku as rwku  # MUSE generates through rwku.shared_greedy
+    from tests.eval.played_ranks import PlayedRanks, record_synced
 
-    synced_flags = []
-    real_generate = rwku.greedy_generate
-
-    def generate(*args, synced=False, **kwargs):  # one process here: record the flag, run unsynced
-        synced_flags.append(synced)
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(rwku, "greedy_generate", generate)
+    synced_flags = record_synced(monkeypatch, rwku)
     directory = write_muse(tmp_path / "muse")
     settings = dict(
         retain_auc=0.55,
@@ -255,31 +234,12 @@ def test_two_ranks_equal_one_process(model, tok, tmp_path, lockstep, monkeypatch
     one = MUSE(directory, **settings)
     one.setup(tok, 256)
     expected = one.compute(model, tok)
-    parts: list = []
-
-    def gather(local, rank):
-        if rank == 1:
-            parts.append(local)
-            return [local, local]
-        return [local, parts.pop(0)]
-
-    sums: list = []
-
-    def reduce_sum(values, rank):
-        if rank == 1:
-            sums.append(values.clone())
-            return values
-        return values + sums.pop(0)
-
-    for rank in (1, 0):  # rank 1 first; rank 0's collectives get its recorded shares (played by hand)
+    played = PlayedRanks(lockstep)
+    for rank in played.ORDER:
         metric = MUSE(directory, **settings)
         metric.setup(tok, 256)
-        got = metric.compute(
-            model,
-            tok,
-            Partition(rank, 2, lambda v, r=rank: reduce_sum(v, r), lockstep, lambda v, r=rank: gather(v, r)),
-        )
-    assert not parts and not sums
+        got = metric.compute(model, tok, played.partition(rank))
+    assert played.drained
     assert got == pytest.approx(expected, rel=1e-9)
     assert set(synced_flags) == {False} | ({True} if lockstep else set())
 

@@ -238,7 +238,6 @@ class ByPrompt(torch.nn.Module):
 
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_two_ranks_share_the_one_process_batches_and_equal_one_process(llama3_tok, tmp_path, lockstep):
-    from lit_unlearn.partition import Partition
 
     forget = [{"query": f"Who is person {i}?", "answer": "Stephen King", "level": "1"} for i in range(7)]
     neighbor = [{"query": f"Where is town {i}?", "answer": "Maine", "level": "1"} for i in range(5)]
@@ -255,25 +254,14 @@ def test_two_ranks_share_the_one_process_batches_and_equal_one_process(llama3_to
     one = metric("one.jsonl").compute(model, llama3_tok)
     one_batches = [size for size, _ in model.calls]
     assert 0 < one["forget_rougeL"] < 1 and 0 < one["retain_neighbor_rougeL"] < 1  # a real mix of scores
-    sums, parts, calls = [], [], []
-    for rank in (1, 0):  # rank 1 first, its collectives recorded; rank 0's add them (played by hand)
+    from tests.eval.played_ranks import PlayedRanks
+
+    played, calls = PlayedRanks(lockstep), []
+    for rank in played.ORDER:  # rank 1 first, its collectives recorded; rank 0's add them
         model.calls = []
-
-        def reduce_sum(local, rank=rank):
-            if rank == 1:
-                sums.append(local.clone())
-                return local
-            return local + sums.pop(0)
-
-        def gather(local, rank=rank):
-            if rank == 1:
-                parts.append(local)
-                return [local, local]
-            return [local, parts.pop(0)]
-
-        partition = Partition(rank, 2, reduce_sum, lockstep=lockstep, gather=gather)
-        result = metric(f"rank{rank}.jsonl").compute(model, llama3_tok, partition)
+        result = metric(f"rank{rank}.jsonl").compute(model, llama3_tok, played.partition(rank))
         calls.append(list(model.calls))
+    assert played.drained
     assert result == pytest.approx(one, rel=1e-12)
     assert not (tmp_path / "rank1.jsonl").exists()  # rank 0 writes the per-item file
     assert (tmp_path / "rank0.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()

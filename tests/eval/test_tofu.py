@@ -11,9 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
 
-from lit_unlearn.benchmarks.synthetic import tiny_llama
 from lit_unlearn.data.sources import DataSourceError
 from lit_unlearn.errors import UserError
 from lit_unlearn.eval.rwku import score_sago
@@ -27,7 +25,6 @@ from lit_unlearn.eval.tofu import (
     true_better,
     truth_ratios,
 )
-from lit_unlearn.partition import Partition
 
 
 def test_truth_ratio_and_its_aggregations_by_hand():
@@ -68,19 +65,6 @@ def test_model_utility_is_the_harmonic_mean():
     assert model_utility([0.9, 0.0, 0.8]) == 0.0
     with pytest.raises(ValueError):
         model_utility([0.5, float("nan")])
-
-
-@pytest.fixture(scope="module")
-def tok(bpe_tokenizer_dir):
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(bpe_tokenizer_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    return tiny_llama(len(tok), hidden=32, intermediate=64, layers=2, heads=2, max_positions=256).eval()
 
 
 def _item(i: int, paraphrase: bool = True, wrong: int = 3) -> dict:
@@ -229,34 +213,19 @@ def test_a_retain_model_given_as_a_path_is_scored_once(model, tok, tmp_path):
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_two_ranks_equal_one_process(model, tok, tmp_path, lockstep, monkeypatch):
     import lit_unlearn.eval.tofu as tofu
+    from tests.eval.played_ranks import PlayedRanks, record_synced
 
-    synced_flags = []
-    real_generate = tofu.greedy_generate
-
-    def generate(*args, synced=False, **kwargs):  # one process here: record the flag, run unsynced
-        synced_flags.append(synced)
-        return real_generate(*args, **kwargs)
-
-    monkeypatch.setattr(tofu, "greedy_generate", generate)
+    synced_flags = record_synced(monkeypatch, tofu)
     directory = write_tofu(tmp_path / "tofu")
     one = TOFU(directory, max_new_tokens=3, batch_size=2)
     one.setup(tok, 256)
     expected = one.compute(model, tok)
-    parts: list = []
-
-    def gather(local, rank):
-        if rank == 1:
-            parts.append(local)
-            return [local, local]
-        return [local, parts.pop(0)]
-
-    for rank in (1, 0):  # rank 1 first; rank 0's gathers get its recorded shares (played by hand)
+    played = PlayedRanks(lockstep)
+    for rank in played.ORDER:
         metric = TOFU(directory, max_new_tokens=3, batch_size=2)
         metric.setup(tok, 256)
-        got = metric.compute(
-            model, tok, Partition(rank, 2, lambda t: t, lockstep, lambda v, r=rank: gather(v, r))
-        )
-    assert not parts
+        got = metric.compute(model, tok, played.partition(rank))
+    assert played.drained
     assert got == pytest.approx(expected, rel=1e-6)
     assert set(synced_flags) == {False} | ({True} if lockstep else set())
 
