@@ -251,6 +251,13 @@ def load_causal_lm(
     return model.train()  # from_pretrained returns eval mode; unlearning trains it
 
 
+def load_reference_lm(name_or_path: str, like: nn.Module) -> nn.Module:
+    """A second causal LM (e.g. a retain model an evaluation compares with) loaded in the dtype and
+    on the device of ``like``, the model being evaluated."""
+    parameter = next(like.parameters())
+    return load_causal_lm(name_or_path, str(parameter.dtype).removeprefix("torch.")).to(parameter.device)
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

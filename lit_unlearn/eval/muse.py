@@ -291,11 +291,9 @@ class MUSE(MetricSet):
 
     def _retain_reference(self, model: nn.Module, tokenizer: Any, partition: Partition) -> float | None:
         if self._reference is None and self.retain_model:
-            from lit_unlearn.models import load_causal_lm
+            from lit_unlearn.models import load_reference_lm
 
-            device = next(model.parameters()).device
-            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-            reference = load_causal_lm(self.retain_model, dtype).to(device)
+            reference = load_reference_lm(self.retain_model, like=model)
             self._reference = self._auc(reference, tokenizer, partition)
             del reference
         return self._reference

@@ -367,11 +367,9 @@ class TOFU(MetricSet):
 
     def _retain_reference(self, model: nn.Module, tokenizer: Any, partition: Partition) -> list[float] | None:
         if self._reference is None and self.retain_model:
-            from lit_unlearn.models import load_causal_lm
+            from lit_unlearn.models import load_reference_lm
 
-            device = next(model.parameters()).device
-            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-            reference = load_causal_lm(self.retain_model, dtype).to(device)
+            reference = load_reference_lm(self.retain_model, like=model)
             rows = self._scores(reference, tokenizer, "forget", partition, generate=False)
             self._reference = truth_ratios([r["para"] for r in rows], [r["wrong"] for r in rows]).tolist()
             del reference
